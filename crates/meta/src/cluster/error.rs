@@ -1,0 +1,43 @@
+//! Errors of the typed cluster schema.
+
+use crate::MetaError;
+use thiserror::Error;
+use torus_types::VolumeId;
+
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("the cluster at {endpoint} is not initialised: run `torusctl init` first")]
+    NotInitialized { endpoint: String },
+    #[error("the cluster at {endpoint} is already initialised")]
+    AlreadyInitialized { endpoint: String },
+    #[error("invalid cluster configuration: {reason}")]
+    InvalidConfig { reason: String },
+    #[error("volume {name:?} already exists")]
+    VolumeExists { name: String },
+    #[error("volume {name:?} does not exist")]
+    VolumeNotFound { name: String },
+    #[error("invalid volume name {name:?}: {reason}")]
+    InvalidVolumeName { name: String, reason: String },
+    #[error("invalid volume size {size}: {reason}")]
+    InvalidVolumeSize { size: u64, reason: String },
+    #[error("volume {name:?} (id {volume}) is held for writing by {holder}")]
+    VolumeLocked { name: String, volume: VolumeId, holder: String },
+    #[error("peer {peer:?} is not known: no registered node has that address or UUID")]
+    UnknownPeer { peer: String },
+    #[error("the ring changed concurrently too many times; try again")]
+    Contended,
+    #[error("{reason}")]
+    Refused { reason: String },
+}
+
+impl ClusterError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClusterError::Meta(e) => e.is_retryable(),
+            ClusterError::Contended => true,
+            _ => false,
+        }
+    }
+}

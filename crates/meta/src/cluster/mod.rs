@@ -1,0 +1,100 @@
+//! The typed cluster schema: what Torus keeps in the metadata store, and the
+//! operations on it. Every key is relative to the store's prefix:
+//!
+//! | key                    | value (JSON)   | lifetime                          |
+//! |------------------------|----------------|-----------------------------------|
+//! | `cluster/config`       | [`ClusterConfig`] | written once by `torusctl init` |
+//! | `peers/<node uuid>`    | [`PeerInfo`]   | on the node's lease (heartbeats)   |
+//! | `ring`                 | [`RingDoc`]    | versioned, changed by CAS          |
+//! | `volumes/next-id`      | decimal u64    | counter, CAS-incremented           |
+//! | `volumes/by-name/<n>`  | [`VolumeInfo`] | until `volume delete`              |
+//! | `locks/<volume id>`    | [`VolumeLock`] | on the writer's lease              |
+//!
+//! Nothing here is per extent or per I/O: metadata grows with nodes and volumes only.
+
+mod error;
+mod peers;
+mod volumes;
+
+pub use error::ClusterError;
+pub use peers::{PeerInfo, RingDoc, RingMember};
+pub use volumes::{validate_volume_name, VolumeInfo, VolumeLock};
+
+use crate::{MetaError, MetadataStore};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::sync::Arc;
+
+pub type Result<T, E = ClusterError> = std::result::Result<T, E>;
+
+pub const DEFAULT_EXTENT_SIZE: u64 = 4 << 20;
+pub const DEFAULT_REPLICATION: u32 = 2;
+
+/// Cluster-wide settings, written by `torusctl init`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// Bytes per extent (the unit of placement); a power of two, at least 64 KiB.
+    pub extent_size: u64,
+    /// Default number of copies of each extent.
+    pub replication: u32,
+    /// Format version of the metadata layout.
+    pub format: u32,
+}
+
+impl ClusterConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !self.extent_size.is_power_of_two() || self.extent_size < (64 << 10) || self.extent_size > (1 << 30) {
+            return Err(ClusterError::InvalidConfig {
+                reason: format!("extent size {} must be a power of two from 64 KiB to 1 GiB", self.extent_size),
+            });
+        }
+        if !(1..=16).contains(&self.replication) {
+            return Err(ClusterError::InvalidConfig {
+                reason: format!("replication {} must be between 1 and 16", self.replication),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Typed access to the cluster's metadata.
+#[derive(Clone)]
+pub struct Cluster {
+    store: Arc<dyn MetadataStore>,
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value)
+        .map_err(|e| ClusterError::Meta(MetaError::Corrupt { key: key.to_string(), reason: e.to_string() }))
+}
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("metadata types serialise to JSON")
+}
+
+impl Cluster {
+    pub fn new(store: Arc<dyn MetadataStore>) -> Self {
+        Cluster { store }
+    }
+
+    pub fn store(&self) -> &Arc<dyn MetadataStore> {
+        &self.store
+    }
+
+    /// Formats the cluster's metadata. Refuses if it is already initialised.
+    pub async fn init(&self, config: &ClusterConfig) -> Result<()> {
+        config.validate()?;
+        let txn = crate::Txn::when(vec![crate::Compare::exists("cluster/config", false)])
+            .and_then(vec![crate::TxnOp::put("cluster/config", encode(config))]);
+        if !self.store.txn(txn).await?.succeeded {
+            return Err(ClusterError::AlreadyInitialized { endpoint: self.store.endpoint() });
+        }
+        Ok(())
+    }
+
+    pub async fn config(&self) -> Result<ClusterConfig> {
+        match self.store.get("cluster/config").await? {
+            Some(kv) => decode(&kv.key, &kv.value),
+            None => Err(ClusterError::NotInitialized { endpoint: self.store.endpoint() }),
+        }
+    }
+}

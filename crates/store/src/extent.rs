@@ -1,0 +1,318 @@
+//! One extent replica on disk: its data file, its checksum table (cached in
+//! memory), reads that verify, writes that keep data and table consistent,
+//! zeroing by hole punching, and the recovery scan after a crash.
+//!
+//! Crash safety (kill -9): before the first write after a flush the table's
+//! header is marked dirty; the flush that makes the extent durable clears it.
+//! An extent found dirty at open had writes in flight when the process died:
+//! each of its blocks whose data no longer matches the table is one whose
+//! unflushed write was cut between the table and the data write, and its
+//! entry is re-derived from the data on disk (old or new, never unreadable).
+
+use crate::layout::{self, BlockState, Entry, ENTRY_SIZE, HEADER_SIZE};
+use crate::{Result, StoreError};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use torus_types::{block_checksum, ExtentId, BLOCK_SIZE};
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+pub(crate) struct Extent {
+    pub id: ExtentId,
+    dat_path: PathBuf,
+    sum_path: PathBuf,
+    dat: File,
+    sum: File,
+    state: RwLock<State>,
+}
+
+struct State {
+    table: Vec<Entry>,
+    /// Bumped by every change; a flush clears the dirty mark only if unchanged since its sync.
+    generation: u64,
+    header_dirty: bool,
+}
+
+/// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zeroes.
+fn read_full(f: &File, path: &Path, mut buf: &mut [u8], mut off: u64) -> Result<()> {
+    while !buf.is_empty() {
+        match f.read_at(buf, off) {
+            Ok(0) => {
+                buf.fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                off += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(StoreError::io("read", path, e)),
+        }
+    }
+    Ok(())
+}
+
+impl Extent {
+    /// Opens an extent's files; `create` makes them if missing (else `Ok(None)`).
+    pub fn open(dir: &Path, id: ExtentId, create: bool) -> Result<Option<Extent>> {
+        let dat_path = dir.join(format!("{}.dat", id.index));
+        let sum_path = dir.join(format!("{}.sum", id.index));
+        if !create && !sum_path.exists() {
+            return Ok(None);
+        }
+        let open = |p: &Path| {
+            OpenOptions::new().read(true).write(true).create(create).truncate(false).open(p).map_err(|e| StoreError::io("open", p, e))
+        };
+        let sum = open(&sum_path)?;
+        let dat = open(&dat_path)?;
+        let len = sum.metadata().map_err(|e| StoreError::io("stat", &sum_path, e))?.len();
+        let corrupt = |reason: String| StoreError::CorruptTable { extent: id, reason };
+        let (table, dirty) = if len == 0 {
+            sum.write_all_at(&layout::encode_header(false), 0).map_err(|e| StoreError::io("write", &sum_path, e))?;
+            (Vec::new(), false)
+        } else {
+            let mut raw = vec![0u8; len as usize];
+            read_full(&sum, &sum_path, &mut raw, 0)?;
+            let dirty = layout::decode_header(&raw).map_err(corrupt)?;
+            let body = &raw[HEADER_SIZE as usize..];
+            let mut table = Vec::with_capacity(body.len() / ENTRY_SIZE);
+            for (i, chunk) in body.chunks_exact(ENTRY_SIZE).enumerate() {
+                table.push(Entry::decode(chunk).ok_or_else(|| corrupt(format!("entry {i} is malformed")))?);
+            }
+            (table, dirty)
+        };
+        let ext = Extent {
+            id,
+            dat_path,
+            sum_path,
+            dat,
+            sum,
+            state: RwLock::new(State { table, generation: 0, header_dirty: dirty }),
+        };
+        if dirty {
+            ext.recover()?;
+        }
+        Ok(Some(ext))
+    }
+
+    /// Re-derives the entries of blocks whose data does not match after a crash.
+    fn recover(&self) -> Result<()> {
+        let mut st = self.state.write().expect("extent lock poisoned");
+        let mut block = vec![0u8; BLOCK_SIZE];
+        let mut fixed = Vec::new();
+        for (i, e) in st.table.iter().enumerate() {
+            if e.state != BlockState::Data {
+                continue;
+            }
+            read_full(&self.dat, &self.dat_path, &mut block, i as u64 * BS)?;
+            let crc = block_checksum(&block);
+            if crc != e.crc {
+                fixed.push((i, Entry { crc, state: BlockState::Data }));
+            }
+        }
+        for (i, e) in &fixed {
+            st.table[*i] = *e;
+            self.write_entries(*i as u64, &st.table[*i..*i + 1])?;
+        }
+        if !fixed.is_empty() {
+            tracing::warn!(extent = %self.id, blocks = fixed.len(), "recovered blocks cut by a crash mid-write");
+        }
+        st.generation += 1;
+        Ok(())
+    }
+
+    fn write_entries(&self, first_block: u64, entries: &[Entry]) -> Result<()> {
+        let mut raw = vec![0u8; entries.len() * ENTRY_SIZE];
+        for (e, out) in entries.iter().zip(raw.chunks_exact_mut(ENTRY_SIZE)) {
+            e.encode(out);
+        }
+        self.sum
+            .write_all_at(&raw, HEADER_SIZE + first_block * ENTRY_SIZE as u64)
+            .map_err(|e| StoreError::io("write", &self.sum_path, e))
+    }
+
+    fn set_header(&self, dirty: bool) -> Result<()> {
+        self.sum.write_all_at(&layout::encode_header(dirty), 0).map_err(|e| StoreError::io("write", &self.sum_path, e))
+    }
+
+    fn entry(table: &[Entry], block: u64) -> Entry {
+        table.get(block as usize).copied().unwrap_or(Entry::ABSENT)
+    }
+
+    /// Reads and verifies the aligned blocks `[first, first + out.len()/BS)` into `out`.
+    fn read_blocks(&self, table: &[Entry], first: u64, out: &mut [u8]) -> Result<()> {
+        let n = out.len() as u64 / BS;
+        if (first..first + n).all(|b| Self::entry(table, b).state != BlockState::Data) {
+            out.fill(0);
+            return Ok(());
+        }
+        read_full(&self.dat, &self.dat_path, out, first * BS)?;
+        for (i, chunk) in out.chunks_exact_mut(BLOCK_SIZE).enumerate() {
+            let b = first + i as u64;
+            let e = Self::entry(table, b);
+            match e.state {
+                BlockState::Data => {
+                    if block_checksum(chunk) != e.crc {
+                        return Err(StoreError::Checksum { extent: self.id, block: b });
+                    }
+                }
+                BlockState::Absent | BlockState::Zero => chunk.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let st = self.state.read().expect("extent lock poisoned");
+        let first = offset / BS;
+        let end = (offset + buf.len() as u64).div_ceil(BS);
+        if offset % BS == 0 && buf.len() as u64 % BS == 0 {
+            return self.read_blocks(&st.table, first, buf);
+        }
+        let mut scratch = vec![0u8; ((end - first) * BS) as usize];
+        self.read_blocks(&st.table, first, &mut scratch)?;
+        let skip = (offset - first * BS) as usize;
+        buf.copy_from_slice(&scratch[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    /// Marks the table dirty (once per flush interval) and bumps the generation.
+    fn begin_change(&self, st: &mut State) -> Result<()> {
+        st.generation += 1;
+        if !st.header_dirty {
+            self.set_header(true)?;
+            st.header_dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`. Unaligned edges are read, verified and merged.
+    /// `space` is called with the bytes newly allocated before anything is written.
+    pub fn write(&self, offset: u64, data: &[u8], space: &dyn Fn(u64) -> Result<()>) -> Result<i64> {
+        let mut st = self.state.write().expect("extent lock poisoned");
+        let first = offset / BS;
+        let end = (offset + data.len() as u64).div_ceil(BS);
+        let aligned = offset % BS == 0 && data.len() as u64 % BS == 0;
+        let merged;
+        let bytes: &[u8] = if aligned {
+            data
+        } else {
+            let mut buf = vec![0u8; ((end - first) * BS) as usize];
+            // Only the edge blocks need their old contents.
+            self.read_blocks(&st.table, first, &mut buf[..BLOCK_SIZE])?;
+            if end - first > 1 {
+                let last = buf.len() - BLOCK_SIZE;
+                self.read_blocks(&st.table, end - 1, &mut buf[last..])?;
+            }
+            let skip = (offset - first * BS) as usize;
+            buf[skip..skip + data.len()].copy_from_slice(data);
+            merged = buf;
+            &merged
+        };
+        let entries: Vec<Entry> =
+            bytes.chunks_exact(BLOCK_SIZE).map(|c| Entry { crc: block_checksum(c), state: BlockState::Data }).collect();
+        let new_blocks = (first..end).filter(|b| Self::entry(&st.table, *b).state != BlockState::Data).count() as u64;
+        space(new_blocks * BS)?;
+        self.begin_change(&mut st)?;
+        if st.table.len() < end as usize {
+            st.table.resize(end as usize, Entry::ABSENT);
+        }
+        st.table[first as usize..end as usize].copy_from_slice(&entries);
+        self.write_entries(first, &entries)?;
+        self.dat.write_all_at(bytes, first * BS).map_err(|e| StoreError::io("write", &self.dat_path, e))?;
+        Ok((new_blocks * BS) as i64)
+    }
+
+    /// Zeroes `[offset, offset+len)`: whole blocks become holes, edges are rewritten.
+    /// Returns the change in allocated bytes.
+    pub fn zero(&self, offset: u64, len: u64, space: &dyn Fn(u64) -> Result<()>) -> Result<i64> {
+        let end = offset + len;
+        let first_full = offset.div_ceil(BS);
+        let end_full = end / BS;
+        let mut delta = 0i64;
+        if first_full >= end_full {
+            // No whole block inside: a plain write of zeroes.
+            return self.write(offset, &vec![0u8; len as usize], space);
+        }
+        if offset < first_full * BS {
+            delta += self.write(offset, &vec![0u8; (first_full * BS - offset) as usize], space)?;
+        }
+        if end > end_full * BS {
+            delta += self.write(end_full * BS, &vec![0u8; (end - end_full * BS) as usize], space)?;
+        }
+        let mut st = self.state.write().expect("extent lock poisoned");
+        let known = (st.table.len() as u64).min(end_full);
+        if first_full < known {
+            let freed =
+                (first_full..known).filter(|b| st.table[*b as usize].state == BlockState::Data).count() as i64;
+            self.begin_change(&mut st)?;
+            let zeros = vec![Entry::ZERO; (known - first_full) as usize];
+            st.table[first_full as usize..known as usize].copy_from_slice(&zeros);
+            self.write_entries(first_full, &zeros)?;
+            self.punch(first_full * BS, (known - first_full) * BS)?;
+            delta -= freed * BS as i64;
+        }
+        Ok(delta)
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        // SAFETY: fallocate on an open descriptor with in-range arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                self.dat.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            // Without hole punching the entries still say "zero": reads stay correct,
+            // only the space is not returned.
+            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(StoreError::io("punch hole in", &self.dat_path, err));
+            }
+        }
+        Ok(())
+    }
+
+    /// The generation now: pass it to `mark_clean` after syncing.
+    pub fn generation(&self) -> u64 {
+        self.state.read().expect("extent lock poisoned").generation
+    }
+
+    /// fdatasync of both files.
+    pub fn sync(&self) -> Result<()> {
+        self.dat.sync_data().map_err(|e| StoreError::io("fdatasync", &self.dat_path, e))?;
+        self.sum.sync_data().map_err(|e| StoreError::io("fdatasync", &self.sum_path, e))
+    }
+
+    /// Clears the dirty mark if nothing changed since `generation` was read. Returns
+    /// whether the extent is clean now.
+    pub fn mark_clean(&self, generation: u64) -> Result<bool> {
+        let mut st = self.state.write().expect("extent lock poisoned");
+        if st.generation != generation {
+            return Ok(false);
+        }
+        if st.header_dirty {
+            self.set_header(false)?;
+            st.header_dirty = false;
+        }
+        Ok(true)
+    }
+
+    pub fn data_blocks(&self) -> u64 {
+        let st = self.state.read().expect("extent lock poisoned");
+        st.table.iter().filter(|e| e.state == BlockState::Data).count() as u64
+    }
+}
+
+/// Allocated bytes of a data file (what it costs on disk).
+pub(crate) fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+

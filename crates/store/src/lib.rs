@@ -1,0 +1,26 @@
+//! torus-store: one node's local block store.
+//!
+//! Owns the bytes on this node's disk: each extent replica is a sparse data
+//! file plus a table of per-block (4 KiB) CRC32C checksums and states
+//! (`docs/format.md` has the byte layout). Every read is verified against its
+//! checksum; flushes are group-committed with fdatasync; TRIM and
+//! WRITE_ZEROES punch holes; a crash (kill -9) mid-write leaves each block
+//! either old or new, never unreadable. It also keeps the newest writer epoch
+//! seen per volume, so that a stale writer's requests are refused.
+//!
+//! Depends on torus-types only: it knows nothing of the network, of etcd or
+//! of other nodes.
+
+mod error;
+mod extent;
+mod fence;
+mod layout;
+mod store;
+
+pub use error::StoreError;
+pub use store::{ExtentStat, Store, StoreOptions};
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Largest extent a store accepts (offsets within an extent travel as u32).
+pub const MAX_EXTENT_SIZE: u64 = 1 << 30;

@@ -1,0 +1,13 @@
+//! torus-types: the vocabulary every other Torus crate shares.
+//!
+//! Owns: identifiers (`VolumeId`, `ExtentId`, `NodeId`, `Epoch`), byte sizes
+//! and their human parsing, and the block checksum. It must not do I/O, spawn
+//! tasks or depend on any other Torus crate: everything depends on it.
+
+pub mod checksum;
+pub mod ids;
+pub mod size;
+
+pub use checksum::{block_checksum, BLOCK_SIZE};
+pub use ids::{Epoch, ExtentId, NodeId, VolumeId};
+pub use size::{parse_size, format_size, SizeError};
