@@ -1,1 +1,87 @@
-fn main() {}
+//! torusblk: the client side. `nbdserve` serves every block volume over NBD,
+//! the export name being the volume name.
+
+mod exports;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use std::sync::Arc;
+use std::time::Duration;
+use torus_cli::{one_line, EtcdArgs};
+use torus_volume::{ManagerOptions, VolumeManager};
+
+#[derive(Parser, Debug)]
+#[command(name = "torusblk", version, about = "Serve Torus volumes as block devices")]
+struct Cli {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve every block volume over NBD (export name = volume name).
+    Nbdserve {
+        /// Address to listen on.
+        #[arg(long, short = 'l', default_value = "127.0.0.1:10809")]
+        listen: String,
+        /// Serve read-only: no writer lock is taken, writes are refused.
+        #[arg(long = "read-only")]
+        read_only: bool,
+        /// TTL in seconds of the writer's lease: how long after a crash the volume stays locked.
+        #[arg(long = "lease-ttl", default_value_t = 10)]
+        lease_ttl: u64,
+        /// Connections to each storage node.
+        #[arg(long = "node-connections", default_value_t = 2)]
+        node_connections: usize,
+    },
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Nbdserve { listen, read_only, lease_ttl, node_connections } => {
+            if !(1..=60).contains(&lease_ttl) {
+                bail!("--lease-ttl must be between 1 and 60 seconds");
+            }
+            if !(1..=64).contains(&node_connections) {
+                bail!("--node-connections must be between 1 and 64");
+            }
+            let cluster = cli.etcd.connect().await?;
+            cluster.config().await?;
+            let listener =
+                tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
+            let addr = listener.local_addr().context("reading the listen address")?;
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let opts = ManagerOptions {
+                lease_ttl: Duration::from_secs(lease_ttl),
+                holder: format!("torusblk on {} (pid {}, nbd://{addr})", host.trim(), std::process::id()),
+                conns_per_node: node_connections,
+                ..Default::default()
+            };
+            let manager = Arc::new(VolumeManager::new(cluster, opts));
+            let exports = Arc::new(exports::VolumeExports { manager, read_only });
+            tracing::info!(%addr, read_only, "serving volumes over NBD (export name = volume name)");
+            println!("torusblk: serving NBD on {addr}");
+            let server = tokio::spawn(torus_nbd::serve(listener, exports, Default::default()));
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing SIGTERM handler")?;
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+                r = server => r.context("NBD server task")?,
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() {
+    torus_cli::init_logging("info");
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("torusblk: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}

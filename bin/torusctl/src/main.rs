@@ -1,1 +1,81 @@
-fn main() {}
+//! torusctl: administration. One module per noun; this file parses and dispatches.
+
+mod peer;
+mod volume;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use torus_cli::{one_line, parse_size, EtcdArgs};
+use torus_meta::cluster::{ClusterConfig, DEFAULT_EXTENT_SIZE, DEFAULT_REPLICATION};
+
+#[derive(Parser, Debug)]
+#[command(name = "torusctl", version, about = "Administer a Torus cluster")]
+struct Cli {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Format the cluster's metadata in etcd.
+    Init {
+        /// Bytes per extent, the unit of placement (power of two, 64KiB to 1GiB).
+        #[arg(long = "extent-size", value_parser = parse_size, default_value_t = DEFAULT_EXTENT_SIZE)]
+        extent_size: u64,
+        /// Default number of copies of each extent.
+        #[arg(long, default_value_t = DEFAULT_REPLICATION)]
+        replication: u32,
+    },
+    /// List the storage nodes registered in etcd, and whether they are in the ring.
+    ListPeers {
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Manage ring membership.
+    #[command(subcommand)]
+    Peer(peer::PeerCmd),
+    /// Show the ring.
+    #[command(subcommand)]
+    Ring(peer::RingCmd),
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(volume::VolumeCmd),
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cluster = cli.etcd.connect().await?;
+    match cli.cmd {
+        Cmd::Init { extent_size, replication } => {
+            let config = ClusterConfig { extent_size, replication, format: 1 };
+            cluster.init(&config).await?;
+            println!(
+                "initialised the cluster at {} (extent size {}, replication {replication})",
+                cli.etcd.etcd,
+                torus_types::format_size(extent_size)
+            );
+            Ok(())
+        }
+        Cmd::ListPeers { output } => peer::list_peers(&cluster, output).await,
+        Cmd::Peer(c) => peer::run(&cluster, c).await,
+        Cmd::Ring(c) => peer::run_ring(&cluster, c).await,
+        Cmd::Volume(c) => volume::run(&cluster, c).await,
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    torus_cli::init_logging("warn");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime starts");
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("torusctl: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,129 @@
-fn main() {}
+//! torusd: the storage node. Parses flags, opens the local store, registers
+//! in etcd, serves the peer protocol (and HTTP status if asked), and on
+//! SIGTERM/SIGINT flushes everything before it exits.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use torus_cli::{one_line, parse_size, EtcdArgs};
+use torus_meta::cluster::PeerInfo;
+use torus_node::{http, identity, metrics::NodeMetrics, registration::Registration, server};
+use torus_store::{Store, StoreOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "torusd", version, about = "Torus storage node: offers a directory's disk space to the cluster")]
+struct Args {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Directory holding this node's data (created if missing).
+    #[arg(long = "data-dir")]
+    data_dir: PathBuf,
+    /// Storage offered to the cluster (e.g. 10GiB).
+    #[arg(long, value_parser = parse_size)]
+    size: u64,
+    /// Address the peer protocol listens on and is advertised at (HOST:PORT).
+    #[arg(long = "peer-address", default_value = "127.0.0.1:40000")]
+    peer_address: String,
+    /// Serve HTTP status and metrics on this host (with --port).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Serve HTTP status and metrics on this port (0 or absent: no HTTP).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Failure-domain labels, e.g. zone=a,rack=r1.
+    #[arg(long, value_delimiter = ',')]
+    label: Vec<String>,
+    /// Join the ring by itself (otherwise: `torusctl peer add`).
+    #[arg(long = "auto-join")]
+    auto_join: bool,
+    /// Seconds of silence after which etcd forgets this node.
+    #[arg(long = "lease-ttl", default_value_t = 10)]
+    lease_ttl: u64,
+}
+
+fn labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    raw.iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => bail!("label {s:?} is not KEY=VALUE"),
+        })
+        .collect()
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.size < 1 << 20 {
+        bail!("--size {} is too small: offer at least 1 MiB", args.size);
+    }
+    if !(1..=3600).contains(&args.lease_ttl) {
+        bail!("--lease-ttl must be between 1 and 3600 seconds");
+    }
+    let labels = labels(&args.label)?;
+    let cluster = args.etcd.connect().await?;
+    cluster.config().await?;
+    let id = identity::load_or_create(&args.data_dir)
+        .with_context(|| format!("reading the node identity in {}", args.data_dir.display()))?;
+    let store = Arc::new(
+        Store::open(&args.data_dir.join("store"), StoreOptions { capacity: args.size, ..Default::default() })
+            .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,
+    );
+    let listener = tokio::net::TcpListener::bind(&args.peer_address)
+        .await
+        .with_context(|| format!("listening on peer address {}", args.peer_address))?;
+    let address = listener.local_addr().context("reading the peer address")?.to_string();
+    let metrics = Arc::new(NodeMetrics::default());
+
+    let mut http_address = None;
+    if let Some(port) = args.port.filter(|p| *p != 0) {
+        let l = tokio::net::TcpListener::bind((args.host.as_str(), port))
+            .await
+            .with_context(|| format!("listening for HTTP on {}:{port}", args.host))?;
+        http_address = Some(l.local_addr().context("reading the HTTP address")?.to_string());
+        let ctx = http::StatusContext { id, address: address.clone(), store: store.clone(), metrics: metrics.clone() };
+        tokio::spawn(http::serve(l, ctx));
+    }
+
+    let info = PeerInfo {
+        id,
+        address: address.clone(),
+        http_address,
+        capacity: args.size,
+        used: store.used(),
+        labels,
+        last_seen: 0,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    if args.auto_join {
+        let (_, added) = cluster.add_to_ring(std::slice::from_ref(&info)).await.context("joining the ring")?;
+        if !added.is_empty() {
+            tracing::info!("joined the ring");
+        }
+    }
+    tracing::info!(node = %id, %address, capacity = args.size, used = store.used(), "torusd serving");
+    let reg = Registration { cluster, info, store: store.clone(), ttl: Duration::from_secs(args.lease_ttl) };
+    let reg_task = tokio::spawn(reg.run());
+    let srv_task = tokio::spawn(server::serve(listener, store.clone(), metrics));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: flushing and stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: flushing and stopping"),
+    }
+    srv_task.abort();
+    reg_task.abort();
+    store.flush().await.context("final flush")?;
+    Ok(())
+}
+
+fn main() {
+    torus_cli::init_logging("info");
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+    if let Err(e) = rt.block_on(run(args)) {
+        eprintln!("torusd: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,19 @@
-//! placeholder
+//! torus-nbd: the NBD protocol, server side, to the published specification
+//! (NetworkBlockDevice/nbd doc/proto.md).
+//!
+//! - [`consts`]: magics, options, replies, commands, flags, errnos.
+//! - [`handshake`]: the fixed newstyle handshake and option haggling
+//!   (EXPORT_NAME, GO, INFO, LIST, ABORT; others answered ERR_UNSUP).
+//! - [`transmission`]: pipelined requests with out-of-order simple replies:
+//!   READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE, FUA), DISC.
+//! - [`server`]: the listener and the [`Exports`] trait that names and opens devices.
+//!
+//! Depends on torus-volume only for the `BlockDevice` trait and its error
+//! type; knows nothing of etcd, placement or peers.
+
+pub mod consts;
+pub mod handshake;
+pub mod server;
+pub mod transmission;
+
+pub use server::{serve, ExportError, ExportInfo, Exports, ServerOptions};

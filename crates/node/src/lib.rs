@@ -1,1 +1,16 @@
-//! placeholder
+//! torus-node: what a storage node runs.
+//!
+//! - [`identity`]: the node's UUID, kept in its data directory.
+//! - [`server`]: the peer-protocol server in front of the local store.
+//! - [`registration`]: the node's entry in the metadata store, on a lease,
+//!   refreshed by heartbeats.
+//! - [`http`] and [`metrics`]: `/status` (JSON) and `/metrics` (Prometheus text).
+//!
+//! Depends on types, meta, store and proto. Never on volume or nbd: a node
+//! serves extents and knows nothing of volumes' layout or of clients' protocols.
+
+pub mod http;
+pub mod identity;
+pub mod metrics;
+pub mod registration;
+pub mod server;

@@ -1,1 +1,219 @@
-//! placeholder
+//! torus-ring: placement, as pure functions (no I/O, no async).
+//!
+//! An extent's replicas are the R nodes with the highest weighted rendezvous
+//! (HRW) scores for that extent: score = -weight / ln(u), u being a uniform
+//! hash of (extent, node) in (0, 1). Adding or removing one node moves only
+//! the extents whose top-R set it enters or leaves (about R/N of them), and
+//! each node's share is proportional to its weight. Where nodes carry a
+//! failure-domain label, replicas are chosen from distinct domains first.
+//!
+//! Depends on torus-types only.
+
+use std::collections::HashSet;
+use torus_types::{ids::splitmix64, ExtentId, NodeId};
+
+/// One node as placement sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Member {
+    pub id: NodeId,
+    pub weight: f64,
+    /// The failure domain (e.g. the value of a `zone` or `rack` label); `None` means its own.
+    pub domain: Option<String>,
+}
+
+/// The nodes data is placed on. Built from the ring document in etcd.
+#[derive(Clone, Debug, Default)]
+pub struct Ring {
+    pub version: u64,
+    members: Vec<(Member, u64)>,
+}
+
+impl Ring {
+    pub fn new(version: u64, members: Vec<Member>) -> Ring {
+        let mut members: Vec<(Member, u64)> =
+            members.into_iter().filter(|m| m.weight > 0.0).map(|m| {
+                let seed = splitmix64((m.id.as_u128() >> 64) as u64 ^ splitmix64(m.id.as_u128() as u64));
+                (m, seed)
+            }).collect();
+        members.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        Ring { version, members }
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().map(|(m, _)| m)
+    }
+
+    /// The ordered replica set of an extent: up to `r` distinct nodes, the
+    /// first being the preferred one.
+    pub fn replicas(&self, extent: ExtentId, r: usize) -> Vec<NodeId> {
+        let key = extent.placement_key();
+        let mut scored: Vec<(f64, &Member)> = self
+            .members
+            .iter()
+            .map(|(m, seed)| {
+                let h = splitmix64(key ^ seed);
+                // Uniform in (0, 1): never exactly 0 or 1.
+                let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                (-m.weight / u.ln(), m)
+            })
+            .collect();
+        let order = |a: &(f64, &Member), b: &(f64, &Member)| b.0.total_cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id));
+        // Only the best few matter: partially select them, then sort that head.
+        let head = (4 * r).max(8);
+        if scored.len() > head {
+            scored.select_nth_unstable_by(head, order);
+            scored[..head].sort_by(order);
+            let wanted = self.pick(&scored[..head], r);
+            if wanted.len() == r && self.domains_ok(&wanted, &scored[..head], r) {
+                return wanted;
+            }
+        }
+        scored.sort_by(order);
+        self.pick(&scored, r)
+    }
+
+    /// True unless a node with an unused failure domain sits beyond the head.
+    fn domains_ok(&self, picked: &[NodeId], head: &[(f64, &Member)], r: usize) -> bool {
+        let in_head: HashSet<&str> = head.iter().filter_map(|(_, m)| m.domain.as_deref()).collect();
+        let all: HashSet<&str> = self.members.iter().filter_map(|(m, _)| m.domain.as_deref()).collect();
+        picked.len() == r && (in_head.len() >= r.min(all.len()) || in_head.len() == all.len())
+    }
+
+    fn pick(&self, scored: &[(f64, &Member)], r: usize) -> Vec<NodeId> {
+        let mut out = Vec::with_capacity(r);
+        let mut domains = HashSet::new();
+        // First pass: distinct failure domains.
+        for (_, m) in scored {
+            if out.len() == r {
+                break;
+            }
+            let fresh = match &m.domain {
+                Some(d) => domains.insert(d.clone()),
+                None => true,
+            };
+            if fresh {
+                out.push(m.id);
+            }
+        }
+        // Not enough domains: fill with the next best nodes.
+        for (_, m) in scored {
+            if out.len() == r {
+                break;
+            }
+            if !out.contains(&m.id) {
+                out.push(m.id);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use torus_types::VolumeId;
+
+    fn node(i: u64) -> NodeId {
+        NodeId(uuid::Uuid::from_u64_pair(0x1234, i))
+    }
+
+    fn ring(n: u64) -> Ring {
+        Ring::new(1, (0..n).map(|i| Member { id: node(i), weight: 1.0, domain: None }).collect())
+    }
+
+    fn extents(count: u64) -> impl Iterator<Item = ExtentId> {
+        (0..count).map(|i| ExtentId::new(VolumeId(i % 97 + 1), i))
+    }
+
+    #[test]
+    fn deterministic_and_distinct() {
+        let r = ring(10);
+        for e in extents(1000) {
+            let a = r.replicas(e, 3);
+            assert_eq!(a, r.replicas(e, 3));
+            assert_eq!(a.len(), 3);
+            assert_eq!(a.iter().collect::<HashSet<_>>().len(), 3);
+            assert_eq!(&r.replicas(e, 2)[..], &a[..2], "smaller R is a prefix");
+        }
+        assert_eq!(ring(2).replicas(ExtentId::new(VolumeId(1), 0), 3).len(), 2, "never more than the ring has");
+    }
+
+    /// Max/mean load for N nodes, replication 2, 200 extents per node.
+    fn imbalance(n: u64) -> f64 {
+        let r = ring(n);
+        let mut load: HashMap<NodeId, u64> = HashMap::new();
+        let count = 200 * n;
+        for e in extents(count) {
+            for id in r.replicas(e, 2) {
+                *load.entry(id).or_default() += 1;
+            }
+        }
+        let mean = (count * 2) as f64 / n as f64;
+        load.values().map(|v| *v as f64).fold(0.0, f64::max) / mean
+    }
+
+    #[test]
+    fn balance_within_bound() {
+        // With 400 replicas per node on average, binomial noise keeps the max within ~1.25x.
+        for n in [3, 10, 100, 1000] {
+            let ratio = imbalance(n);
+            assert!(ratio < 1.3, "{n} nodes: max load {ratio:.2}x the mean");
+        }
+    }
+
+    #[test]
+    fn movement_on_add_and_remove_is_near_ideal() {
+        for n in [3u64, 10, 100] {
+            let before = ring(n);
+            let after = ring(n + 1);
+            let count = 20_000;
+            let moved = extents(count).filter(|e| before.replicas(*e, 1) != after.replicas(*e, 1)).count();
+            let ideal = count as f64 / (n + 1) as f64;
+            assert!((moved as f64) < ideal * 1.15, "{n}->{}: moved {moved}, ideal {ideal:.0}", n + 1);
+            // Every moved extent moved to the new node.
+            for e in extents(count) {
+                let (b, a) = (before.replicas(e, 1), after.replicas(e, 1));
+                if a != b {
+                    assert_eq!(a[0], node(n));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weights_are_honoured() {
+        let r = Ring::new(1, vec![
+            Member { id: node(0), weight: 1.0, domain: None },
+            Member { id: node(1), weight: 3.0, domain: None },
+        ]);
+        let heavy = extents(20_000).filter(|e| r.replicas(*e, 1)[0] == node(1)).count();
+        let share = heavy as f64 / 20_000.0;
+        assert!((share - 0.75).abs() < 0.03, "share {share}");
+    }
+
+    #[test]
+    fn distinct_failure_domains() {
+        let members = (0..9)
+            .map(|i| Member { id: node(i), weight: 1.0, domain: Some(format!("zone-{}", i % 3)) })
+            .collect();
+        let r = Ring::new(1, members);
+        let zone = |id: NodeId| r.members().find(|m| m.id == id).and_then(|m| m.domain.clone());
+        for e in extents(2000) {
+            let reps = r.replicas(e, 3);
+            let zones: HashSet<_> = reps.iter().map(|id| zone(*id)).collect();
+            assert_eq!(zones.len(), 3, "replicas of {e} share a zone");
+        }
+        // Four replicas with three zones: still four distinct nodes.
+        let reps = r.replicas(ExtentId::new(VolumeId(1), 1), 4);
+        assert_eq!(reps.iter().collect::<HashSet<_>>().len(), 4);
+    }
+}

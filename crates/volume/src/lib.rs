@@ -1,1 +1,22 @@
-//! placeholder
+//! torus-volume: a volume as a block device.
+//!
+//! - [`device`]: the `BlockDevice` trait the NBD server (and later CSI) serves.
+//! - [`pool`]: connections to storage nodes, by node id.
+//! - [`volume`]: `Volume`, which maps byte ranges to extents, extents to
+//!   replica nodes through the ring, and sends reads and replicated writes.
+//! - [`manager`]: opening volumes by name: metadata, the writer's lock on a
+//!   lease, the epoch it yields, keep-alive, and sharing one open volume
+//!   between connections of one process.
+//!
+//! Depends on types, meta, ring and proto; knows nothing of NBD.
+
+pub mod device;
+mod error;
+pub mod manager;
+pub mod pool;
+pub mod volume;
+
+pub use device::BlockDevice;
+pub use error::VolumeError;
+pub use manager::{ManagerOptions, VolumeManager};
+pub use volume::Volume;

@@ -1,0 +1,40 @@
+//! The NBD exports: every block volume, by name, opened through the volume manager.
+
+use std::sync::Arc;
+use torus_meta::cluster::ClusterError;
+use torus_nbd::{ExportError, ExportInfo, Exports};
+use torus_volume::{Volume, VolumeError, VolumeManager};
+
+pub struct VolumeExports {
+    pub manager: Arc<VolumeManager>,
+    pub read_only: bool,
+}
+
+fn export_error(e: VolumeError) -> ExportError {
+    match e {
+        VolumeError::Cluster(ClusterError::VolumeNotFound { .. }) => ExportError::NotFound(e.to_string()),
+        VolumeError::Cluster(ClusterError::VolumeLocked { .. }) => ExportError::Busy(e.to_string()),
+        e => ExportError::Unavailable(e.to_string()),
+    }
+}
+
+impl Exports for VolumeExports {
+    type Device = Volume;
+
+    async fn list(&self) -> Result<Vec<String>, ExportError> {
+        let vols = self.manager.list().await.map_err(export_error)?;
+        Ok(vols.into_iter().map(|v| v.name).collect())
+    }
+
+    async fn describe(&self, name: &str) -> Result<ExportInfo, ExportError> {
+        let v = self.manager.cluster().volume(name).await.map_err(|e| export_error(e.into()))?;
+        Ok(ExportInfo { size: v.size, read_only: self.read_only })
+    }
+
+    async fn open(&self, name: &str) -> Result<Arc<Volume>, ExportError> {
+        self.manager.open(name, !self.read_only).await.map_err(|e| {
+            tracing::warn!(export = name, error = %e, "open refused");
+            export_error(e)
+        })
+    }
+}

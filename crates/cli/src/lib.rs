@@ -1,0 +1,47 @@
+//! torus-cli: the flags and start-up steps that `torusd`, `torusctl` and
+//! `torusblk` share, so that they behave alike: `-C/--etcd` (env
+//! `TORUS_ETCD`), `--etcd-prefix` (env `TORUS_ETCD_PREFIX`), logging through
+//! `tracing` (level from `RUST_LOG`, default info), and sizes.
+
+use anyhow::Context;
+use clap::Args;
+use std::sync::Arc;
+use torus_meta::cluster::Cluster;
+use torus_meta::{EtcdStore, MetadataStore};
+
+#[derive(Args, Clone, Debug)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (host:port or http://host:port).
+    #[arg(short = 'C', long = "etcd", env = "TORUS_ETCD", default_value = torus_meta::DEFAULT_ENDPOINT, global = true)]
+    pub etcd: String,
+    /// Key prefix under which Torus keeps its metadata in etcd.
+    #[arg(long = "etcd-prefix", env = "TORUS_ETCD_PREFIX", default_value = torus_meta::DEFAULT_PREFIX, global = true)]
+    pub prefix: String,
+}
+
+impl EtcdArgs {
+    /// Connects to etcd, failing within seconds (naming the endpoint) if it does not answer.
+    pub async fn connect(&self) -> anyhow::Result<Cluster> {
+        let store = EtcdStore::connect(&self.etcd, &self.prefix)
+            .await
+            .with_context(|| format!("connecting to etcd at {}", self.etcd))?;
+        Ok(Cluster::new(Arc::new(store) as Arc<dyn MetadataStore>))
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the default level.
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// A clap value parser for human sizes (512MiB, 10GiB, 1T, 4096).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    torus_types::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Formats an error chain on one line: `connecting to etcd at X: unreachable: ...`.
+pub fn one_line(e: &anyhow::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}

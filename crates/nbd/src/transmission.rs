@@ -1,0 +1,191 @@
+//! The transmission phase: requests are read in order, run concurrently, and
+//! answered with simple replies as each completes (out of order).
+//!
+//! A request we cannot parse (bad magic) or whose payload we will not read
+//! (a write longer than the advertised maximum) ends the connection, after an
+//! error reply where the spec allows one; everything else gets an errno.
+
+use crate::consts::*;
+use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, Semaphore};
+use torus_volume::{BlockDevice, VolumeError};
+
+/// How many requests of one connection may run at once.
+const MAX_IN_FLIGHT: usize = 256;
+
+struct Reply {
+    cookie: u64,
+    error: u32,
+    data: Bytes,
+}
+
+/// Maps the volume layer's errors to NBD errnos.
+pub fn errno(e: &VolumeError) -> u32 {
+    match e {
+        VolumeError::OutOfRange { .. } => EINVAL,
+        VolumeError::ReadOnly => EPERM,
+        VolumeError::NoSpace { .. } => ENOSPC,
+        VolumeError::Fenced { .. } | VolumeError::LeaseLost => EIO,
+        _ => EIO,
+    }
+}
+
+struct Request {
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+}
+
+/// Checks a request against the export before running it; an errno if it must be refused.
+fn validate<D: BlockDevice>(d: &D, r: &Request) -> Option<u32> {
+    let end = r.offset.checked_add(r.len as u64);
+    let in_range = end.is_some_and(|e| e <= d.size());
+    match r.kind {
+        CMD_READ => {
+            if r.len > MAX_BLOCK {
+                Some(EOVERFLOW)
+            } else if !in_range {
+                Some(EINVAL)
+            } else {
+                None
+            }
+        }
+        CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => {
+            if d.read_only() {
+                Some(EPERM)
+            } else if r.kind == CMD_WRITE && r.len > MAX_BLOCK {
+                Some(EOVERFLOW)
+            } else if !in_range {
+                Some(if r.kind == CMD_TRIM { EINVAL } else { ENOSPC })
+            } else {
+                None
+            }
+        }
+        CMD_FLUSH => None,
+        _ => Some(EINVAL),
+    }
+}
+
+/// Serves requests until the client disconnects; waits for in-flight requests.
+pub async fn serve<S, D>(stream: S, device: Arc<D>) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    D: BlockDevice,
+{
+    let (mut rd, wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+    let writer = tokio::spawn(async move {
+        let mut w = BufWriter::with_capacity(256 << 10, wr);
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(r) = next.take() {
+                let mut h = [0u8; 16];
+                h[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+                h[4..8].copy_from_slice(&r.error.to_be_bytes());
+                h[8..16].copy_from_slice(&r.cookie.to_be_bytes());
+                w.write_all(&h).await?;
+                if r.error == 0 {
+                    w.write_all(&r.data).await?;
+                }
+                next = rx.try_recv().ok();
+            }
+            w.flush().await?;
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let result = loop {
+        let mut h = [0u8; 28];
+        match rd.read_exact(&mut h).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e),
+        }
+        let magic = u32::from_be_bytes(h[0..4].try_into().expect("4 bytes"));
+        let r = Request {
+            flags: u16::from_be_bytes([h[4], h[5]]),
+            kind: u16::from_be_bytes([h[6], h[7]]),
+            cookie: u64::from_be_bytes(h[8..16].try_into().expect("8 bytes")),
+            offset: u64::from_be_bytes(h[16..24].try_into().expect("8 bytes")),
+            len: u32::from_be_bytes(h[24..28].try_into().expect("4 bytes")),
+        };
+        if magic != REQUEST_MAGIC {
+            tracing::warn!(magic = format!("{magic:#x}"), "bad request magic; closing the connection");
+            break Ok(());
+        }
+        if r.kind == CMD_DISC {
+            break Ok(());
+        }
+        let refused = validate(&*device, &r);
+        // A write's payload follows its header whatever we answer; read it unless it is too big to.
+        let payload = if r.kind == CMD_WRITE {
+            if r.len > MAX_BLOCK {
+                let _ = tx.send(Reply { cookie: r.cookie, error: EOVERFLOW, data: Bytes::new() });
+                tracing::warn!(len = r.len, "write larger than the advertised maximum; closing the connection");
+                break Ok(());
+            }
+            let mut buf = BytesMut::zeroed(r.len as usize);
+            if let Err(e) = rd.read_exact(&mut buf).await {
+                break Err(e);
+            }
+            buf.freeze()
+        } else {
+            Bytes::new()
+        };
+        if let Some(error) = refused {
+            let _ = tx.send(Reply { cookie: r.cookie, error, data: Bytes::new() });
+            continue;
+        }
+        let permit = limit.clone().acquire_owned().await.expect("semaphore never closed");
+        let (device, tx) = (device.clone(), tx.clone());
+        tokio::spawn(async move {
+            let reply = run(&*device, &r, payload).await;
+            let _ = tx.send(reply);
+            drop(permit);
+        });
+    };
+    drop(tx);
+    // In-flight requests hold senders: the writer ends after their replies are out.
+    match writer.await {
+        Ok(Ok(())) => result,
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    }
+}
+
+async fn run<D: BlockDevice>(d: &D, r: &Request, payload: Bytes) -> Reply {
+    let fua = r.flags & CMD_FLAG_FUA != 0;
+    let res: Result<Bytes, VolumeError> = match r.kind {
+        CMD_READ => d.read(r.offset, r.len).await,
+        CMD_WRITE => d.write(r.offset, payload, fua).await.map(|()| Bytes::new()),
+        CMD_FLUSH => d.flush().await.map(|()| Bytes::new()),
+        CMD_TRIM => d.zero(r.offset, r.len as u64, fua).await.map(|()| Bytes::new()),
+        CMD_WRITE_ZEROES if r.flags & CMD_FLAG_NO_HOLE != 0 => write_zeroes_allocated(d, r.offset, r.len as u64, fua).await,
+        CMD_WRITE_ZEROES => d.zero(r.offset, r.len as u64, fua).await.map(|()| Bytes::new()),
+        _ => unreachable!("validate() refuses other commands"),
+    };
+    match res {
+        Ok(data) => Reply { cookie: r.cookie, error: 0, data },
+        Err(e) => {
+            tracing::warn!(cookie = r.cookie, kind = r.kind, offset = r.offset, len = r.len, error = %e, "request failed");
+            Reply { cookie: r.cookie, error: errno(&e), data: Bytes::new() }
+        }
+    }
+}
+
+/// WRITE_ZEROES with NO_HOLE: the client wants the space kept allocated, so write real zeroes.
+async fn write_zeroes_allocated<D: BlockDevice>(d: &D, offset: u64, len: u64, fua: bool) -> Result<Bytes, VolumeError> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = Bytes::from(vec![0u8; CHUNK.min(len) as usize]);
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = CHUNK.min(offset + len - pos);
+        d.write(pos, zeros.slice(..n as usize), fua).await?;
+        pos += n;
+    }
+    Ok(Bytes::new())
+}

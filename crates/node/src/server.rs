@@ -1,0 +1,175 @@
+//! The peer-protocol server: one task per connection reads requests, runs
+//! them against the local store and queues replies to a writer task, so that
+//! replies go out as they complete (flushes don't hold up reads).
+
+use crate::metrics::NodeMetrics;
+use bytes::Bytes;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use torus_proto::frame::{self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, REQUEST_HEADER_LEN};
+use torus_store::{Store, StoreError};
+
+type Reply = (ReplyHeader, Bytes);
+
+/// Serves the peer protocol on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, store: Arc<Store>, metrics: Arc<NodeMetrics>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let (store, metrics) = (store.clone(), metrics.clone());
+                tokio::spawn(async move {
+                    if let Err(reason) = connection(stream, store, metrics).await {
+                        tracing::debug!(%peer, %reason, "peer connection closed");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn status_of(e: &StoreError) -> Status {
+    match e {
+        StoreError::Io { .. } => Status::Io,
+        StoreError::Checksum { .. } | StoreError::CorruptTable { .. } => Status::Checksum,
+        StoreError::NoSpace { .. } => Status::NoSpace,
+        StoreError::Fenced { .. } => Status::Fenced,
+        StoreError::OutOfRange { .. } => Status::OutOfRange,
+        StoreError::Failed { .. } => Status::Failed,
+    }
+}
+
+fn error_reply(id: u64, e: &StoreError, metrics: &NodeMetrics) -> Reply {
+    NodeMetrics::inc(&metrics.errors, 1);
+    let status = status_of(e);
+    let body = match e {
+        StoreError::Fenced { current, .. } => {
+            NodeMetrics::inc(&metrics.fenced_writes, 1);
+            tracing::warn!(error = %e, "stale writer refused");
+            Bytes::copy_from_slice(&current.0.to_le_bytes())
+        }
+        StoreError::Checksum { .. } | StoreError::CorruptTable { .. } => {
+            NodeMetrics::inc(&metrics.checksum_errors, 1);
+            tracing::error!(error = %e, "corrupt data detected");
+            Bytes::from(e.to_string())
+        }
+        _ => {
+            tracing::warn!(error = %e, "request failed");
+            Bytes::from(e.to_string())
+        }
+    };
+    (ReplyHeader { status, id, len: body.len() as u32 }, body)
+}
+
+fn ok(id: u64, body: Bytes) -> Reply {
+    (ReplyHeader { status: Status::Ok, id, len: body.len() as u32 }, body)
+}
+
+fn reply_of(id: u64, res: Result<Bytes, StoreError>, metrics: &NodeMetrics) -> Reply {
+    match res {
+        Ok(body) => ok(id, body),
+        Err(e) => error_reply(id, &e, metrics),
+    }
+}
+
+async fn connection(stream: TcpStream, store: Arc<Store>, metrics: Arc<NodeMetrics>) -> Result<(), String> {
+    let (mut rd, wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+    let writer = tokio::spawn(async move {
+        let mut w = BufWriter::with_capacity(256 << 10, wr);
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some((h, body)) = next.take() {
+                w.write_all(&h.encode()).await?;
+                w.write_all(&body).await?;
+                next = rx.try_recv().ok();
+            }
+            w.flush().await?;
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    let result = loop {
+        let mut hb = [0u8; REQUEST_HEADER_LEN];
+        if let Err(e) = rd.read_exact(&mut hb).await {
+            break if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e.to_string()) };
+        }
+        let h = match RequestHeader::decode(&hb) {
+            Ok(h) => h,
+            // The stream cannot be resynchronised after a bad header: drop the connection.
+            Err(e) => break Err(format!("bad request: {e}")),
+        };
+        let mut payload = vec![0u8; h.payload_len()];
+        if let Err(e) = rd.read_exact(&mut payload).await {
+            break Err(e.to_string());
+        }
+        let reply = handle(h, payload, &store, &metrics, &tx);
+        if let Some(r) = reply {
+            if tx.send(r).is_err() {
+                break Err("reply writer stopped".into());
+            }
+        }
+    };
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+/// Runs one request. Returns the reply now, or `None` if a spawned task will send it.
+fn handle(h: RequestHeader, payload: Vec<u8>, store: &Arc<Store>, metrics: &Arc<NodeMetrics>, tx: &mpsc::UnboundedSender<Reply>) -> Option<Reply> {
+    let id = h.id;
+    let fua = h.flags & FLAG_FUA != 0;
+    let off = h.offset as u64;
+    let res: Result<Bytes, StoreError> = match h.op {
+        Op::Read => {
+            NodeMetrics::inc(&metrics.reads, 1);
+            NodeMetrics::inc(&metrics.read_bytes, h.len as u64);
+            let mut buf = vec![0u8; h.len as usize];
+            store.read(h.extent, off, &mut buf).map(|()| Bytes::from(buf))
+        }
+        Op::Write => {
+            NodeMetrics::inc(&metrics.writes, 1);
+            NodeMetrics::inc(&metrics.written_bytes, h.len as u64);
+            store.write(h.extent, off, &payload, h.epoch).map(|()| Bytes::new())
+        }
+        Op::Zero => {
+            NodeMetrics::inc(&metrics.zeroes, 1);
+            store.zero(h.extent, off, h.len as u64, h.epoch).map(|()| Bytes::new())
+        }
+        Op::Flush => {
+            NodeMetrics::inc(&metrics.flushes, 1);
+            return spawn_flush(id, Ok(Bytes::new()), store, metrics, tx);
+        }
+        Op::Fence => store.fence(h.extent.volume, h.epoch).map(|e| Bytes::copy_from_slice(&e.0.to_le_bytes())),
+        Op::DeleteVolume => {
+            tracing::info!(volume = %h.extent.volume, "deleting volume data");
+            store.delete_volume(h.extent.volume).map(|_| Bytes::new())
+        }
+        Op::ListExtents => store.extents().map(|list| {
+            let items: Vec<_> = list.into_iter().map(|s| (s.id, s.data_blocks)).collect();
+            Bytes::from(frame::encode_extent_list(&items))
+        }),
+        Op::Ping => Ok(Bytes::new()),
+    };
+    if fua && res.is_ok() && matches!(h.op, Op::Write | Op::Zero) {
+        return spawn_flush(id, res, store, metrics, tx);
+    }
+    Some(reply_of(id, res, metrics))
+}
+
+fn spawn_flush(id: u64, res: Result<Bytes, StoreError>, store: &Arc<Store>, metrics: &Arc<NodeMetrics>, tx: &mpsc::UnboundedSender<Reply>) -> Option<Reply> {
+    let (store, metrics, tx) = (store.clone(), metrics.clone(), tx.clone());
+    tokio::spawn(async move {
+        let res = match store.flush().await {
+            Ok(()) => res,
+            Err(e) => Err(e),
+        };
+        let _ = tx.send(reply_of(id, res, &metrics));
+    });
+    None
+}

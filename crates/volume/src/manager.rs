@@ -1,0 +1,191 @@
+//! Opening volumes by name.
+//!
+//! A writable open takes the volume's lock in the metadata store on a fresh
+//! lease (its create revision is the writer's epoch), announces the epoch to
+//! the ring's nodes, and keeps the lease alive in the background. Every
+//! connection of this process that opens the same volume shares one
+//! `Volume`; when the last one closes, the lease is revoked and the lock
+//! released. If the lease is lost (expired, revoked, or unconfirmed for a
+//! whole TTL), the volume refuses writes from then on: a newer writer may
+//! exist.
+
+use crate::pool::PeerPool;
+use crate::{Volume, VolumeError};
+use futures_util::future::join_all;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use torus_meta::cluster::{Cluster, PeerInfo, RingDoc, VolumeInfo};
+use torus_meta::{LeaseId, MetaError};
+use torus_ring::{Member, Ring};
+
+#[derive(Clone, Debug)]
+pub struct ManagerOptions {
+    /// TTL of the writer's lease: how long after a crash the lock is released.
+    pub lease_ttl: Duration,
+    /// Who we are, as shown to a second writer that is refused.
+    pub holder: String,
+    pub conns_per_node: usize,
+    /// How long a node may take to answer one request.
+    pub request_timeout: Duration,
+}
+
+impl Default for ManagerOptions {
+    fn default() -> Self {
+        ManagerOptions {
+            lease_ttl: Duration::from_secs(10),
+            holder: format!("pid {}", std::process::id()),
+            conns_per_node: 2,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct VolumeManager {
+    cluster: Cluster,
+    pool: Arc<PeerPool>,
+    opts: ManagerOptions,
+    open: tokio::sync::Mutex<HashMap<(String, bool), Weak<Volume>>>,
+}
+
+/// Builds the placement ring from the ring document.
+pub fn ring_of(doc: &RingDoc) -> Ring {
+    Ring::new(
+        doc.version,
+        doc.members
+            .iter()
+            .map(|m| Member {
+                id: m.id,
+                weight: m.weight as f64,
+                domain: m.labels.get("zone").or_else(|| m.labels.get("rack")).cloned(),
+            })
+            .collect(),
+    )
+}
+
+/// Holds the writer's lock: dropping it stops the keep-alive and revokes the lease.
+struct LockGuard {
+    cluster: Cluster,
+    lease: LeaseId,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.keeper.abort();
+        let (cluster, lease) = (self.cluster.clone(), self.lease);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = cluster.store().revoke_lease(lease).await {
+                    tracing::warn!(error = %e, "could not release the volume lock; it lapses with its lease");
+                }
+            });
+        }
+    }
+}
+
+impl VolumeManager {
+    pub fn new(cluster: Cluster, opts: ManagerOptions) -> Self {
+        let pool = Arc::new(PeerPool::new(opts.conns_per_node, opts.request_timeout));
+        VolumeManager { cluster, pool, opts, open: tokio::sync::Mutex::new(HashMap::new()) }
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub async fn list(&self) -> Result<Vec<VolumeInfo>, VolumeError> {
+        Ok(self.cluster.volumes().await?)
+    }
+
+    /// Opens a volume, sharing an already open one of this process.
+    pub async fn open(&self, name: &str, writable: bool) -> Result<Arc<Volume>, VolumeError> {
+        let mut open = self.open.lock().await;
+        let key = (name.to_string(), writable);
+        if let Some(v) = open.get(&key).and_then(Weak::upgrade) {
+            return Ok(v);
+        }
+        let v = Arc::new(self.open_new(name, writable).await?);
+        open.retain(|_, w| w.strong_count() > 0);
+        open.insert(key, Arc::downgrade(&v));
+        Ok(v)
+    }
+
+    async fn refresh_peers(&self) -> Result<Ring, VolumeError> {
+        let (doc, _) = self.cluster.ring().await?;
+        let peers: Vec<PeerInfo> = self.cluster.peers().await?;
+        self.pool.set_addresses(peers.into_iter().map(|p| (p.id, p.address)).collect());
+        let ring = ring_of(&doc);
+        if ring.is_empty() {
+            return Err(VolumeError::NoNodes);
+        }
+        Ok(ring)
+    }
+
+    async fn open_new(&self, name: &str, writable: bool) -> Result<Volume, VolumeError> {
+        let info = self.cluster.volume(name).await?;
+        let ring = self.refresh_peers().await?;
+        if !writable {
+            let lost = Arc::new(AtomicBool::new(false));
+            return Ok(Volume::new(info, Default::default(), ring, self.pool.clone(), true, lost, None));
+        }
+        let store = self.cluster.store();
+        let lease = store.grant_lease(self.opts.lease_ttl).await.map_err(torus_meta::cluster::ClusterError::from)?;
+        let epoch = match self.cluster.lock_volume(&info, &self.opts.holder, lease.id).await {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = store.revoke_lease(lease.id).await;
+                return Err(e.into());
+            }
+        };
+        tracing::info!(volume = %info.name, id = %info.id, %epoch, "volume locked for writing");
+        // Tell the nodes about the new epoch now, so a stale writer is refused
+        // even on nodes this writer has not written to yet.
+        let fences = join_all(ring.members().map(|m| {
+            let pool = self.pool.clone();
+            let (id, vol) = (m.id, info.id);
+            async move {
+                match pool.get(id).await {
+                    Ok(c) => c.fence(vol, epoch).await.map(drop).map_err(|e| (id, e)),
+                    Err(e) => Err((id, e)),
+                }
+            }
+        }))
+        .await;
+        for r in fences {
+            if let Err((node, e)) = r {
+                tracing::warn!(%node, error = %e, "could not announce the writer's epoch to a node");
+            }
+        }
+        let lost = Arc::new(AtomicBool::new(false));
+        let keeper = tokio::spawn(keep_alive(self.cluster.clone(), lease.id, self.opts.lease_ttl, lost.clone()));
+        let guard = LockGuard { cluster: self.cluster.clone(), lease: lease.id, keeper };
+        Ok(Volume::new(info, epoch, ring, self.pool.clone(), false, lost, Some(Box::new(guard))))
+    }
+}
+
+/// Keeps the writer's lease alive; marks it lost when it expires or cannot be
+/// confirmed for a whole TTL.
+async fn keep_alive(cluster: Cluster, lease: LeaseId, ttl: Duration, lost: Arc<AtomicBool>) {
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match cluster.store().keep_alive(lease).await {
+            Ok(_) => last_ok = Instant::now(),
+            Err(MetaError::LeaseNotFound { .. }) => {
+                tracing::error!(lease, "the volume's lease expired; refusing further writes");
+                lost.store(true, Ordering::SeqCst);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not renew the volume's lease");
+                if last_ok.elapsed() >= ttl {
+                    tracing::error!("lease unconfirmed for a whole TTL; refusing further writes");
+                    lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! Connections to storage nodes, keyed by node id. A few connections per node
+//! are used round-robin so that a node serves one volume on several tasks;
+//! a broken connection is replaced on next use.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use torus_proto::{PeerClient, PeerError};
+use torus_types::NodeId;
+
+pub struct PeerPool {
+    addrs: Mutex<HashMap<NodeId, String>>,
+    conns: Mutex<HashMap<NodeId, Vec<Option<Arc<PeerClient>>>>>,
+    per_node: usize,
+    next: AtomicUsize,
+    timeout: Duration,
+}
+
+impl PeerPool {
+    pub fn new(per_node: usize, timeout: Duration) -> Self {
+        PeerPool {
+            addrs: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            per_node: per_node.max(1),
+            next: AtomicUsize::new(0),
+            timeout,
+        }
+    }
+
+    /// Sets where each node is reached (from the registered peers).
+    pub fn set_addresses(&self, addrs: HashMap<NodeId, String>) {
+        let mut cur = self.addrs.lock().expect("pool lock poisoned");
+        let mut conns = self.conns.lock().expect("pool lock poisoned");
+        for (id, addr) in &addrs {
+            if cur.get(id) != Some(addr) {
+                conns.remove(id);
+            }
+        }
+        *cur = addrs;
+    }
+
+    pub fn address(&self, node: NodeId) -> Option<String> {
+        self.addrs.lock().expect("pool lock poisoned").get(&node).cloned()
+    }
+
+    /// A live connection to `node`, connecting if needed.
+    pub async fn get(&self, node: NodeId) -> Result<Arc<PeerClient>, PeerError> {
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.per_node;
+        {
+            let conns = self.conns.lock().expect("pool lock poisoned");
+            if let Some(Some(c)) = conns.get(&node).and_then(|v| v.get(slot)) {
+                if !c.is_dead() {
+                    return Ok(c.clone());
+                }
+            }
+        }
+        let addr = self.address(node).ok_or_else(|| PeerError::Connect {
+            addr: node.to_string(),
+            reason: "node is not registered (down, or its lease expired)".into(),
+        })?;
+        let client = Arc::new(PeerClient::connect(&addr, self.timeout).await?);
+        let mut conns = self.conns.lock().expect("pool lock poisoned");
+        let v = conns.entry(node).or_insert_with(|| vec![None; self.per_node]);
+        v[slot] = Some(client.clone());
+        Ok(client)
+    }
+}

@@ -1,0 +1,265 @@
+//! `Volume`: a volume's byte range cut into extents, each extent placed on R
+//! nodes by the ring; writes go to every replica and succeed only when all
+//! answered; reads go to the first replica that answers.
+//!
+//! Data path for one NBD write of `len` bytes at `offset`:
+//! split at extent boundaries -> for each piece, `ring.replicas(extent, R)`
+//! -> one peer-protocol WRITE (carrying the writer's epoch) to each replica,
+//! all in parallel -> acknowledged when every replica acknowledged.
+
+use crate::device::BlockDevice;
+use crate::pool::PeerPool;
+use crate::VolumeError;
+use bytes::{Bytes, BytesMut};
+use futures_util::future::join_all;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use torus_meta::cluster::VolumeInfo;
+use torus_proto::PeerError;
+use torus_ring::Ring;
+use torus_types::{Epoch, ExtentId, NodeId};
+
+pub struct Volume {
+    info: VolumeInfo,
+    epoch: Epoch,
+    ring: Ring,
+    pool: Arc<PeerPool>,
+    read_only: bool,
+    /// Set when the writer's lease is gone: writes are refused from then on.
+    lease_lost: Arc<AtomicBool>,
+    /// Nodes written since their last flush, with a counter bumped per write.
+    dirty: Mutex<HashMap<NodeId, u64>>,
+    writes: AtomicU64,
+    /// Released when the volume is dropped (the writer's lock).
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+/// A piece of a request that falls in one extent.
+struct Piece {
+    extent: ExtentId,
+    within: u32,
+    /// Offset of this piece in the request.
+    at: usize,
+    len: u32,
+}
+
+impl Volume {
+    pub(crate) fn new(
+        info: VolumeInfo,
+        epoch: Epoch,
+        ring: Ring,
+        pool: Arc<PeerPool>,
+        read_only: bool,
+        lease_lost: Arc<AtomicBool>,
+        guard: Option<Box<dyn Send + Sync>>,
+    ) -> Self {
+        Volume {
+            info,
+            epoch,
+            ring,
+            pool,
+            read_only,
+            lease_lost,
+            dirty: Mutex::new(HashMap::new()),
+            writes: AtomicU64::new(0),
+            _guard: guard,
+        }
+    }
+
+    pub fn info(&self) -> &VolumeInfo {
+        &self.info
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.info.size => Ok(()),
+            _ => Err(VolumeError::OutOfRange { offset, len, size: self.info.size }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), VolumeError> {
+        if self.read_only {
+            return Err(VolumeError::ReadOnly);
+        }
+        if self.lease_lost.load(Ordering::SeqCst) {
+            return Err(VolumeError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
+        let es = self.info.extent_size;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let index = pos / es;
+            let within = pos % es;
+            let n = (es - within).min(end - pos);
+            out.push(Piece {
+                extent: ExtentId::new(self.info.id, index),
+                within: within as u32,
+                at: (pos - offset) as usize,
+                len: n as u32,
+            });
+            pos += n;
+        }
+        out
+    }
+
+    /// The replica set of an extent, in preference order.
+    pub fn replicas(&self, extent: ExtentId) -> Vec<NodeId> {
+        self.ring.replicas(extent, self.info.replication as usize)
+    }
+
+    fn write_error(extent: ExtentId, e: PeerError) -> VolumeError {
+        match e {
+            PeerError::Fenced { .. } => VolumeError::Fenced { reason: e.to_string() },
+            PeerError::Remote { status: torus_proto::Status::NoSpace, .. } => {
+                VolumeError::NoSpace { extent, reason: e.to_string() }
+            }
+            e if e.is_unreachable() => VolumeError::Unavailable { extent, reason: e.to_string() },
+            e => VolumeError::Refused { extent, reason: e.to_string() },
+        }
+    }
+
+    /// Sends one mutation to every replica of a piece; all must succeed.
+    async fn replicate<F, Fut>(&self, extent: ExtentId, op: F) -> Result<(), VolumeError>
+    where
+        F: Fn(Arc<torus_proto::PeerClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), PeerError>>,
+    {
+        let nodes = self.replicas(extent);
+        if nodes.is_empty() {
+            return Err(VolumeError::NoNodes);
+        }
+        let results = join_all(nodes.iter().map(|n| {
+            let op = &op;
+            async move {
+                let client = self.pool.get(*n).await?;
+                op(client).await
+            }
+        }))
+        .await;
+        let gen = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
+        {
+            let mut dirty = self.dirty.lock().expect("dirty lock poisoned");
+            for n in &nodes {
+                dirty.insert(*n, gen);
+            }
+        }
+        for r in results {
+            r.map_err(|e| Self::write_error(extent, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for Volume {
+    fn size(&self) -> u64 {
+        self.info.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn flush_covers_all_handles(&self) -> bool {
+        // Every connection of this process shares this Volume, and a flush
+        // flushes every node written through it.
+        true
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
+        self.check(offset, len as u64)?;
+        let pieces = self.pieces(offset, len as u64);
+        let reads = join_all(pieces.iter().map(|p| async move {
+            let nodes = self.replicas(p.extent);
+            if nodes.is_empty() {
+                return Err(VolumeError::NoNodes);
+            }
+            let mut last = String::new();
+            for n in nodes {
+                let res = match self.pool.get(n).await {
+                    Ok(c) => c.read(p.extent, p.within, p.len).await,
+                    Err(e) => Err(e),
+                };
+                match res {
+                    Ok(data) => return Ok(data),
+                    Err(e) => {
+                        tracing::warn!(extent = %p.extent, node = %n, error = %e, "read failed; trying the next replica");
+                        last = e.to_string();
+                    }
+                }
+            }
+            Err(VolumeError::Unavailable { extent: p.extent, reason: last })
+        }))
+        .await;
+        if pieces.len() == 1 {
+            return reads.into_iter().next().expect("one piece").map(Bytes::from);
+        }
+        let mut out = BytesMut::zeroed(len as usize);
+        for (p, r) in pieces.iter().zip(reads) {
+            out[p.at..p.at + p.len as usize].copy_from_slice(&r?);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
+        self.check(offset, data.len() as u64)?;
+        self.check_writable()?;
+        let pieces = self.pieces(offset, data.len() as u64);
+        let epoch = self.epoch;
+        let results = join_all(pieces.iter().map(|p| {
+            let chunk = data.slice(p.at..p.at + p.len as usize);
+            self.replicate(p.extent, move |c| {
+                let chunk = chunk.clone();
+                async move { c.write(p.extent, p.within, chunk, epoch, fua).await }
+            })
+        }))
+        .await;
+        results.into_iter().collect()
+    }
+
+    async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
+        self.check(offset, len)?;
+        self.check_writable()?;
+        let pieces = self.pieces(offset, len);
+        let epoch = self.epoch;
+        let results = join_all(pieces.iter().map(|p| {
+            self.replicate(p.extent, move |c| async move { c.zero(p.extent, p.within, p.len, epoch, fua).await })
+        }))
+        .await;
+        results.into_iter().collect()
+    }
+
+    async fn flush(&self) -> Result<(), VolumeError> {
+        let snapshot: Vec<(NodeId, u64)> =
+            self.dirty.lock().expect("dirty lock poisoned").iter().map(|(n, g)| (*n, *g)).collect();
+        let results = join_all(snapshot.iter().map(|(n, _)| async move {
+            let c = self.pool.get(*n).await?;
+            c.flush().await
+        }))
+        .await;
+        for ((n, _), r) in snapshot.iter().zip(&results) {
+            if let Err(e) = r {
+                return Err(VolumeError::Unavailable {
+                    extent: ExtentId::new(self.info.id, 0),
+                    reason: format!("flush on node {n} failed: {e}"),
+                });
+            }
+        }
+        let mut dirty = self.dirty.lock().expect("dirty lock poisoned");
+        for (n, g) in snapshot {
+            if dirty.get(&n) == Some(&g) {
+                dirty.remove(&n);
+            }
+        }
+        Ok(())
+    }
+}
