@@ -120,7 +120,8 @@ pub async fn leases_expire_and_delete_keys(s: &dyn MetadataStore) {
     })
     .await;
     assert!(gone.is_ok(), "a key on an expired lease is deleted");
-    assert!(matches!(s.keep_alive(lease.id).await, Err(MetaError::LeaseNotFound { .. })));
+    let ka = s.keep_alive(lease.id).await;
+    assert!(matches!(ka, Err(MetaError::LeaseNotFound { .. })), "keep-alive of an expired lease: {ka:?}");
     assert!(matches!(
         s.put("eph", b"y".to_vec(), Some(lease.id)).await,
         Err(MetaError::LeaseNotFound { .. })

@@ -101,6 +101,7 @@ impl EtcdStore {
             E::GRpcStatus(ref s) if s.message().contains("requested lease not found") => {
                 MetaError::LeaseNotFound { lease: 0 }
             }
+            E::LeaseKeepAliveError(ref s) if s.contains("lease not found") => MetaError::LeaseNotFound { lease: 0 },
             // gRPC codes other than the transient ones are the server refusing the request.
             E::GRpcStatus(ref s)
                 if !matches!(

@@ -1,1 +1,38 @@
-//! placeholder
+//! torus-testkit: starts real processes for tests and always cleans them up.
+//!
+//! - [`Etcd`]: the etcd named by `TORUS_TEST_ETCD` (CI starts one), or a
+//!   private one on free ports.
+//! - [`Cluster`]: etcd + N `torusd` + optional `torusblk`, each on free
+//!   loopback ports with its own temp dir, under a unique etcd prefix so that
+//!   tests run in parallel against one etcd. Processes are killed by PID when
+//!   the cluster is dropped.
+//! - [`nbd`]: a raw NBD client for sending malformed input on purpose.
+//!
+//! A dev-dependency only: nothing in the product depends on it.
+
+pub mod nbd;
+mod procs;
+
+pub use procs::{bin, free_port, run, unique_prefix, wait_until, Blk, Cluster, Etcd, Node, Proc};
+
+/// Deterministic pseudo-random bytes (xorshift), so failures are reproducible.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Fails the test with a clear message if a required program is missing.
+pub fn require(program: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    assert!(found, "{program} is not installed: run .ci/run or scripts/test (they install the test dependencies)");
+}

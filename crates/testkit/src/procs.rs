@@ -1,0 +1,402 @@
+//! Processes under test: etcd, torusd, torusblk, and the external programs
+//! tests call. Every child is killed by PID when its handle is dropped.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A free loopback TCP port (bound once and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+}
+
+/// The path of one of our binaries, next to the test executable's directory.
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("TORUS_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(p.is_file(), "{} not built: run `cargo build --workspace` (or cargo nextest run --workspace)", p.display());
+    p
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// Runs a command to completion with a deadline, capturing its output.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{shown} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default() }
+}
+
+/// A long-running child process, logged to a file, killed on drop.
+pub struct Proc {
+    child: Option<Child>,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: sending a signal to a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open log file");
+        let f2 = f.try_clone().expect("clone log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(f))
+            .stderr(Stdio::from(f2))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Proc { child: Some(child), name: name.to_string(), log }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// kill -9, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), libc::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 15 s. Returns whether it exited by itself.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return true };
+        signal(c.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        signal(c.id(), libc::SIGKILL);
+        let _ = c.wait();
+        false
+    }
+
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, libc::SIGSTOP);
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, libc::SIGCONT);
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), libc::SIGCONT);
+            signal(c.id(), libc::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+}
+
+fn etcd_healthy(endpoint: &str) -> bool {
+    let addr = endpoint.trim_start_matches("http://");
+    let Ok(mut s) = TcpStream::connect(addr) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
+/// An etcd server for tests.
+pub struct Etcd {
+    pub endpoint: String,
+    proc: Option<Proc>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Etcd {
+    /// The etcd named by `TORUS_TEST_ETCD`, or a private one started now.
+    pub fn start() -> Etcd {
+        if let Ok(ep) = std::env::var("TORUS_TEST_ETCD") {
+            if !ep.is_empty() {
+                return Etcd { endpoint: ep, proc: None, _dir: None };
+            }
+        }
+        Self::start_private()
+    }
+
+    /// A private etcd on free ports, for tests that stop and restart it.
+    pub fn start_private() -> Etcd {
+        crate::require("etcd");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cp, pp) = (free_port(), free_port());
+        let endpoint = format!("127.0.0.1:{cp}");
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name").arg("test")
+            .arg("--data-dir").arg(dir.path().join("data"))
+            .arg("--listen-client-urls").arg(format!("http://127.0.0.1:{cp}"))
+            .arg("--advertise-client-urls").arg(format!("http://127.0.0.1:{cp}"))
+            .arg("--listen-peer-urls").arg(format!("http://127.0.0.1:{pp}"))
+            .arg("--initial-advertise-peer-urls").arg(format!("http://127.0.0.1:{pp}"))
+            .arg("--initial-cluster").arg(format!("test=http://127.0.0.1:{pp}"))
+            .arg("--log-level").arg("warn");
+        let proc = Proc::spawn("etcd", cmd, dir.path().join("etcd.log"));
+        let e = Etcd { endpoint: endpoint.clone(), proc: Some(proc), _dir: Some(dir) };
+        wait_until(Duration::from_secs(30), "etcd to become healthy", || etcd_healthy(&endpoint));
+        e
+    }
+
+    pub fn proc(&mut self) -> Option<&mut Proc> {
+        self.proc.as_mut()
+    }
+}
+
+static PREFIX_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A unique etcd key prefix for one test.
+pub fn unique_prefix() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("/torus-test-{}-{}-{nanos}", std::process::id(), PREFIX_SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// One torusd under test.
+pub struct Node {
+    pub proc: Option<Proc>,
+    pub data_dir: PathBuf,
+    pub peer_addr: String,
+    pub http_port: u16,
+    pub size: String,
+    log: PathBuf,
+}
+
+/// One torusblk nbdserve under test.
+pub struct Blk {
+    pub proc: Proc,
+    pub addr: String,
+}
+
+impl Blk {
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.addr)
+    }
+}
+
+/// etcd + storage nodes + an NBD server, under one unique prefix.
+pub struct Cluster {
+    pub etcd: Etcd,
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// Starts etcd (or uses the shared one), initialises the cluster and
+    /// starts `n` nodes of `size` each, all in the ring.
+    pub fn start(n: usize, replication: u32) -> Cluster {
+        Self::start_with(Etcd::start(), n, replication, "1GiB")
+    }
+
+    pub fn start_with(etcd: Etcd, n: usize, replication: u32, size: &str) -> Cluster {
+        let mut c = Cluster { etcd, prefix: unique_prefix(), dir: tempfile::tempdir().expect("temp dir"), nodes: Vec::new() };
+        c.ctl_ok(&["init", "--replication", &replication.to_string()]);
+        for i in 0..n {
+            c.add_node(size);
+            c.start_node(i);
+        }
+        c.wait_peers(n);
+        c.ctl_ok(&["peer", "add", "--all-peers"]);
+        c
+    }
+
+    fn env(&self, cmd: &mut Command) {
+        cmd.env("TORUS_ETCD", &self.etcd.endpoint).env("TORUS_ETCD_PREFIX", &self.prefix).env("RUST_LOG", "info");
+    }
+
+    /// A command for one of our binaries, pointed at this cluster's etcd and prefix.
+    pub fn cmd(&self, binary: &str) -> Command {
+        let mut cmd = Command::new(bin(binary));
+        self.env(&mut cmd);
+        cmd
+    }
+
+    /// Runs torusctl with `args`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        run(self.cmd("torusctl").args(args), Duration::from_secs(60))
+    }
+
+    /// Runs torusctl and asserts success; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "torusctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn add_node(&mut self, size: &str) -> usize {
+        let i = self.nodes.len();
+        let data_dir = self.dir.path().join(format!("node{i}"));
+        self.nodes.push(Node {
+            proc: None,
+            data_dir,
+            peer_addr: format!("127.0.0.1:{}", free_port()),
+            http_port: free_port(),
+            size: size.to_string(),
+            log: self.dir.path().join(format!("node{i}.log")),
+        });
+        i
+    }
+
+    pub fn start_node(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        let mut cmd = self.cmd("torusd");
+        cmd.arg("--data-dir").arg(&n.data_dir)
+            .arg("--size").arg(&n.size)
+            .arg("--peer-address").arg(&n.peer_addr)
+            .arg("--port").arg(n.http_port.to_string())
+            .arg("--lease-ttl").arg("5");
+        let proc = Proc::spawn(&format!("torusd{i}"), cmd, n.log.clone());
+        let addr = n.peer_addr.clone();
+        self.nodes[i].proc = Some(proc);
+        let log = self.nodes[i].log.clone();
+        wait_until(Duration::from_secs(30), &format!("torusd {i} to listen on {addr}"), || {
+            let up = TcpStream::connect(&addr).is_ok();
+            if !up {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                assert!(!text.contains("torusd: "), "torusd {i} failed to start: {text}");
+            }
+            up
+        });
+    }
+
+    pub fn node(&mut self, i: usize) -> &mut Proc {
+        self.nodes[i].proc.as_mut().expect("node is running")
+    }
+
+    /// Waits until `n` nodes are registered.
+    pub fn wait_peers(&self, n: usize) {
+        wait_until(Duration::from_secs(30), &format!("{n} registered peers"), || {
+            let out = self.ctl(&["list-peers", "-o", "json"]);
+            out.status.success() && String::from_utf8_lossy(&out.stdout).matches("\"in_ring\"").count() >= n
+        });
+    }
+
+    /// Starts `torusblk nbdserve` on a free port with extra flags.
+    pub fn start_blk(&self, extra: &[&str]) -> Blk {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = self.cmd("torusblk");
+        cmd.arg("nbdserve").arg("--listen").arg(&addr).args(extra);
+        let log = self.dir.path().join(format!("blk-{}.log", addr.replace(':', "_")));
+        let proc = Proc::spawn("torusblk", cmd, log.clone());
+        wait_until(Duration::from_secs(30), &format!("torusblk to listen on {addr}"), || {
+            TcpStream::connect(&addr).is_ok()
+        });
+        Blk { proc, addr }
+    }
+
+    /// Every extent file pair held by node `i`, as relative paths (`<vol>/<index>`).
+    pub fn extents_on_disk(&self, i: usize) -> Vec<String> {
+        let root = self.nodes[i].data_dir.join("store/extents");
+        let mut out = Vec::new();
+        for v in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(v.path()).into_iter().flatten().flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if let Some(idx) = name.strip_suffix(".dat") {
+                    out.push(format!("{}/{idx}", v.file_name().to_string_lossy()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Stop the nodes (their Proc handles kill by PID), then drop our keys from a shared etcd.
+        for n in &mut self.nodes {
+            if let Some(p) = &mut n.proc {
+                p.kill9();
+            }
+        }
+        if self.etcd.proc.is_none() && !std::thread::panicking() {
+            let _ = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", &self.etcd.endpoint, "del", "--prefix", &format!("{}/", self.prefix)])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
