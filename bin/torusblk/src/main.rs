@@ -60,7 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let manager = Arc::new(VolumeManager::new(cluster, opts));
-            let exports = Arc::new(exports::VolumeExports { manager, read_only });
+            let exports = Arc::new(exports::VolumeExports { manager: manager.clone(), read_only });
             tracing::info!(%addr, read_only, "serving volumes over NBD (export name = volume name)");
             println!("torusblk: serving NBD on {addr}");
             let server = tokio::spawn(torus_nbd::serve(listener, exports, Default::default()));
@@ -71,6 +71,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
                 r = server => r.context("NBD server task")?,
             }
+            manager.close_all().await;
             Ok(())
         }
     }

@@ -65,10 +65,20 @@ pub fn ring_of(doc: &RingDoc) -> Ring {
 }
 
 /// Holds the writer's lock: dropping it stops the keep-alive and revokes the lease.
-struct LockGuard {
+pub(crate) struct LockGuard {
     cluster: Cluster,
     lease: LeaseId,
     keeper: tokio::task::JoinHandle<()>,
+}
+
+impl LockGuard {
+    /// Revokes the lease now (the lock goes with it).
+    pub(crate) async fn release(&self) {
+        self.keeper.abort();
+        if let Err(e) = self.cluster.store().revoke_lease(self.lease).await {
+            tracing::warn!(error = %e, "could not release the volume lock; it lapses with its lease");
+        }
+    }
 }
 
 impl Drop for LockGuard {
@@ -93,6 +103,17 @@ impl VolumeManager {
 
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
+    }
+
+    /// Flushes every open volume and releases writers' locks (for a clean stop).
+    pub async fn close_all(&self) {
+        let open: Vec<Arc<Volume>> = self.open.lock().await.drain().filter_map(|(_, w)| w.upgrade()).collect();
+        for v in open {
+            if let Err(e) = crate::BlockDevice::flush(&*v).await {
+                tracing::error!(volume = %v.info().name, error = %e, "final flush failed");
+            }
+            v.release().await;
+        }
     }
 
     pub async fn list(&self) -> Result<Vec<VolumeInfo>, VolumeError> {
@@ -161,7 +182,7 @@ impl VolumeManager {
         let lost = Arc::new(AtomicBool::new(false));
         let keeper = tokio::spawn(keep_alive(self.cluster.clone(), lease.id, self.opts.lease_ttl, lost.clone()));
         let guard = LockGuard { cluster: self.cluster.clone(), lease: lease.id, keeper };
-        Ok(Volume::new(info, epoch, ring, self.pool.clone(), false, lost, Some(Box::new(guard))))
+        Ok(Volume::new(info, epoch, ring, self.pool.clone(), false, lost, Some(guard)))
     }
 }
 

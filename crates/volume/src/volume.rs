@@ -31,8 +31,8 @@ pub struct Volume {
     /// Nodes written since their last flush, with a counter bumped per write.
     dirty: Mutex<HashMap<NodeId, u64>>,
     writes: AtomicU64,
-    /// Released when the volume is dropped (the writer's lock).
-    _guard: Option<Box<dyn Send + Sync>>,
+    /// The writer's lock, released when the volume is dropped or closed.
+    guard: Option<crate::manager::LockGuard>,
 }
 
 /// A piece of a request that falls in one extent.
@@ -52,7 +52,7 @@ impl Volume {
         pool: Arc<PeerPool>,
         read_only: bool,
         lease_lost: Arc<AtomicBool>,
-        guard: Option<Box<dyn Send + Sync>>,
+        guard: Option<crate::manager::LockGuard>,
     ) -> Self {
         Volume {
             info,
@@ -63,7 +63,7 @@ impl Volume {
             lease_lost,
             dirty: Mutex::new(HashMap::new()),
             writes: AtomicU64::new(0),
-            _guard: guard,
+            guard,
         }
     }
 
@@ -73,6 +73,14 @@ impl Volume {
 
     pub fn epoch(&self) -> Epoch {
         self.epoch
+    }
+
+    /// Stops writing and releases the writer's lock now (before the last handle is dropped).
+    pub async fn release(&self) {
+        self.lease_lost.store(true, Ordering::SeqCst);
+        if let Some(g) = &self.guard {
+            g.release().await;
+        }
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
