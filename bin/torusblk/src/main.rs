@@ -11,7 +11,11 @@ use torus_cli::{one_line, EtcdArgs};
 use torus_volume::{ManagerOptions, VolumeManager};
 
 #[derive(Parser, Debug)]
-#[command(name = "torusblk", version, about = "Serve Torus volumes as block devices")]
+#[command(
+    name = "torusblk",
+    version,
+    about = "Serve Torus volumes as block devices"
+)]
 struct Cli {
     #[command(flatten)]
     etcd: EtcdArgs,
@@ -40,7 +44,12 @@ enum Cmd {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Nbdserve { listen, read_only, lease_ttl, node_connections } => {
+        Cmd::Nbdserve {
+            listen,
+            read_only,
+            lease_ttl,
+            node_connections,
+        } => {
             if !(1..=60).contains(&lease_ttl) {
                 bail!("--lease-ttl must be between 1 and 60 seconds");
             }
@@ -49,23 +58,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let cluster = cli.etcd.connect().await?;
             cluster.config().await?;
-            let listener =
-                tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
-            let addr = listener.local_addr().context("reading the listen address")?;
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            let addr = listener
+                .local_addr()
+                .context("reading the listen address")?;
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
             let opts = ManagerOptions {
                 lease_ttl: Duration::from_secs(lease_ttl),
-                holder: format!("torusblk on {} (pid {}, nbd://{addr})", host.trim(), std::process::id()),
+                holder: format!(
+                    "torusblk on {} (pid {}, nbd://{addr})",
+                    host.trim(),
+                    std::process::id()
+                ),
                 conns_per_node: node_connections,
                 ..Default::default()
             };
             let manager = Arc::new(VolumeManager::new(cluster, opts));
-            let exports = Arc::new(exports::VolumeExports { manager: manager.clone(), read_only });
+            let exports = Arc::new(exports::VolumeExports {
+                manager: manager.clone(),
+                read_only,
+            });
             tracing::info!(%addr, read_only, "serving volumes over NBD (export name = volume name)");
             println!("torusblk: serving NBD on {addr}");
             let server = tokio::spawn(torus_nbd::serve(listener, exports, Default::default()));
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .context("installing SIGTERM handler")?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("installing SIGTERM handler")?;
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
@@ -80,7 +100,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() {
     torus_cli::init_logging("info");
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
     if let Err(e) = rt.block_on(run(cli)) {
         eprintln!("torusblk: {}", one_line(&e));
         std::process::exit(1);

@@ -53,8 +53,15 @@ enum Cmd {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let cluster = cli.etcd.connect().await?;
     match cli.cmd {
-        Cmd::Init { extent_size, replication } => {
-            let config = ClusterConfig { extent_size, replication, format: 1 };
+        Cmd::Init {
+            extent_size,
+            replication,
+        } => {
+            let config = ClusterConfig {
+                extent_size,
+                replication,
+                format: 1,
+            };
             cluster.init(&config).await?;
             println!(
                 "initialised the cluster at {} (extent size {}, replication {replication})",
@@ -73,7 +80,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() {
     let cli = Cli::parse();
     torus_cli::init_logging("warn");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime starts");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
     if let Err(e) = rt.block_on(run(cli)) {
         eprintln!("torusctl: {}", one_line(&e));
         std::process::exit(1);

@@ -28,7 +28,10 @@ pub enum RingCmd {
 }
 
 fn ago(secs: u64) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     format!("{}s ago", now.saturating_sub(secs))
 }
 
@@ -44,7 +47,10 @@ pub async fn list_peers(cluster: &Cluster, output: Output) -> anyhow::Result<()>
             println!("{}", serde_json::to_string_pretty(&rows)?);
         }
         Output::Table => {
-            println!("{:<22} {:<36} {:>10} {:>10} {:<8} {}", "ADDRESS", "UUID", "SIZE", "USED", "STATUS", "LAST SEEN");
+            println!(
+                "{:<22} {:<36} {:>10} {:>10} {:<8} {}",
+                "ADDRESS", "UUID", "SIZE", "USED", "STATUS", "LAST SEEN"
+            );
             for p in &peers {
                 let status = if ring.contains(p.id) { "OK" } else { "Avail" };
                 println!(
@@ -57,8 +63,20 @@ pub async fn list_peers(cluster: &Cluster, output: Output) -> anyhow::Result<()>
                     ago(p.last_seen)
                 );
             }
-            for m in ring.members.iter().filter(|m| !peers.iter().any(|p| p.id == m.id)) {
-                println!("{:<22} {:<36} {:>10} {:>10} {:<8} {}", "-", m.id.to_string(), format_size(m.weight), "-", "Down", "-");
+            for m in ring
+                .members
+                .iter()
+                .filter(|m| !peers.iter().any(|p| p.id == m.id))
+            {
+                println!(
+                    "{:<22} {:<36} {:>10} {:>10} {:<8} {}",
+                    "-",
+                    m.id.to_string(),
+                    format_size(m.weight),
+                    "-",
+                    "Down",
+                    "-"
+                );
             }
         }
     }
@@ -85,12 +103,19 @@ pub async fn run(cluster: &Cluster, cmd: PeerCmd) -> anyhow::Result<()> {
             }
             let (ring, added) = cluster.add_to_ring(&chosen).await?;
             if added.is_empty() {
-                println!("every named node is already in the ring (version {})", ring.version);
+                println!(
+                    "every named node is already in the ring (version {})",
+                    ring.version
+                );
             } else {
                 for id in &added {
                     println!("added {id}");
                 }
-                println!("ring is now version {} with {} members", ring.version, ring.members.len());
+                println!(
+                    "ring is now version {} with {} members",
+                    ring.version,
+                    ring.members.len()
+                );
             }
             Ok(())
         }
@@ -105,10 +130,17 @@ pub async fn run_ring(cluster: &Cluster, cmd: RingCmd) -> anyhow::Result<()> {
             match output {
                 Output::Json => println!(
                     "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({"ring": ring, "replication": config.replication}))?
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"ring": ring, "replication": config.replication})
+                    )?
                 ),
                 Output::Table => {
-                    println!("version: {}\nreplication: {}\nmembers: {}", ring.version, config.replication, ring.members.len());
+                    println!(
+                        "version: {}\nreplication: {}\nmembers: {}",
+                        ring.version,
+                        config.replication,
+                        ring.members.len()
+                    );
                     for m in &ring.members {
                         println!("  {} weight {}", m.id, format_size(m.weight));
                     }

@@ -14,7 +14,11 @@ use torus_node::{http, identity, metrics::NodeMetrics, registration::Registratio
 use torus_store::{Store, StoreOptions};
 
 #[derive(Parser, Debug)]
-#[command(name = "torusd", version, about = "Torus storage node: offers a directory's disk space to the cluster")]
+#[command(
+    name = "torusd",
+    version,
+    about = "Torus storage node: offers a directory's disk space to the cluster"
+)]
 struct Args {
     #[command(flatten)]
     etcd: EtcdArgs,
@@ -67,13 +71,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let id = identity::load_or_create(&args.data_dir)
         .with_context(|| format!("reading the node identity in {}", args.data_dir.display()))?;
     let store = Arc::new(
-        Store::open(&args.data_dir.join("store"), StoreOptions { capacity: args.size, ..Default::default() })
-            .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,
+        Store::open(
+            &args.data_dir.join("store"),
+            StoreOptions {
+                capacity: args.size,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,
     );
     let listener = tokio::net::TcpListener::bind(&args.peer_address)
         .await
         .with_context(|| format!("listening on peer address {}", args.peer_address))?;
-    let address = listener.local_addr().context("reading the peer address")?.to_string();
+    let address = listener
+        .local_addr()
+        .context("reading the peer address")?
+        .to_string();
     let metrics = Arc::new(NodeMetrics::default());
 
     let mut http_address = None;
@@ -81,8 +94,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let l = tokio::net::TcpListener::bind((args.host.as_str(), port))
             .await
             .with_context(|| format!("listening for HTTP on {}:{port}", args.host))?;
-        http_address = Some(l.local_addr().context("reading the HTTP address")?.to_string());
-        let ctx = http::StatusContext { id, address: address.clone(), store: store.clone(), metrics: metrics.clone() };
+        http_address = Some(
+            l.local_addr()
+                .context("reading the HTTP address")?
+                .to_string(),
+        );
+        let ctx = http::StatusContext {
+            id,
+            address: address.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+        };
         tokio::spawn(http::serve(l, ctx));
     }
 
@@ -97,17 +119,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     if args.auto_join {
-        let (_, added) = cluster.add_to_ring(std::slice::from_ref(&info)).await.context("joining the ring")?;
+        let (_, added) = cluster
+            .add_to_ring(std::slice::from_ref(&info))
+            .await
+            .context("joining the ring")?;
         if !added.is_empty() {
             tracing::info!("joined the ring");
         }
     }
     tracing::info!(node = %id, %address, capacity = args.size, used = store.used(), "torusd serving");
-    let reg = Registration { cluster, info, store: store.clone(), ttl: Duration::from_secs(args.lease_ttl) };
+    let reg = Registration {
+        cluster,
+        info,
+        store: store.clone(),
+        ttl: Duration::from_secs(args.lease_ttl),
+    };
     let reg_task = tokio::spawn(reg.run());
     let srv_task = tokio::spawn(server::serve(listener, store.clone(), metrics));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing SIGTERM handler")?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: flushing and stopping"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: flushing and stopping"),
@@ -121,7 +152,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 fn main() {
     torus_cli::init_logging("info");
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
     if let Err(e) = rt.block_on(run(args)) {
         eprintln!("torusd: {}", one_line(&e));
         std::process::exit(1);

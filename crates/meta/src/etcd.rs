@@ -46,7 +46,9 @@ impl EtcdStore {
             .collect();
         let shown = list.join(",");
         if list.is_empty() {
-            return Err(MetaError::Backend { reason: "no etcd endpoint given".into() });
+            return Err(MetaError::Backend {
+                reason: "no etcd endpoint given".into(),
+            });
         }
         let prefix = prefix.trim_end_matches('/').to_string();
         if !prefix.starts_with('/') {
@@ -58,12 +60,22 @@ impl EtcdStore {
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3));
-        let unavailable = |reason: String| MetaError::Unavailable { endpoint: shown.clone(), reason };
-        let client = tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), Client::connect(&list, Some(opts)))
-            .await
-            .map_err(|_| unavailable("connection timed out".into()))?
-            .map_err(|e| unavailable(e.to_string()))?;
-        let store = EtcdStore { client, endpoints: list, prefix };
+        let unavailable = |reason: String| MetaError::Unavailable {
+            endpoint: shown.clone(),
+            reason,
+        };
+        let client = tokio::time::timeout(
+            CONNECT_TIMEOUT + Duration::from_secs(1),
+            Client::connect(&list, Some(opts)),
+        )
+        .await
+        .map_err(|_| unavailable("connection timed out".into()))?
+        .map_err(|e| unavailable(e.to_string()))?;
+        let store = EtcdStore {
+            client,
+            endpoints: list,
+            prefix,
+        };
         // The channel connects lazily: ask for something so that a dead endpoint shows now.
         store.get("cluster/config").await?;
         Ok(store)
@@ -101,7 +113,9 @@ impl EtcdStore {
             E::GRpcStatus(ref s) if s.message().contains("requested lease not found") => {
                 MetaError::LeaseNotFound { lease: 0 }
             }
-            E::LeaseKeepAliveError(ref s) if s.contains("lease not found") => MetaError::LeaseNotFound { lease: 0 },
+            E::LeaseKeepAliveError(ref s) if s.contains("lease not found") => {
+                MetaError::LeaseNotFound { lease: 0 }
+            }
             // gRPC codes other than the transient ones are the server refusing the request.
             E::GRpcStatus(ref s)
                 if !matches!(
@@ -109,10 +123,15 @@ impl EtcdStore {
                     "Unavailable" | "DeadlineExceeded" | "Cancelled" | "Unknown" | "Aborted"
                 ) =>
             {
-                MetaError::Backend { reason: s.message().to_string() }
+                MetaError::Backend {
+                    reason: s.message().to_string(),
+                }
             }
             E::InvalidArgs(s) => MetaError::Backend { reason: s },
-            other => MetaError::Unavailable { endpoint: self.endpoints.join(","), reason: other.to_string() },
+            other => MetaError::Unavailable {
+                endpoint: self.endpoints.join(","),
+                reason: other.to_string(),
+            },
         }
     }
 
@@ -134,7 +153,12 @@ impl MetadataStore for EtcdStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let resp = self.client.clone().get(self.full(key), None).await.map_err(|e| self.err(e))?;
+        let resp = self
+            .client
+            .clone()
+            .get(self.full(key), None)
+            .await
+            .map_err(|e| self.err(e))?;
         resp.kvs().first().map(|kv| self.kv(kv)).transpose()
     }
 
@@ -156,14 +180,21 @@ impl MetadataStore for EtcdStore {
             .put(self.full(key), value, opts)
             .await
             .map_err(|e| match self.err(e) {
-                MetaError::LeaseNotFound { .. } => MetaError::LeaseNotFound { lease: lease.unwrap_or(0) },
+                MetaError::LeaseNotFound { .. } => MetaError::LeaseNotFound {
+                    lease: lease.unwrap_or(0),
+                },
                 other => other,
             })?;
         Ok(resp.header().map(|h| h.revision() as u64).unwrap_or(0))
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        let resp = self.client.clone().delete(self.full(key), None).await.map_err(|e| self.err(e))?;
+        let resp = self
+            .client
+            .clone()
+            .delete(self.full(key), None)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(resp.deleted() > 0)
     }
 
@@ -184,13 +215,21 @@ impl MetadataStore for EtcdStore {
             .map(|c| {
                 let k = self.full(&c.key);
                 match &c.target {
-                    CompareTarget::Exists(true) => etcd_client::Compare::create_revision(k, CompareOp::Greater, 0),
-                    CompareTarget::Exists(false) => etcd_client::Compare::create_revision(k, CompareOp::Equal, 0),
-                    CompareTarget::ModRevision(r) => etcd_client::Compare::mod_revision(k, CompareOp::Equal, *r as i64),
+                    CompareTarget::Exists(true) => {
+                        etcd_client::Compare::create_revision(k, CompareOp::Greater, 0)
+                    }
+                    CompareTarget::Exists(false) => {
+                        etcd_client::Compare::create_revision(k, CompareOp::Equal, 0)
+                    }
+                    CompareTarget::ModRevision(r) => {
+                        etcd_client::Compare::mod_revision(k, CompareOp::Equal, *r as i64)
+                    }
                     CompareTarget::CreateRevision(r) => {
                         etcd_client::Compare::create_revision(k, CompareOp::Equal, *r as i64)
                     }
-                    CompareTarget::Value(v) => etcd_client::Compare::value(k, CompareOp::Equal, v.clone()),
+                    CompareTarget::Value(v) => {
+                        etcd_client::Compare::value(k, CompareOp::Equal, v.clone())
+                    }
                 }
             })
             .collect();
@@ -207,15 +246,26 @@ impl MetadataStore for EtcdStore {
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
         let secs = ttl.as_secs().max(1) as i64;
-        let resp = self.client.clone().lease_grant(secs, None).await.map_err(|e| self.err(e))?;
-        Ok(Lease { id: resp.id(), ttl: Duration::from_secs(resp.ttl().max(0) as u64) })
+        let resp = self
+            .client
+            .clone()
+            .lease_grant(secs, None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(Lease {
+            id: resp.id(),
+            ttl: Duration::from_secs(resp.ttl().max(0) as u64),
+        })
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
         let not_found = MetaError::LeaseNotFound { lease };
         let mut client = self.client.clone();
         let call = async {
-            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await.map_err(|e| self.err(e))?;
+            let (mut keeper, mut stream) = client
+                .lease_keep_alive(lease)
+                .await
+                .map_err(|e| self.err(e))?;
             keeper.keep_alive().await.map_err(|e| self.err(e))?;
             match stream.message().await.map_err(|e| self.err(e))? {
                 Some(resp) if resp.ttl() > 0 => Ok(Duration::from_secs(resp.ttl() as u64)),
@@ -225,7 +275,10 @@ impl MetadataStore for EtcdStore {
         match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
             Ok(Err(MetaError::LeaseNotFound { .. })) => Err(not_found),
             Ok(r) => r,
-            Err(_) => Err(MetaError::Unavailable { endpoint: self.endpoint(), reason: "keep-alive timed out".into() }),
+            Err(_) => Err(MetaError::Unavailable {
+                endpoint: self.endpoint(),
+                reason: "keep-alive timed out".into(),
+            }),
         }
     }
 
@@ -257,7 +310,9 @@ impl MetadataStore for EtcdStore {
                 match stream.message().await {
                     Ok(Some(resp)) => {
                         if resp.canceled() {
-                            let _ = tx.send(Err(MetaError::Backend { reason: format!("watch cancelled: {}", resp.cancel_reason()) }));
+                            let _ = tx.send(Err(MetaError::Backend {
+                                reason: format!("watch cancelled: {}", resp.cancel_reason()),
+                            }));
                             return;
                         }
                         for ev in resp.events() {
@@ -275,7 +330,10 @@ impl MetadataStore for EtcdStore {
                         }
                     }
                     Ok(None) => {
-                        let _ = tx.send(Err(MetaError::Unavailable { endpoint: me.endpoint(), reason: "watch stream closed".into() }));
+                        let _ = tx.send(Err(MetaError::Unavailable {
+                            endpoint: me.endpoint(),
+                            reason: "watch stream closed".into(),
+                        }));
                         return;
                     }
                     Err(e) => {

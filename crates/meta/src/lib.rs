@@ -22,7 +22,7 @@ pub use error::MetaError;
 pub use etcd::EtcdStore;
 pub use mem::MemStore;
 pub use store::{
-    Compare, CompareTarget, KeyValue, Lease, LeaseId, MetadataStore, Revision, TxnOp, Txn,
+    Compare, CompareTarget, KeyValue, Lease, LeaseId, MetadataStore, Revision, Txn, TxnOp,
     TxnOutcome, Watch, WatchEvent, WatchEventKind,
 };
 

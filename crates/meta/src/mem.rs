@@ -49,7 +49,13 @@ impl Inner {
         }
         let rev = self.revision;
         let kv = match self.kvs.get(key) {
-            Some(old) => KeyValue { value, mod_revision: rev, version: old.version + 1, lease, ..old.clone() },
+            Some(old) => KeyValue {
+                value,
+                mod_revision: rev,
+                version: old.version + 1,
+                lease,
+                ..old.clone()
+            },
             None => KeyValue {
                 key: key.to_string(),
                 value,
@@ -60,7 +66,10 @@ impl Inner {
             },
         };
         self.kvs.insert(key.to_string(), kv.clone());
-        self.emit(WatchEvent { kind: WatchEventKind::Put, kv });
+        self.emit(WatchEvent {
+            kind: WatchEventKind::Put,
+            kv,
+        });
         Ok(())
     }
 
@@ -75,7 +84,10 @@ impl Inner {
                     version: 0,
                     lease: 0,
                 };
-                self.emit(WatchEvent { kind: WatchEventKind::Delete, kv });
+                self.emit(WatchEvent {
+                    kind: WatchEventKind::Delete,
+                    kv,
+                });
                 true
             }
             None => false,
@@ -85,8 +97,12 @@ impl Inner {
     /// Expires leases whose deadline has passed, deleting their keys.
     fn expire(&mut self) {
         let now = Instant::now();
-        let dead: Vec<LeaseId> =
-            self.leases.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(id, _)| *id).collect();
+        let dead: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
         for id in dead {
             self.revoke(id);
         }
@@ -96,7 +112,12 @@ impl Inner {
         if self.leases.remove(&id).is_none() {
             return false;
         }
-        let keys: Vec<String> = self.kvs.values().filter(|kv| kv.lease == id).map(|kv| kv.key.clone()).collect();
+        let keys: Vec<String> = self
+            .kvs
+            .values()
+            .filter(|kv| kv.lease == id)
+            .map(|kv| kv.key.clone())
+            .collect();
         if !keys.is_empty() {
             self.revision += 1;
             for k in keys {
@@ -153,7 +174,11 @@ impl MetadataStore for MemStore {
 
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>> {
         let g = self.lock();
-        Ok(g.kvs.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v.clone()).collect())
+        Ok(g.kvs
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.clone())
+            .collect())
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision> {
@@ -179,8 +204,12 @@ impl MetadataStore for MemStore {
 
     async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
         let mut g = self.lock();
-        let keys: Vec<String> =
-            g.kvs.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, _)| k.clone()).collect();
+        let keys: Vec<String> = g
+            .kvs
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
         if keys.is_empty() {
             return Ok(0);
         }
@@ -194,7 +223,11 @@ impl MetadataStore for MemStore {
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome> {
         let mut g = self.lock();
         let succeeded = txn.compares.iter().all(|c| g.holds(c));
-        let ops = if succeeded { &txn.success } else { &txn.failure };
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
         // Check leases first so that a failing op leaves nothing half-applied, as in etcd.
         for op in ops {
             if let TxnOp::Put { lease: Some(l), .. } = op {
@@ -218,7 +251,10 @@ impl MetadataStore for MemStore {
                 }
             }
         }
-        Ok(TxnOutcome { succeeded, revision: g.revision })
+        Ok(TxnOutcome {
+            succeeded,
+            revision: g.revision,
+        })
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {

@@ -24,12 +24,19 @@ enum State {
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Registration {
     fn current(&self) -> PeerInfo {
-        PeerInfo { used: self.store.used(), last_seen: now_secs(), ..self.info.clone() }
+        PeerInfo {
+            used: self.store.used(),
+            last_seen: now_secs(),
+            ..self.info.clone()
+        }
     }
 
     /// Runs forever (until the task is dropped).
@@ -39,13 +46,15 @@ impl Registration {
         loop {
             let step = match state {
                 State::Granting => match self.cluster.store().grant_lease(self.ttl).await {
-                    Ok(lease) => match self.cluster.register_peer(&self.current(), lease.id).await {
-                        Ok(()) => {
-                            tracing::info!(node = %self.info.id, address = %self.info.address, "registered in the metadata store");
-                            Ok(State::Registered(lease.id))
+                    Ok(lease) => {
+                        match self.cluster.register_peer(&self.current(), lease.id).await {
+                            Ok(()) => {
+                                tracing::info!(node = %self.info.id, address = %self.info.address, "registered in the metadata store");
+                                Ok(State::Registered(lease.id))
+                            }
+                            Err(e) => Err(e.to_string()),
                         }
-                        Err(e) => Err(e.to_string()),
-                    },
+                    }
                     Err(e) => Err(e.to_string()),
                 },
                 State::Registered(lease) => {

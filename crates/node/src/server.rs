@@ -8,7 +8,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use torus_proto::frame::{self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, REQUEST_HEADER_LEN};
+use torus_proto::frame::{
+    self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, REQUEST_HEADER_LEN,
+};
 use torus_store::{Store, StoreError};
 
 type Reply = (ReplyHeader, Bytes);
@@ -64,11 +66,25 @@ fn error_reply(id: u64, e: &StoreError, metrics: &NodeMetrics) -> Reply {
             Bytes::from(e.to_string())
         }
     };
-    (ReplyHeader { status, id, len: body.len() as u32 }, body)
+    (
+        ReplyHeader {
+            status,
+            id,
+            len: body.len() as u32,
+        },
+        body,
+    )
 }
 
 fn ok(id: u64, body: Bytes) -> Reply {
-    (ReplyHeader { status: Status::Ok, id, len: body.len() as u32 }, body)
+    (
+        ReplyHeader {
+            status: Status::Ok,
+            id,
+            len: body.len() as u32,
+        },
+        body,
+    )
 }
 
 fn reply_of(id: u64, res: Result<Bytes, StoreError>, metrics: &NodeMetrics) -> Reply {
@@ -78,7 +94,11 @@ fn reply_of(id: u64, res: Result<Bytes, StoreError>, metrics: &NodeMetrics) -> R
     }
 }
 
-async fn connection(stream: TcpStream, store: Arc<Store>, metrics: Arc<NodeMetrics>) -> Result<(), String> {
+async fn connection(
+    stream: TcpStream,
+    store: Arc<Store>,
+    metrics: Arc<NodeMetrics>,
+) -> Result<(), String> {
     let (mut rd, wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(async move {
@@ -97,7 +117,11 @@ async fn connection(stream: TcpStream, store: Arc<Store>, metrics: Arc<NodeMetri
     let result = loop {
         let mut hb = [0u8; REQUEST_HEADER_LEN];
         if let Err(e) = rd.read_exact(&mut hb).await {
-            break if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e.to_string()) };
+            break if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Ok(())
+            } else {
+                Err(e.to_string())
+            };
         }
         let h = match RequestHeader::decode(&hb) {
             Ok(h) => h,
@@ -121,7 +145,13 @@ async fn connection(stream: TcpStream, store: Arc<Store>, metrics: Arc<NodeMetri
 }
 
 /// Runs one request. Returns the reply now, or `None` if a spawned task will send it.
-fn handle(h: RequestHeader, payload: Vec<u8>, store: &Arc<Store>, metrics: &Arc<NodeMetrics>, tx: &mpsc::UnboundedSender<Reply>) -> Option<Reply> {
+fn handle(
+    h: RequestHeader,
+    payload: Vec<u8>,
+    store: &Arc<Store>,
+    metrics: &Arc<NodeMetrics>,
+    tx: &mpsc::UnboundedSender<Reply>,
+) -> Option<Reply> {
     let id = h.id;
     let fua = h.flags & FLAG_FUA != 0;
     let off = h.offset as u64;
@@ -130,22 +160,30 @@ fn handle(h: RequestHeader, payload: Vec<u8>, store: &Arc<Store>, metrics: &Arc<
             NodeMetrics::inc(&metrics.reads, 1);
             NodeMetrics::inc(&metrics.read_bytes, h.len as u64);
             let mut buf = vec![0u8; h.len as usize];
-            store.read(h.extent, off, &mut buf).map(|()| Bytes::from(buf))
+            store
+                .read(h.extent, off, &mut buf)
+                .map(|()| Bytes::from(buf))
         }
         Op::Write => {
             NodeMetrics::inc(&metrics.writes, 1);
             NodeMetrics::inc(&metrics.written_bytes, h.len as u64);
-            store.write(h.extent, off, &payload, h.epoch).map(|()| Bytes::new())
+            store
+                .write(h.extent, off, &payload, h.epoch)
+                .map(|()| Bytes::new())
         }
         Op::Zero => {
             NodeMetrics::inc(&metrics.zeroes, 1);
-            store.zero(h.extent, off, h.len as u64, h.epoch).map(|()| Bytes::new())
+            store
+                .zero(h.extent, off, h.len as u64, h.epoch)
+                .map(|()| Bytes::new())
         }
         Op::Flush => {
             NodeMetrics::inc(&metrics.flushes, 1);
             return spawn_flush(id, Ok(Bytes::new()), store, metrics, tx);
         }
-        Op::Fence => store.fence(h.extent.volume, h.epoch).map(|e| Bytes::copy_from_slice(&e.0.to_le_bytes())),
+        Op::Fence => store
+            .fence(h.extent.volume, h.epoch)
+            .map(|e| Bytes::copy_from_slice(&e.0.to_le_bytes())),
         Op::DeleteVolume => {
             tracing::info!(volume = %h.extent.volume, "deleting volume data");
             store.delete_volume(h.extent.volume).map(|_| Bytes::new())
@@ -162,7 +200,13 @@ fn handle(h: RequestHeader, payload: Vec<u8>, store: &Arc<Store>, metrics: &Arc<
     Some(reply_of(id, res, metrics))
 }
 
-fn spawn_flush(id: u64, res: Result<Bytes, StoreError>, store: &Arc<Store>, metrics: &Arc<NodeMetrics>, tx: &mpsc::UnboundedSender<Reply>) -> Option<Reply> {
+fn spawn_flush(
+    id: u64,
+    res: Result<Bytes, StoreError>,
+    store: &Arc<Store>,
+    metrics: &Arc<NodeMetrics>,
+    tx: &mpsc::UnboundedSender<Reply>,
+) -> Option<Reply> {
     let (store, metrics, tx) = (store.clone(), metrics.clone(), tx.clone());
     tokio::spawn(async move {
         let res = match store.flush().await {

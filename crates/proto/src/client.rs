@@ -26,15 +26,26 @@ pub enum PeerError {
     #[error("node {addr} did not answer within {secs} s")]
     Timeout { addr: String, secs: u64 },
     #[error("node {addr} refused a write of epoch {epoch}: it has seen epoch {current}")]
-    Fenced { addr: String, epoch: Epoch, current: Epoch },
+    Fenced {
+        addr: String,
+        epoch: Epoch,
+        current: Epoch,
+    },
     #[error("node {addr} answered {status:?}: {message}")]
-    Remote { addr: String, status: Status, message: String },
+    Remote {
+        addr: String,
+        status: Status,
+        message: String,
+    },
 }
 
 impl PeerError {
     /// Whether the node itself is unreachable (as opposed to answering with an error).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, PeerError::Connect { .. } | PeerError::Disconnected { .. } | PeerError::Timeout { .. })
+        matches!(
+            self,
+            PeerError::Connect { .. } | PeerError::Disconnected { .. } | PeerError::Timeout { .. }
+        )
     }
 }
 
@@ -49,9 +60,18 @@ struct Shared {
 impl Shared {
     fn fail_all(&self, reason: String) {
         *self.dead.lock().expect("client lock poisoned") = Some(reason.clone());
-        let waiters: Vec<Waiter> = self.pending.lock().expect("client lock poisoned").drain().map(|(_, w)| w).collect();
+        let waiters: Vec<Waiter> = self
+            .pending
+            .lock()
+            .expect("client lock poisoned")
+            .drain()
+            .map(|(_, w)| w)
+            .collect();
         for w in waiters {
-            let _ = w.send(Err(PeerError::Disconnected { addr: self.addr.clone(), reason: reason.clone() }));
+            let _ = w.send(Err(PeerError::Disconnected {
+                addr: self.addr.clone(),
+                reason: reason.clone(),
+            }));
         }
     }
 }
@@ -66,15 +86,26 @@ pub struct PeerClient {
 impl PeerClient {
     /// Connects to a node's peer address.
     pub async fn connect(addr: &str, timeout: Duration) -> Result<PeerClient, PeerError> {
-        let conn_err = |reason: String| PeerError::Connect { addr: addr.to_string(), reason };
-        let stream = tokio::time::timeout(timeout.min(Duration::from_secs(5)), TcpStream::connect(addr))
-            .await
-            .map_err(|_| conn_err("connection timed out".into()))?
-            .map_err(|e| conn_err(e.to_string()))?;
+        let conn_err = |reason: String| PeerError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let stream = tokio::time::timeout(
+            timeout.min(Duration::from_secs(5)),
+            TcpStream::connect(addr),
+        )
+        .await
+        .map_err(|_| conn_err("connection timed out".into()))?
+        .map_err(|e| conn_err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (mut rd, wr) = stream.into_split();
-        let shared = Arc::new(Shared { addr: addr.to_string(), pending: Mutex::new(HashMap::new()), dead: Mutex::new(None) });
-        let (tx, mut rx) = mpsc::unbounded_channel::<([u8; frame::REQUEST_HEADER_LEN], Option<Bytes>)>();
+        let shared = Arc::new(Shared {
+            addr: addr.to_string(),
+            pending: Mutex::new(HashMap::new()),
+            dead: Mutex::new(None),
+        });
+        let (tx, mut rx) =
+            mpsc::unbounded_channel::<([u8; frame::REQUEST_HEADER_LEN], Option<Bytes>)>();
 
         let sh = shared.clone();
         tokio::spawn(async move {
@@ -117,7 +148,11 @@ impl PeerClient {
                 if let Err(e) = rd.read_exact(&mut payload).await {
                     break e.to_string();
                 }
-                let waiter = sh.pending.lock().expect("client lock poisoned").remove(&h.id);
+                let waiter = sh
+                    .pending
+                    .lock()
+                    .expect("client lock poisoned")
+                    .remove(&h.id);
                 if let Some(w) = waiter {
                     let _ = w.send(Ok((h, payload)));
                 }
@@ -125,7 +160,12 @@ impl PeerClient {
             sh.fail_all(reason);
         });
 
-        Ok(PeerClient { shared, tx, next_id: AtomicU64::new(1), timeout })
+        Ok(PeerClient {
+            shared,
+            tx,
+            next_id: AtomicU64::new(1),
+            timeout,
+        })
     }
 
     pub fn addr(&self) -> &str {
@@ -134,45 +174,101 @@ impl PeerClient {
 
     /// Whether the connection has broken (make a new client).
     pub fn is_dead(&self) -> bool {
-        self.shared.dead.lock().expect("client lock poisoned").is_some() || self.tx.is_closed()
+        self.shared
+            .dead
+            .lock()
+            .expect("client lock poisoned")
+            .is_some()
+            || self.tx.is_closed()
     }
 
     /// Sends one request and waits for its reply payload.
-    pub async fn call(&self, mut h: RequestHeader, payload: Option<Bytes>) -> Result<Vec<u8>, PeerError> {
+    pub async fn call(
+        &self,
+        mut h: RequestHeader,
+        payload: Option<Bytes>,
+    ) -> Result<Vec<u8>, PeerError> {
         let addr = &self.shared.addr;
         h.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (wtx, wrx) = oneshot::channel();
         {
             let dead = self.shared.dead.lock().expect("client lock poisoned");
             if let Some(reason) = &*dead {
-                return Err(PeerError::Disconnected { addr: addr.clone(), reason: reason.clone() });
+                return Err(PeerError::Disconnected {
+                    addr: addr.clone(),
+                    reason: reason.clone(),
+                });
             }
-            self.shared.pending.lock().expect("client lock poisoned").insert(h.id, wtx);
+            self.shared
+                .pending
+                .lock()
+                .expect("client lock poisoned")
+                .insert(h.id, wtx);
         }
         if self.tx.send((h.encode(), payload)).is_err() {
-            self.shared.pending.lock().expect("client lock poisoned").remove(&h.id);
-            return Err(PeerError::Disconnected { addr: addr.clone(), reason: "writer stopped".into() });
+            self.shared
+                .pending
+                .lock()
+                .expect("client lock poisoned")
+                .remove(&h.id);
+            return Err(PeerError::Disconnected {
+                addr: addr.clone(),
+                reason: "writer stopped".into(),
+            });
         }
         let (reply, body) = match tokio::time::timeout(self.timeout, wrx).await {
             Ok(Ok(r)) => r?,
-            Ok(Err(_)) => return Err(PeerError::Disconnected { addr: addr.clone(), reason: "reader stopped".into() }),
+            Ok(Err(_)) => {
+                return Err(PeerError::Disconnected {
+                    addr: addr.clone(),
+                    reason: "reader stopped".into(),
+                })
+            }
             Err(_) => {
-                self.shared.pending.lock().expect("client lock poisoned").remove(&h.id);
-                return Err(PeerError::Timeout { addr: addr.clone(), secs: self.timeout.as_secs() });
+                self.shared
+                    .pending
+                    .lock()
+                    .expect("client lock poisoned")
+                    .remove(&h.id);
+                return Err(PeerError::Timeout {
+                    addr: addr.clone(),
+                    secs: self.timeout.as_secs(),
+                });
             }
         };
         match reply.status {
             Status::Ok => Ok(body),
             Status::Fenced => {
-                let current = body.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).unwrap_or(0);
-                Err(PeerError::Fenced { addr: addr.clone(), epoch: h.epoch, current: Epoch(current) })
+                let current = body
+                    .get(..8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .unwrap_or(0);
+                Err(PeerError::Fenced {
+                    addr: addr.clone(),
+                    epoch: h.epoch,
+                    current: Epoch(current),
+                })
             }
-            status => Err(PeerError::Remote { addr: addr.clone(), status, message: String::from_utf8_lossy(&body).into_owned() }),
+            status => Err(PeerError::Remote {
+                addr: addr.clone(),
+                status,
+                message: String::from_utf8_lossy(&body).into_owned(),
+            }),
         }
     }
 
-    pub async fn read(&self, extent: ExtentId, offset: u32, len: u32) -> Result<Vec<u8>, PeerError> {
-        let data = self.call(RequestHeader::new(Op::Read, extent, offset, len, Epoch(0)), None).await?;
+    pub async fn read(
+        &self,
+        extent: ExtentId,
+        offset: u32,
+        len: u32,
+    ) -> Result<Vec<u8>, PeerError> {
+        let data = self
+            .call(
+                RequestHeader::new(Op::Read, extent, offset, len, Epoch(0)),
+                None,
+            )
+            .await?;
         if data.len() != len as usize {
             return Err(PeerError::Disconnected {
                 addr: self.addr().to_string(),
@@ -182,7 +278,14 @@ impl PeerClient {
         Ok(data)
     }
 
-    pub async fn write(&self, extent: ExtentId, offset: u32, data: Bytes, epoch: Epoch, fua: bool) -> Result<(), PeerError> {
+    pub async fn write(
+        &self,
+        extent: ExtentId,
+        offset: u32,
+        data: Bytes,
+        epoch: Epoch,
+        fua: bool,
+    ) -> Result<(), PeerError> {
         let mut h = RequestHeader::new(Op::Write, extent, offset, data.len() as u32, epoch);
         if fua {
             h.flags |= FLAG_FUA;
@@ -190,7 +293,14 @@ impl PeerClient {
         self.call(h, Some(data)).await.map(drop)
     }
 
-    pub async fn zero(&self, extent: ExtentId, offset: u32, len: u32, epoch: Epoch, fua: bool) -> Result<(), PeerError> {
+    pub async fn zero(
+        &self,
+        extent: ExtentId,
+        offset: u32,
+        len: u32,
+        epoch: Epoch,
+        fua: bool,
+    ) -> Result<(), PeerError> {
         let mut h = RequestHeader::new(Op::Zero, extent, offset, len, epoch);
         if fua {
             h.flags |= FLAG_FUA;
@@ -199,26 +309,60 @@ impl PeerClient {
     }
 
     pub async fn flush(&self) -> Result<(), PeerError> {
-        self.call(RequestHeader::new(Op::Flush, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)), None).await.map(drop)
+        self.call(
+            RequestHeader::new(Op::Flush, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)),
+            None,
+        )
+        .await
+        .map(drop)
     }
 
     /// Announces a writer's epoch for a volume; returns the node's epoch after it.
     pub async fn fence(&self, volume: VolumeId, epoch: Epoch) -> Result<Epoch, PeerError> {
-        let body = self.call(RequestHeader::new(Op::Fence, ExtentId::new(volume, 0), 0, 0, epoch), None).await?;
-        Ok(Epoch(body.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).unwrap_or(0)))
+        let body = self
+            .call(
+                RequestHeader::new(Op::Fence, ExtentId::new(volume, 0), 0, 0, epoch),
+                None,
+            )
+            .await?;
+        Ok(Epoch(
+            body.get(..8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .unwrap_or(0),
+        ))
     }
 
     pub async fn delete_volume(&self, volume: VolumeId) -> Result<(), PeerError> {
-        self.call(RequestHeader::new(Op::DeleteVolume, ExtentId::new(volume, 0), 0, 0, Epoch(0)), None).await.map(drop)
+        self.call(
+            RequestHeader::new(Op::DeleteVolume, ExtentId::new(volume, 0), 0, 0, Epoch(0)),
+            None,
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn list_extents(&self) -> Result<Vec<(ExtentId, u64)>, PeerError> {
-        let body =
-            self.call(RequestHeader::new(Op::ListExtents, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)), None).await?;
+        let body = self
+            .call(
+                RequestHeader::new(
+                    Op::ListExtents,
+                    ExtentId::new(VolumeId(0), 0),
+                    0,
+                    0,
+                    Epoch(0),
+                ),
+                None,
+            )
+            .await?;
         Ok(frame::decode_extent_list(&body))
     }
 
     pub async fn ping(&self) -> Result<(), PeerError> {
-        self.call(RequestHeader::new(Op::Ping, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)), None).await.map(drop)
+        self.call(
+            RequestHeader::new(Op::Ping, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)),
+            None,
+        )
+        .await
+        .map(drop)
     }
 }

@@ -110,7 +110,15 @@ pub struct RequestHeader {
 
 impl RequestHeader {
     pub fn new(op: Op, extent: ExtentId, offset: u32, len: u32, epoch: Epoch) -> Self {
-        RequestHeader { op, flags: 0, id: 0, extent, offset, len, epoch }
+        RequestHeader {
+            op,
+            flags: 0,
+            id: 0,
+            extent,
+            offset,
+            len,
+            epoch,
+        }
     }
 
     /// Bytes of payload that follow this header on the wire.
@@ -188,7 +196,11 @@ impl ReplyHeader {
         if len > MAX_PAYLOAD {
             return Err(FrameError::TooLarge(len));
         }
-        Ok(ReplyHeader { status, id: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")), len })
+        Ok(ReplyHeader {
+            status,
+            id: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            len,
+        })
     }
 }
 
@@ -218,7 +230,13 @@ mod tests {
 
     #[test]
     fn request_round_trip() {
-        let mut h = RequestHeader::new(Op::Write, ExtentId::new(VolumeId(3), 99), 4096, 8192, Epoch(42));
+        let mut h = RequestHeader::new(
+            Op::Write,
+            ExtentId::new(VolumeId(3), 99),
+            4096,
+            8192,
+            Epoch(42),
+        );
         h.id = 7;
         h.flags = FLAG_FUA;
         assert_eq!(RequestHeader::decode(&h.encode()), Ok(h));
@@ -227,25 +245,40 @@ mod tests {
 
     #[test]
     fn reply_round_trip() {
-        let r = ReplyHeader { status: Status::Fenced, id: 1 << 40, len: 8 };
+        let r = ReplyHeader {
+            status: Status::Fenced,
+            id: 1 << 40,
+            len: 8,
+        };
         assert_eq!(ReplyHeader::decode(&r.encode()), Ok(r));
     }
 
     #[test]
     fn rejects_garbage() {
-        let mut b = RequestHeader::new(Op::Read, ExtentId::new(VolumeId(1), 0), 0, 1, Epoch(0)).encode();
+        let mut b =
+            RequestHeader::new(Op::Read, ExtentId::new(VolumeId(1), 0), 0, 1, Epoch(0)).encode();
         b[4] = 200;
         assert_eq!(RequestHeader::decode(&b), Err(FrameError::UnknownOp(200)));
         b[0] = 0;
-        assert!(matches!(RequestHeader::decode(&b), Err(FrameError::BadMagic(_))));
-        let mut b = RequestHeader::new(Op::Read, ExtentId::new(VolumeId(1), 0), 0, 1, Epoch(0)).encode();
+        assert!(matches!(
+            RequestHeader::decode(&b),
+            Err(FrameError::BadMagic(_))
+        ));
+        let mut b =
+            RequestHeader::new(Op::Read, ExtentId::new(VolumeId(1), 0), 0, 1, Epoch(0)).encode();
         b[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(RequestHeader::decode(&b), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            RequestHeader::decode(&b),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]
     fn extent_list_round_trip() {
-        let items = vec![(ExtentId::new(VolumeId(1), 2), 3), (ExtentId::new(VolumeId(4), 5), 6)];
+        let items = vec![
+            (ExtentId::new(VolumeId(1), 2), 3),
+            (ExtentId::new(VolumeId(4), 5), 6),
+        ];
         assert_eq!(decode_extent_list(&encode_extent_list(&items)), items);
     }
 }

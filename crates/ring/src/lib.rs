@@ -30,11 +30,15 @@ pub struct Ring {
 
 impl Ring {
     pub fn new(version: u64, members: Vec<Member>) -> Ring {
-        let mut members: Vec<(Member, u64)> =
-            members.into_iter().filter(|m| m.weight > 0.0).map(|m| {
-                let seed = splitmix64((m.id.as_u128() >> 64) as u64 ^ splitmix64(m.id.as_u128() as u64));
+        let mut members: Vec<(Member, u64)> = members
+            .into_iter()
+            .filter(|m| m.weight > 0.0)
+            .map(|m| {
+                let seed =
+                    splitmix64((m.id.as_u128() >> 64) as u64 ^ splitmix64(m.id.as_u128() as u64));
                 (m, seed)
-            }).collect();
+            })
+            .collect();
         members.sort_by(|a, b| a.0.id.cmp(&b.0.id));
         Ring { version, members }
     }
@@ -65,7 +69,9 @@ impl Ring {
                 (-m.weight / u.ln(), m)
             })
             .collect();
-        let order = |a: &(f64, &Member), b: &(f64, &Member)| b.0.total_cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id));
+        let order = |a: &(f64, &Member), b: &(f64, &Member)| {
+            b.0.total_cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id))
+        };
         // Only the best few matter: partially select them, then sort that head.
         let head = (4 * r).max(8);
         if scored.len() > head {
@@ -82,8 +88,15 @@ impl Ring {
 
     /// True unless a node with an unused failure domain sits beyond the head.
     fn domains_ok(&self, picked: &[NodeId], head: &[(f64, &Member)], r: usize) -> bool {
-        let in_head: HashSet<&str> = head.iter().filter_map(|(_, m)| m.domain.as_deref()).collect();
-        let all: HashSet<&str> = self.members.iter().filter_map(|(m, _)| m.domain.as_deref()).collect();
+        let in_head: HashSet<&str> = head
+            .iter()
+            .filter_map(|(_, m)| m.domain.as_deref())
+            .collect();
+        let all: HashSet<&str> = self
+            .members
+            .iter()
+            .filter_map(|(m, _)| m.domain.as_deref())
+            .collect();
         picked.len() == r && (in_head.len() >= r.min(all.len()) || in_head.len() == all.len())
     }
 
@@ -127,7 +140,16 @@ mod tests {
     }
 
     fn ring(n: u64) -> Ring {
-        Ring::new(1, (0..n).map(|i| Member { id: node(i), weight: 1.0, domain: None }).collect())
+        Ring::new(
+            1,
+            (0..n)
+                .map(|i| Member {
+                    id: node(i),
+                    weight: 1.0,
+                    domain: None,
+                })
+                .collect(),
+        )
     }
 
     fn extents(count: u64) -> impl Iterator<Item = ExtentId> {
@@ -144,7 +166,11 @@ mod tests {
             assert_eq!(a.iter().collect::<HashSet<_>>().len(), 3);
             assert_eq!(&r.replicas(e, 2)[..], &a[..2], "smaller R is a prefix");
         }
-        assert_eq!(ring(2).replicas(ExtentId::new(VolumeId(1), 0), 3).len(), 2, "never more than the ring has");
+        assert_eq!(
+            ring(2).replicas(ExtentId::new(VolumeId(1), 0), 3).len(),
+            2,
+            "never more than the ring has"
+        );
     }
 
     /// Max/mean load for N nodes, replication 2, 200 extents per node.
@@ -176,9 +202,15 @@ mod tests {
             let before = ring(n);
             let after = ring(n + 1);
             let count = 20_000;
-            let moved = extents(count).filter(|e| before.replicas(*e, 1) != after.replicas(*e, 1)).count();
+            let moved = extents(count)
+                .filter(|e| before.replicas(*e, 1) != after.replicas(*e, 1))
+                .count();
             let ideal = count as f64 / (n + 1) as f64;
-            assert!((moved as f64) < ideal * 1.15, "{n}->{}: moved {moved}, ideal {ideal:.0}", n + 1);
+            assert!(
+                (moved as f64) < ideal * 1.15,
+                "{n}->{}: moved {moved}, ideal {ideal:.0}",
+                n + 1
+            );
             // Every moved extent moved to the new node.
             for e in extents(count) {
                 let (b, a) = (before.replicas(e, 1), after.replicas(e, 1));
@@ -191,11 +223,24 @@ mod tests {
 
     #[test]
     fn weights_are_honoured() {
-        let r = Ring::new(1, vec![
-            Member { id: node(0), weight: 1.0, domain: None },
-            Member { id: node(1), weight: 3.0, domain: None },
-        ]);
-        let heavy = extents(20_000).filter(|e| r.replicas(*e, 1)[0] == node(1)).count();
+        let r = Ring::new(
+            1,
+            vec![
+                Member {
+                    id: node(0),
+                    weight: 1.0,
+                    domain: None,
+                },
+                Member {
+                    id: node(1),
+                    weight: 3.0,
+                    domain: None,
+                },
+            ],
+        );
+        let heavy = extents(20_000)
+            .filter(|e| r.replicas(*e, 1)[0] == node(1))
+            .count();
         let share = heavy as f64 / 20_000.0;
         assert!((share - 0.75).abs() < 0.03, "share {share}");
     }
@@ -203,10 +248,18 @@ mod tests {
     #[test]
     fn distinct_failure_domains() {
         let members = (0..9)
-            .map(|i| Member { id: node(i), weight: 1.0, domain: Some(format!("zone-{}", i % 3)) })
+            .map(|i| Member {
+                id: node(i),
+                weight: 1.0,
+                domain: Some(format!("zone-{}", i % 3)),
+            })
             .collect();
         let r = Ring::new(1, members);
-        let zone = |id: NodeId| r.members().find(|m| m.id == id).and_then(|m| m.domain.clone());
+        let zone = |id: NodeId| {
+            r.members()
+                .find(|m| m.id == id)
+                .and_then(|m| m.domain.clone())
+        };
         for e in extents(2000) {
             let reps = r.replicas(e, 3);
             let zones: HashSet<_> = reps.iter().map(|id| zone(*id)).collect();

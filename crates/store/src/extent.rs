@@ -64,14 +64,24 @@ impl Extent {
             return Ok(None);
         }
         let open = |p: &Path| {
-            OpenOptions::new().read(true).write(true).create(create).truncate(false).open(p).map_err(|e| StoreError::io("open", p, e))
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .open(p)
+                .map_err(|e| StoreError::io("open", p, e))
         };
         let sum = open(&sum_path)?;
         let dat = open(&dat_path)?;
-        let len = sum.metadata().map_err(|e| StoreError::io("stat", &sum_path, e))?.len();
+        let len = sum
+            .metadata()
+            .map_err(|e| StoreError::io("stat", &sum_path, e))?
+            .len();
         let corrupt = |reason: String| StoreError::CorruptTable { extent: id, reason };
         let (table, dirty) = if len == 0 {
-            sum.write_all_at(&layout::encode_header(false), 0).map_err(|e| StoreError::io("write", &sum_path, e))?;
+            sum.write_all_at(&layout::encode_header(false), 0)
+                .map_err(|e| StoreError::io("write", &sum_path, e))?;
             (Vec::new(), false)
         } else {
             let mut raw = vec![0u8; len as usize];
@@ -80,7 +90,10 @@ impl Extent {
             let body = &raw[HEADER_SIZE as usize..];
             let mut table = Vec::with_capacity(body.len() / ENTRY_SIZE);
             for (i, chunk) in body.chunks_exact(ENTRY_SIZE).enumerate() {
-                table.push(Entry::decode(chunk).ok_or_else(|| corrupt(format!("entry {i} is malformed")))?);
+                table.push(
+                    Entry::decode(chunk)
+                        .ok_or_else(|| corrupt(format!("entry {i} is malformed")))?,
+                );
             }
             (table, dirty)
         };
@@ -90,7 +103,11 @@ impl Extent {
             sum_path,
             dat,
             sum,
-            state: RwLock::new(State { table, generation: 0, header_dirty: dirty }),
+            state: RwLock::new(State {
+                table,
+                generation: 0,
+                header_dirty: dirty,
+            }),
         };
         if dirty {
             ext.recover()?;
@@ -110,7 +127,13 @@ impl Extent {
             read_full(&self.dat, &self.dat_path, &mut block, i as u64 * BS)?;
             let crc = block_checksum(&block);
             if crc != e.crc {
-                fixed.push((i, Entry { crc, state: BlockState::Data }));
+                fixed.push((
+                    i,
+                    Entry {
+                        crc,
+                        state: BlockState::Data,
+                    },
+                ));
             }
         }
         for (i, e) in &fixed {
@@ -135,7 +158,9 @@ impl Extent {
     }
 
     fn set_header(&self, dirty: bool) -> Result<()> {
-        self.sum.write_all_at(&layout::encode_header(dirty), 0).map_err(|e| StoreError::io("write", &self.sum_path, e))
+        self.sum
+            .write_all_at(&layout::encode_header(dirty), 0)
+            .map_err(|e| StoreError::io("write", &self.sum_path, e))
     }
 
     fn entry(table: &[Entry], block: u64) -> Entry {
@@ -156,7 +181,10 @@ impl Extent {
             match e.state {
                 BlockState::Data => {
                     if block_checksum(chunk) != e.crc {
-                        return Err(StoreError::Checksum { extent: self.id, block: b });
+                        return Err(StoreError::Checksum {
+                            extent: self.id,
+                            block: b,
+                        });
                     }
                 }
                 BlockState::Absent | BlockState::Zero => chunk.fill(0),
@@ -191,7 +219,12 @@ impl Extent {
 
     /// Writes `data` at `offset`. Unaligned edges are read, verified and merged.
     /// `space` is called with the bytes newly allocated before anything is written.
-    pub fn write(&self, offset: u64, data: &[u8], space: &dyn Fn(u64) -> Result<()>) -> Result<i64> {
+    pub fn write(
+        &self,
+        offset: u64,
+        data: &[u8],
+        space: &dyn Fn(u64) -> Result<()>,
+    ) -> Result<i64> {
         let mut st = self.state.write().expect("extent lock poisoned");
         let first = offset / BS;
         let end = (offset + data.len() as u64).div_ceil(BS);
@@ -212,9 +245,16 @@ impl Extent {
             merged = buf;
             &merged
         };
-        let entries: Vec<Entry> =
-            bytes.chunks_exact(BLOCK_SIZE).map(|c| Entry { crc: block_checksum(c), state: BlockState::Data }).collect();
-        let new_blocks = (first..end).filter(|b| Self::entry(&st.table, *b).state != BlockState::Data).count() as u64;
+        let entries: Vec<Entry> = bytes
+            .chunks_exact(BLOCK_SIZE)
+            .map(|c| Entry {
+                crc: block_checksum(c),
+                state: BlockState::Data,
+            })
+            .collect();
+        let new_blocks = (first..end)
+            .filter(|b| Self::entry(&st.table, *b).state != BlockState::Data)
+            .count() as u64;
         space(new_blocks * BS)?;
         self.begin_change(&mut st)?;
         if st.table.len() < end as usize {
@@ -222,7 +262,9 @@ impl Extent {
         }
         st.table[first as usize..end as usize].copy_from_slice(&entries);
         self.write_entries(first, &entries)?;
-        self.dat.write_all_at(bytes, first * BS).map_err(|e| StoreError::io("write", &self.dat_path, e))?;
+        self.dat
+            .write_all_at(bytes, first * BS)
+            .map_err(|e| StoreError::io("write", &self.dat_path, e))?;
         Ok((new_blocks * BS) as i64)
     }
 
@@ -238,16 +280,25 @@ impl Extent {
             return self.write(offset, &vec![0u8; len as usize], space);
         }
         if offset < first_full * BS {
-            delta += self.write(offset, &vec![0u8; (first_full * BS - offset) as usize], space)?;
+            delta += self.write(
+                offset,
+                &vec![0u8; (first_full * BS - offset) as usize],
+                space,
+            )?;
         }
         if end > end_full * BS {
-            delta += self.write(end_full * BS, &vec![0u8; (end - end_full * BS) as usize], space)?;
+            delta += self.write(
+                end_full * BS,
+                &vec![0u8; (end - end_full * BS) as usize],
+                space,
+            )?;
         }
         let mut st = self.state.write().expect("extent lock poisoned");
         let known = (st.table.len() as u64).min(end_full);
         if first_full < known {
-            let freed =
-                (first_full..known).filter(|b| st.table[*b as usize].state == BlockState::Data).count() as i64;
+            let freed = (first_full..known)
+                .filter(|b| st.table[*b as usize].state == BlockState::Data)
+                .count() as i64;
             self.begin_change(&mut st)?;
             let zeros = vec![Entry::ZERO; (known - first_full) as usize];
             st.table[first_full as usize..known as usize].copy_from_slice(&zeros);
@@ -286,8 +337,12 @@ impl Extent {
 
     /// fdatasync of both files.
     pub fn sync(&self) -> Result<()> {
-        self.dat.sync_data().map_err(|e| StoreError::io("fdatasync", &self.dat_path, e))?;
-        self.sum.sync_data().map_err(|e| StoreError::io("fdatasync", &self.sum_path, e))
+        self.dat
+            .sync_data()
+            .map_err(|e| StoreError::io("fdatasync", &self.dat_path, e))?;
+        self.sum
+            .sync_data()
+            .map_err(|e| StoreError::io("fdatasync", &self.sum_path, e))
     }
 
     /// Clears the dirty mark if nothing changed since `generation` was read. Returns
@@ -306,13 +361,17 @@ impl Extent {
 
     pub fn data_blocks(&self) -> u64 {
         let st = self.state.read().expect("extent lock poisoned");
-        st.table.iter().filter(|e| e.state == BlockState::Data).count() as u64
+        st.table
+            .iter()
+            .filter(|e| e.state == BlockState::Data)
+            .count() as u64
     }
 }
 
 /// Allocated bytes of a data file (what it costs on disk).
 pub(crate) fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
-

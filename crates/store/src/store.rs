@@ -23,7 +23,10 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { capacity: u64::MAX, max_open_extents: 1024 }
+        StoreOptions {
+            capacity: u64::MAX,
+            max_open_extents: 1024,
+        }
     }
 }
 
@@ -89,11 +92,23 @@ impl Store {
         let ext_dir = self.root.join("extents");
         let vols = std::fs::read_dir(&ext_dir).map_err(|e| StoreError::io("list", &ext_dir, e))?;
         for v in vols.flatten() {
-            let Some(vol) = v.file_name().to_str().and_then(|s| s.parse().ok()).map(VolumeId) else { continue };
-            let files = std::fs::read_dir(v.path()).map_err(|e| StoreError::io("list", &v.path(), e))?;
+            let Some(vol) = v
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse().ok())
+                .map(VolumeId)
+            else {
+                continue;
+            };
+            let files =
+                std::fs::read_dir(v.path()).map_err(|e| StoreError::io("list", &v.path(), e))?;
             for f in files.flatten() {
                 let name = f.file_name();
-                let Some(idx) = name.to_str().and_then(|s| s.strip_suffix(".dat")).and_then(|s| s.parse().ok()) else {
+                let Some(idx) = name
+                    .to_str()
+                    .and_then(|s| s.strip_suffix(".dat"))
+                    .and_then(|s| s.parse().ok())
+                else {
                     continue;
                 };
                 out.push((ExtentId::new(vol, idx), f.path()));
@@ -108,7 +123,10 @@ impl Store {
         let mut out = Vec::new();
         for (id, _) in self.walk()? {
             if let Some(ext) = self.extent(id, false)? {
-                out.push(ExtentStat { id, data_blocks: ext.data_blocks() });
+                out.push(ExtentStat {
+                    id,
+                    data_blocks: ext.data_blocks(),
+                });
             }
         }
         Ok(out)
@@ -116,7 +134,9 @@ impl Store {
 
     fn check_failed(&self) -> Result<()> {
         match &*self.failed.lock().expect("failed flag poisoned") {
-            Some(reason) => Err(StoreError::Failed { reason: reason.clone() }),
+            Some(reason) => Err(StoreError::Failed {
+                reason: reason.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -130,7 +150,9 @@ impl Store {
         if create {
             std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
         }
-        let Some(ext) = Extent::open(&dir, id, create)? else { return Ok(None) };
+        let Some(ext) = Extent::open(&dir, id, create)? else {
+            return Ok(None);
+        };
         let ext = Arc::new(ext);
         if open.len() >= self.opts.max_open_extents {
             let dirty = self.dirty.lock().expect("dirty map poisoned");
@@ -143,7 +165,11 @@ impl Store {
     fn check_range(offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= MAX_EXTENT_SIZE => Ok(()),
-            _ => Err(StoreError::OutOfRange { offset, len, max: MAX_EXTENT_SIZE }),
+            _ => Err(StoreError::OutOfRange {
+                offset,
+                len,
+                max: MAX_EXTENT_SIZE,
+            }),
         }
     }
 
@@ -162,7 +188,10 @@ impl Store {
     fn reserve(&self, bytes: u64) -> Result<()> {
         let used = self.used.load(Ordering::Relaxed);
         if bytes > 0 && used.saturating_add(bytes) > self.opts.capacity {
-            return Err(StoreError::NoSpace { used, capacity: self.opts.capacity });
+            return Err(StoreError::NoSpace {
+                used,
+                capacity: self.opts.capacity,
+            });
         }
         Ok(())
     }
@@ -171,7 +200,11 @@ impl Store {
         if delta >= 0 {
             self.used.fetch_add(delta as u64, Ordering::Relaxed);
         } else {
-            let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub((-delta) as u64)));
+            let _ = self
+                .used
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                    Some(u.saturating_sub((-delta) as u64))
+                });
         }
     }
 
@@ -182,7 +215,11 @@ impl Store {
             let fence = self.fences.get(id.volume)?;
             let current = *fence.read().expect("fence poisoned");
             if epoch < current {
-                return Err(StoreError::Fenced { volume: id.volume, epoch, current });
+                return Err(StoreError::Fenced {
+                    volume: id.volume,
+                    epoch,
+                    current,
+                });
             }
             if epoch > current {
                 self.fences.raise(id.volume, epoch)?;
@@ -196,7 +233,10 @@ impl Store {
             let res = f(&ext);
             // Registered after the change (even a failed one may have written part):
             // the flush that removes it checks the generation under this map's lock.
-            self.dirty.lock().expect("dirty map poisoned").insert(id, ext.clone());
+            self.dirty
+                .lock()
+                .expect("dirty map poisoned")
+                .insert(id, ext.clone());
             self.account(res?);
             return Ok(());
         }
@@ -205,7 +245,9 @@ impl Store {
     /// Writes `data` at `offset` within the extent, for a writer of `epoch`.
     pub fn write(&self, id: ExtentId, offset: u64, data: &[u8], epoch: Epoch) -> Result<()> {
         Self::check_range(offset, data.len() as u64)?;
-        self.mutate(id, epoch, |ext| ext.write(offset, data, &|b| self.reserve(b)))
+        self.mutate(id, epoch, |ext| {
+            ext.write(offset, data, &|b| self.reserve(b))
+        })
     }
 
     /// Zeroes a range (TRIM and WRITE_ZEROES both land here), freeing whole blocks.
@@ -238,11 +280,21 @@ impl Store {
         }
         self.check_failed()?;
         let covers = self.flush_requests.load(Ordering::SeqCst);
-        let batch: Vec<Arc<Extent>> = self.dirty.lock().expect("dirty map poisoned").values().cloned().collect();
+        let batch: Vec<Arc<Extent>> = self
+            .dirty
+            .lock()
+            .expect("dirty map poisoned")
+            .values()
+            .cloned()
+            .collect();
         let me = self.clone();
         let res = tokio::task::spawn_blocking(move || me.sync_batch(batch))
             .await
-            .unwrap_or_else(|e| Err(StoreError::Failed { reason: format!("flush task died: {e}") }));
+            .unwrap_or_else(|e| {
+                Err(StoreError::Failed {
+                    reason: format!("flush task died: {e}"),
+                })
+            });
         if let Err(e) = &res {
             // fsyncgate: after a failed fdatasync the page cache may have dropped the
             // data; never pretend a later flush could make it durable.
@@ -302,10 +354,15 @@ mod tests {
     use std::io::{Seek, SeekFrom, Write};
 
     const V: VolumeId = VolumeId(7);
-    const E0: ExtentId = ExtentId { volume: V, index: 0 };
+    const E0: ExtentId = ExtentId {
+        volume: V,
+        index: 0,
+    };
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     fn open(dir: &Path) -> Arc<Store> {
@@ -366,7 +423,10 @@ mod tests {
         s.write(E0, 0, &pattern(8192, 5), Epoch(0)).unwrap();
         s.flush().await.unwrap();
         drop(s);
-        let mut f = std::fs::OpenOptions::new().write(true).open(dir.path().join("extents/7/0.dat")).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("extents/7/0.dat"))
+            .unwrap();
         f.seek(SeekFrom::Start(4096 + 17)).unwrap();
         f.write_all(&[0xff]).unwrap();
         drop(f);
@@ -378,7 +438,10 @@ mod tests {
             other => panic!("expected a checksum error, got {other:?}"),
         }
         // An unaligned write that needs the corrupt block's old bytes fails too.
-        assert!(matches!(s.write(E0, 4096 + 10, &[1, 2, 3], Epoch(0)), Err(StoreError::Checksum { .. })));
+        assert!(matches!(
+            s.write(E0, 4096 + 10, &[1, 2, 3], Epoch(0)),
+            Err(StoreError::Checksum { .. })
+        ));
         // A whole-block overwrite heals it.
         s.write(E0, 4096, &pattern(4096, 6), Epoch(0)).unwrap();
         s.read(E0, 4096, &mut buf).unwrap();
@@ -404,7 +467,8 @@ mod tests {
             .unwrap();
         let s = open(dir.path());
         let mut buf = vec![0u8; 4096];
-        s.read(E0, 0, &mut buf).expect("a block cut mid-write reads (old or new), not as corrupt");
+        s.read(E0, 0, &mut buf)
+            .expect("a block cut mid-write reads (old or new), not as corrupt");
         assert_eq!(buf, old);
     }
 
@@ -413,25 +477,48 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
         s.write(E0, 0, &pattern(4096, 1), Epoch(5)).unwrap();
-        assert!(matches!(s.write(E0, 0, &pattern(4096, 2), Epoch(4)), Err(StoreError::Fenced { .. })));
+        assert!(matches!(
+            s.write(E0, 0, &pattern(4096, 2), Epoch(4)),
+            Err(StoreError::Fenced { .. })
+        ));
         s.fence(V, Epoch(9)).unwrap();
-        assert!(matches!(s.zero(E0, 0, 4096, Epoch(5)), Err(StoreError::Fenced { .. })));
+        assert!(matches!(
+            s.zero(E0, 0, 4096, Epoch(5)),
+            Err(StoreError::Fenced { .. })
+        ));
         drop(s);
         let s = open(dir.path());
         assert_eq!(s.epoch(V).unwrap(), Epoch(9), "epochs survive restart");
-        assert!(matches!(s.write(E0, 0, &pattern(4096, 2), Epoch(8)), Err(StoreError::Fenced { .. })));
+        assert!(matches!(
+            s.write(E0, 0, &pattern(4096, 2), Epoch(8)),
+            Err(StoreError::Fenced { .. })
+        ));
         s.write(E0, 0, &pattern(4096, 2), Epoch(9)).unwrap();
     }
 
     #[tokio::test]
     async fn capacity_is_enforced() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Arc::new(Store::open(dir.path(), StoreOptions { capacity: 8192, ..Default::default() }).unwrap());
+        let s = Arc::new(
+            Store::open(
+                dir.path(),
+                StoreOptions {
+                    capacity: 8192,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
         s.write(E0, 0, &pattern(8192, 1), Epoch(0)).unwrap();
-        s.write(E0, 0, &pattern(8192, 2), Epoch(0)).expect("overwrites need no new space");
-        assert!(matches!(s.write(E0, 8192, &pattern(4096, 1), Epoch(0)), Err(StoreError::NoSpace { .. })));
+        s.write(E0, 0, &pattern(8192, 2), Epoch(0))
+            .expect("overwrites need no new space");
+        assert!(matches!(
+            s.write(E0, 8192, &pattern(4096, 1), Epoch(0)),
+            Err(StoreError::NoSpace { .. })
+        ));
         s.zero(E0, 0, 4096, Epoch(0)).unwrap();
-        s.write(E0, 8192, &pattern(4096, 1), Epoch(0)).expect("space freed by zeroing is reusable");
+        s.write(E0, 8192, &pattern(4096, 1), Epoch(0))
+            .expect("space freed by zeroing is reusable");
     }
 
     #[tokio::test]
@@ -439,9 +526,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
         s.write(E0, 0, &pattern(4096, 1), Epoch(0)).unwrap();
-        s.write(ExtentId::new(V, 3), 0, &pattern(8192, 1), Epoch(0)).unwrap();
+        s.write(ExtentId::new(V, 3), 0, &pattern(8192, 1), Epoch(0))
+            .unwrap();
         let list = s.extents().unwrap();
-        assert_eq!(list, vec![ExtentStat { id: E0, data_blocks: 1 }, ExtentStat { id: ExtentId::new(V, 3), data_blocks: 2 }]);
+        assert_eq!(
+            list,
+            vec![
+                ExtentStat {
+                    id: E0,
+                    data_blocks: 1
+                },
+                ExtentStat {
+                    id: ExtentId::new(V, 3),
+                    data_blocks: 2
+                }
+            ]
+        );
         s.delete_volume(V).unwrap();
         assert!(s.extents().unwrap().is_empty());
         let mut buf = vec![1u8; 4096];

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 /// A free loopback TCP port (bound once and released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
 }
 
 /// The path of one of our binaries, next to the test executable's directory.
@@ -22,7 +25,11 @@ pub fn bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(p.is_file(), "{} not built: run `cargo build --workspace` (or cargo nextest run --workspace)", p.display());
+    assert!(
+        p.is_file(),
+        "{} not built: run `cargo build --workspace` (or cargo nextest run --workspace)",
+        p.display()
+    );
     p
 }
 
@@ -71,7 +78,11 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Output { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default() }
+    Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
 }
 
 /// A long-running child process, logged to a file, killed on drop.
@@ -90,7 +101,11 @@ fn signal(pid: u32, sig: i32) {
 
 impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open log file");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open log file");
         let f2 = f.try_clone().expect("clone log file");
         let child = cmd
             .stdin(Stdio::null())
@@ -98,7 +113,11 @@ impl Proc {
             .stderr(Stdio::from(f2))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Proc { child: Some(child), name: name.to_string(), log }
+        Proc {
+            child: Some(child),
+            name: name.to_string(),
+            log,
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -122,7 +141,9 @@ impl Proc {
 
     /// SIGTERM, then SIGKILL if it has not exited within 15 s. Returns whether it exited by itself.
     pub fn terminate(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
         signal(c.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
@@ -165,9 +186,13 @@ impl Drop for Proc {
 
 fn etcd_healthy(endpoint: &str) -> bool {
     let addr = endpoint.trim_start_matches("http://");
-    let Ok(mut s) = TcpStream::connect(addr) else { return false };
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).is_err() {
+    if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .is_err()
+    {
         return false;
     }
     let mut body = String::new();
@@ -187,7 +212,11 @@ impl Etcd {
     pub fn start() -> Etcd {
         if let Ok(ep) = std::env::var("TORUS_TEST_ETCD") {
             if !ep.is_empty() {
-                return Etcd { endpoint: ep, proc: None, _dir: None };
+                return Etcd {
+                    endpoint: ep,
+                    proc: None,
+                    _dir: None,
+                };
             }
         }
         Self::start_private()
@@ -200,17 +229,31 @@ impl Etcd {
         let (cp, pp) = (free_port(), free_port());
         let endpoint = format!("127.0.0.1:{cp}");
         let mut cmd = Command::new("etcd");
-        cmd.arg("--name").arg("test")
-            .arg("--data-dir").arg(dir.path().join("data"))
-            .arg("--listen-client-urls").arg(format!("http://127.0.0.1:{cp}"))
-            .arg("--advertise-client-urls").arg(format!("http://127.0.0.1:{cp}"))
-            .arg("--listen-peer-urls").arg(format!("http://127.0.0.1:{pp}"))
-            .arg("--initial-advertise-peer-urls").arg(format!("http://127.0.0.1:{pp}"))
-            .arg("--initial-cluster").arg(format!("test=http://127.0.0.1:{pp}"))
-            .arg("--log-level").arg("warn");
+        cmd.arg("--name")
+            .arg("test")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--listen-client-urls")
+            .arg(format!("http://127.0.0.1:{cp}"))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://127.0.0.1:{cp}"))
+            .arg("--listen-peer-urls")
+            .arg(format!("http://127.0.0.1:{pp}"))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://127.0.0.1:{pp}"))
+            .arg("--initial-cluster")
+            .arg(format!("test=http://127.0.0.1:{pp}"))
+            .arg("--log-level")
+            .arg("warn");
         let proc = Proc::spawn("etcd", cmd, dir.path().join("etcd.log"));
-        let e = Etcd { endpoint: endpoint.clone(), proc: Some(proc), _dir: Some(dir) };
-        wait_until(Duration::from_secs(30), "etcd to become healthy", || etcd_healthy(&endpoint));
+        let e = Etcd {
+            endpoint: endpoint.clone(),
+            proc: Some(proc),
+            _dir: Some(dir),
+        };
+        wait_until(Duration::from_secs(30), "etcd to become healthy", || {
+            etcd_healthy(&endpoint)
+        });
         e
     }
 
@@ -223,8 +266,15 @@ static PREFIX_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A unique etcd key prefix for one test.
 pub fn unique_prefix() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    format!("/torus-test-{}-{}-{nanos}", std::process::id(), PREFIX_SEQ.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "/torus-test-{}-{}-{nanos}",
+        std::process::id(),
+        PREFIX_SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// One torusd under test.
@@ -265,7 +315,12 @@ impl Cluster {
     }
 
     pub fn start_with(etcd: Etcd, n: usize, replication: u32, size: &str) -> Cluster {
-        let mut c = Cluster { etcd, prefix: unique_prefix(), dir: tempfile::tempdir().expect("temp dir"), nodes: Vec::new() };
+        let mut c = Cluster {
+            etcd,
+            prefix: unique_prefix(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            nodes: Vec::new(),
+        };
         c.ctl_ok(&["init", "--replication", &replication.to_string()]);
         for i in 0..n {
             c.add_node(size);
@@ -277,7 +332,9 @@ impl Cluster {
     }
 
     fn env(&self, cmd: &mut Command) {
-        cmd.env("TORUS_ETCD", &self.etcd.endpoint).env("TORUS_ETCD_PREFIX", &self.prefix).env("RUST_LOG", "info");
+        cmd.env("TORUS_ETCD", &self.etcd.endpoint)
+            .env("TORUS_ETCD_PREFIX", &self.prefix)
+            .env("RUST_LOG", "info");
     }
 
     /// A command for one of our binaries, pointed at this cluster's etcd and prefix.
@@ -321,23 +378,35 @@ impl Cluster {
     pub fn start_node(&mut self, i: usize) {
         let n = &self.nodes[i];
         let mut cmd = self.cmd("torusd");
-        cmd.arg("--data-dir").arg(&n.data_dir)
-            .arg("--size").arg(&n.size)
-            .arg("--peer-address").arg(&n.peer_addr)
-            .arg("--port").arg(n.http_port.to_string())
-            .arg("--lease-ttl").arg("5");
+        cmd.arg("--data-dir")
+            .arg(&n.data_dir)
+            .arg("--size")
+            .arg(&n.size)
+            .arg("--peer-address")
+            .arg(&n.peer_addr)
+            .arg("--port")
+            .arg(n.http_port.to_string())
+            .arg("--lease-ttl")
+            .arg("5");
         let proc = Proc::spawn(&format!("torusd{i}"), cmd, n.log.clone());
         let addr = n.peer_addr.clone();
         self.nodes[i].proc = Some(proc);
         let log = self.nodes[i].log.clone();
-        wait_until(Duration::from_secs(30), &format!("torusd {i} to listen on {addr}"), || {
-            let up = TcpStream::connect(&addr).is_ok();
-            if !up {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                assert!(!text.contains("torusd: "), "torusd {i} failed to start: {text}");
-            }
-            up
-        });
+        wait_until(
+            Duration::from_secs(30),
+            &format!("torusd {i} to listen on {addr}"),
+            || {
+                let up = TcpStream::connect(&addr).is_ok();
+                if !up {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    assert!(
+                        !text.contains("torusd: "),
+                        "torusd {i} failed to start: {text}"
+                    );
+                }
+                up
+            },
+        );
     }
 
     pub fn node(&mut self, i: usize) -> &mut Proc {
@@ -346,10 +415,18 @@ impl Cluster {
 
     /// Waits until `n` nodes are registered.
     pub fn wait_peers(&self, n: usize) {
-        wait_until(Duration::from_secs(30), &format!("{n} registered peers"), || {
-            let out = self.ctl(&["list-peers", "-o", "json"]);
-            out.status.success() && String::from_utf8_lossy(&out.stdout).matches("\"in_ring\"").count() >= n
-        });
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{n} registered peers"),
+            || {
+                let out = self.ctl(&["list-peers", "-o", "json"]);
+                out.status.success()
+                    && String::from_utf8_lossy(&out.stdout)
+                        .matches("\"in_ring\"")
+                        .count()
+                        >= n
+            },
+        );
     }
 
     /// Starts `torusblk nbdserve` on a free port with extra flags.
@@ -357,11 +434,16 @@ impl Cluster {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = self.cmd("torusblk");
         cmd.arg("nbdserve").arg("--listen").arg(&addr).args(extra);
-        let log = self.dir.path().join(format!("blk-{}.log", addr.replace(':', "_")));
+        let log = self
+            .dir
+            .path()
+            .join(format!("blk-{}.log", addr.replace(':', "_")));
         let proc = Proc::spawn("torusblk", cmd, log.clone());
-        wait_until(Duration::from_secs(30), &format!("torusblk to listen on {addr}"), || {
-            TcpStream::connect(&addr).is_ok()
-        });
+        wait_until(
+            Duration::from_secs(30),
+            &format!("torusblk to listen on {addr}"),
+            || TcpStream::connect(&addr).is_ok(),
+        );
         Blk { proc, addr }
     }
 
@@ -393,7 +475,13 @@ impl Drop for Cluster {
         if self.etcd.proc.is_none() && !std::thread::panicking() {
             let _ = Command::new("etcdctl")
                 .env("ETCDCTL_API", "3")
-                .args(["--endpoints", &self.etcd.endpoint, "del", "--prefix", &format!("{}/", self.prefix)])
+                .args([
+                    "--endpoints",
+                    &self.etcd.endpoint,
+                    "del",
+                    "--prefix",
+                    &format!("{}/", self.prefix),
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();

@@ -10,4 +10,4 @@ pub mod size;
 
 pub use checksum::{block_checksum, BLOCK_SIZE};
 pub use ids::{Epoch, ExtentId, NodeId, VolumeId};
-pub use size::{parse_size, format_size, SizeError};
+pub use size::{format_size, parse_size, SizeError};

@@ -58,7 +58,11 @@ pub fn ring_of(doc: &RingDoc) -> Ring {
             .map(|m| Member {
                 id: m.id,
                 weight: m.weight as f64,
-                domain: m.labels.get("zone").or_else(|| m.labels.get("rack")).cloned(),
+                domain: m
+                    .labels
+                    .get("zone")
+                    .or_else(|| m.labels.get("rack"))
+                    .cloned(),
             })
             .collect(),
     )
@@ -98,7 +102,12 @@ impl Drop for LockGuard {
 impl VolumeManager {
     pub fn new(cluster: Cluster, opts: ManagerOptions) -> Self {
         let pool = Arc::new(PeerPool::new(opts.conns_per_node, opts.request_timeout));
-        VolumeManager { cluster, pool, opts, open: tokio::sync::Mutex::new(HashMap::new()) }
+        VolumeManager {
+            cluster,
+            pool,
+            opts,
+            open: tokio::sync::Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -107,7 +116,13 @@ impl VolumeManager {
 
     /// Flushes every open volume and releases writers' locks (for a clean stop).
     pub async fn close_all(&self) {
-        let open: Vec<Arc<Volume>> = self.open.lock().await.drain().filter_map(|(_, w)| w.upgrade()).collect();
+        let open: Vec<Arc<Volume>> = self
+            .open
+            .lock()
+            .await
+            .drain()
+            .filter_map(|(_, w)| w.upgrade())
+            .collect();
         for v in open {
             if let Err(e) = crate::BlockDevice::flush(&*v).await {
                 tracing::error!(volume = %v.info().name, error = %e, "final flush failed");
@@ -136,7 +151,8 @@ impl VolumeManager {
     async fn refresh_peers(&self) -> Result<Ring, VolumeError> {
         let (doc, _) = self.cluster.ring().await?;
         let peers: Vec<PeerInfo> = self.cluster.peers().await?;
-        self.pool.set_addresses(peers.into_iter().map(|p| (p.id, p.address)).collect());
+        self.pool
+            .set_addresses(peers.into_iter().map(|p| (p.id, p.address)).collect());
         let ring = ring_of(&doc);
         if ring.is_empty() {
             return Err(VolumeError::NoNodes);
@@ -149,11 +165,26 @@ impl VolumeManager {
         let ring = self.refresh_peers().await?;
         if !writable {
             let lost = Arc::new(AtomicBool::new(false));
-            return Ok(Volume::new(info, Default::default(), ring, self.pool.clone(), true, lost, None));
+            return Ok(Volume::new(
+                info,
+                Default::default(),
+                ring,
+                self.pool.clone(),
+                true,
+                lost,
+                None,
+            ));
         }
         let store = self.cluster.store();
-        let lease = store.grant_lease(self.opts.lease_ttl).await.map_err(torus_meta::cluster::ClusterError::from)?;
-        let epoch = match self.cluster.lock_volume(&info, &self.opts.holder, lease.id).await {
+        let lease = store
+            .grant_lease(self.opts.lease_ttl)
+            .await
+            .map_err(torus_meta::cluster::ClusterError::from)?;
+        let epoch = match self
+            .cluster
+            .lock_volume(&info, &self.opts.holder, lease.id)
+            .await
+        {
             Ok(e) => e,
             Err(e) => {
                 let _ = store.revoke_lease(lease.id).await;
@@ -180,9 +211,26 @@ impl VolumeManager {
             }
         }
         let lost = Arc::new(AtomicBool::new(false));
-        let keeper = tokio::spawn(keep_alive(self.cluster.clone(), lease.id, self.opts.lease_ttl, lost.clone()));
-        let guard = LockGuard { cluster: self.cluster.clone(), lease: lease.id, keeper };
-        Ok(Volume::new(info, epoch, ring, self.pool.clone(), false, lost, Some(guard)))
+        let keeper = tokio::spawn(keep_alive(
+            self.cluster.clone(),
+            lease.id,
+            self.opts.lease_ttl,
+            lost.clone(),
+        ));
+        let guard = LockGuard {
+            cluster: self.cluster.clone(),
+            lease: lease.id,
+            keeper,
+        };
+        Ok(Volume::new(
+            info,
+            epoch,
+            ring,
+            self.pool.clone(),
+            false,
+            lost,
+            Some(guard),
+        ))
     }
 }
 

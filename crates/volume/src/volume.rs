@@ -86,7 +86,11 @@ impl Volume {
     fn check(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.info.size => Ok(()),
-            _ => Err(VolumeError::OutOfRange { offset, len, size: self.info.size }),
+            _ => Err(VolumeError::OutOfRange {
+                offset,
+                len,
+                size: self.info.size,
+            }),
         }
     }
 
@@ -127,12 +131,24 @@ impl Volume {
 
     fn write_error(extent: ExtentId, e: PeerError) -> VolumeError {
         match e {
-            PeerError::Fenced { .. } => VolumeError::Fenced { reason: e.to_string() },
-            PeerError::Remote { status: torus_proto::Status::NoSpace, .. } => {
-                VolumeError::NoSpace { extent, reason: e.to_string() }
-            }
-            e if e.is_unreachable() => VolumeError::Unavailable { extent, reason: e.to_string() },
-            e => VolumeError::Refused { extent, reason: e.to_string() },
+            PeerError::Fenced { .. } => VolumeError::Fenced {
+                reason: e.to_string(),
+            },
+            PeerError::Remote {
+                status: torus_proto::Status::NoSpace,
+                ..
+            } => VolumeError::NoSpace {
+                extent,
+                reason: e.to_string(),
+            },
+            e if e.is_unreachable() => VolumeError::Unavailable {
+                extent,
+                reason: e.to_string(),
+            },
+            e => VolumeError::Refused {
+                extent,
+                reason: e.to_string(),
+            },
         }
     }
 
@@ -209,7 +225,11 @@ impl BlockDevice for Volume {
         }))
         .await;
         if pieces.len() == 1 {
-            return reads.into_iter().next().expect("one piece").map(Bytes::from);
+            return reads
+                .into_iter()
+                .next()
+                .expect("one piece")
+                .map(Bytes::from);
         }
         let mut out = BytesMut::zeroed(len as usize);
         for (p, r) in pieces.iter().zip(reads) {
@@ -240,15 +260,22 @@ impl BlockDevice for Volume {
         let pieces = self.pieces(offset, len);
         let epoch = self.epoch;
         let results = join_all(pieces.iter().map(|p| {
-            self.replicate(p.extent, move |c| async move { c.zero(p.extent, p.within, p.len, epoch, fua).await })
+            self.replicate(p.extent, move |c| async move {
+                c.zero(p.extent, p.within, p.len, epoch, fua).await
+            })
         }))
         .await;
         results.into_iter().collect()
     }
 
     async fn flush(&self) -> Result<(), VolumeError> {
-        let snapshot: Vec<(NodeId, u64)> =
-            self.dirty.lock().expect("dirty lock poisoned").iter().map(|(n, g)| (*n, *g)).collect();
+        let snapshot: Vec<(NodeId, u64)> = self
+            .dirty
+            .lock()
+            .expect("dirty lock poisoned")
+            .iter()
+            .map(|(n, g)| (*n, *g))
+            .collect();
         let results = join_all(snapshot.iter().map(|(n, _)| async move {
             let c = self.pool.get(*n).await?;
             c.flush().await

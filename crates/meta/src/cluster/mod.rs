@@ -42,9 +42,15 @@ pub struct ClusterConfig {
 
 impl ClusterConfig {
     pub fn validate(&self) -> Result<()> {
-        if !self.extent_size.is_power_of_two() || self.extent_size < (64 << 10) || self.extent_size > (1 << 30) {
+        if !self.extent_size.is_power_of_two()
+            || self.extent_size < (64 << 10)
+            || self.extent_size > (1 << 30)
+        {
             return Err(ClusterError::InvalidConfig {
-                reason: format!("extent size {} must be a power of two from 64 KiB to 1 GiB", self.extent_size),
+                reason: format!(
+                    "extent size {} must be a power of two from 64 KiB to 1 GiB",
+                    self.extent_size
+                ),
             });
         }
         if !(1..=16).contains(&self.replication) {
@@ -63,8 +69,12 @@ pub struct Cluster {
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T> {
-    serde_json::from_slice(value)
-        .map_err(|e| ClusterError::Meta(MetaError::Corrupt { key: key.to_string(), reason: e.to_string() }))
+    serde_json::from_slice(value).map_err(|e| {
+        ClusterError::Meta(MetaError::Corrupt {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    })
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -86,7 +96,9 @@ impl Cluster {
         let txn = crate::Txn::when(vec![crate::Compare::exists("cluster/config", false)])
             .and_then(vec![crate::TxnOp::put("cluster/config", encode(config))]);
         if !self.store.txn(txn).await?.succeeded {
-            return Err(ClusterError::AlreadyInitialized { endpoint: self.store.endpoint() });
+            return Err(ClusterError::AlreadyInitialized {
+                endpoint: self.store.endpoint(),
+            });
         }
         Ok(())
     }
@@ -94,7 +106,9 @@ impl Cluster {
     pub async fn config(&self) -> Result<ClusterConfig> {
         match self.store.get("cluster/config").await? {
             Some(kv) => decode(&kv.key, &kv.value),
-            None => Err(ClusterError::NotInitialized { endpoint: self.store.endpoint() }),
+            None => Err(ClusterError::NotInitialized {
+                endpoint: self.store.endpoint(),
+            }),
         }
     }
 }

@@ -58,13 +58,20 @@ fn peer_key(id: NodeId) -> String {
 impl Cluster {
     /// Writes (or refreshes) a node's registration on its lease.
     pub async fn register_peer(&self, info: &PeerInfo, lease: LeaseId) -> Result<()> {
-        self.store.put(&peer_key(info.id), encode(info), Some(lease)).await?;
+        self.store
+            .put(&peer_key(info.id), encode(info), Some(lease))
+            .await?;
         Ok(())
     }
 
     /// Every node whose lease is alive, in UUID order.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>> {
-        self.store.list("peers/").await?.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+        self.store
+            .list("peers/")
+            .await?
+            .iter()
+            .map(|kv| decode(&kv.key, &kv.value))
+            .collect()
     }
 
     /// The ring and the store revision it was read at (0 if there is none yet).
@@ -87,7 +94,11 @@ impl Cluster {
                 return Ok(ring);
             }
             ring.version += 1;
-            let cmp = if rev == 0 { Compare::exists("ring", false) } else { Compare::mod_revision("ring", rev) };
+            let cmp = if rev == 0 {
+                Compare::exists("ring", false)
+            } else {
+                Compare::mod_revision("ring", rev)
+            };
             let txn = Txn::when(vec![cmp]).and_then(vec![TxnOp::put("ring", encode(&ring))]);
             if self.store.txn(txn).await?.succeeded {
                 return Ok(ring);
@@ -103,7 +114,9 @@ impl Cluster {
             .await?
             .into_iter()
             .find(|p| p.address == which || p.id.to_string() == which)
-            .ok_or_else(|| ClusterError::UnknownPeer { peer: which.to_string() })
+            .ok_or_else(|| ClusterError::UnknownPeer {
+                peer: which.to_string(),
+            })
     }
 
     /// Puts peers in service: adds them to the ring. Returns the new ring and
@@ -115,7 +128,11 @@ impl Cluster {
                 added.clear();
                 for p in peers {
                     if !ring.contains(p.id) {
-                        ring.members.push(RingMember { id: p.id, weight: p.capacity.max(1), labels: p.labels.clone() });
+                        ring.members.push(RingMember {
+                            id: p.id,
+                            weight: p.capacity.max(1),
+                            labels: p.labels.clone(),
+                        });
                         added.push(p.id);
                     }
                 }
