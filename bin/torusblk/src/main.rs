@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::sync::Arc;
 use std::time::Duration;
-use torus_cli::{one_line, EtcdArgs};
+use torus_cli::EtcdArgs;
 use torus_volume::{ManagerOptions, VolumeManager};
 
 #[derive(Parser, Debug)]
@@ -100,12 +100,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() {
     torus_cli::init_logging("info");
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime starts");
-    if let Err(e) = rt.block_on(run(cli)) {
-        eprintln!("torusblk: {}", one_line(&e));
-        std::process::exit(1);
-    }
+    torus_cli::run_main("torusblk", true, run(cli));
 }

@@ -4,7 +4,7 @@ mod peer;
 mod volume;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use torus_cli::{one_line, parse_size, EtcdArgs};
+use torus_cli::{parse_size, EtcdArgs};
 use torus_meta::cluster::{ClusterConfig, DEFAULT_EXTENT_SIZE, DEFAULT_REPLICATION};
 
 #[derive(Parser, Debug)]
@@ -80,12 +80,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() {
     let cli = Cli::parse();
     torus_cli::init_logging("warn");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime starts");
-    if let Err(e) = rt.block_on(run(cli)) {
-        eprintln!("torusctl: {}", one_line(&e));
-        std::process::exit(1);
-    }
+    torus_cli::run_main("torusctl", false, run(cli));
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use torus_cli::{one_line, parse_size, EtcdArgs};
+use torus_cli::{parse_size, EtcdArgs};
 use torus_meta::cluster::PeerInfo;
 use torus_node::{http, identity, metrics::NodeMetrics, registration::Registration, server};
 use torus_store::{Store, StoreOptions};
@@ -152,12 +152,5 @@ async fn run(args: Args) -> anyhow::Result<()> {
 fn main() {
     torus_cli::init_logging("info");
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime starts");
-    if let Err(e) = rt.block_on(run(args)) {
-        eprintln!("torusd: {}", one_line(&e));
-        std::process::exit(1);
-    }
+    torus_cli::run_main("torusd", true, run(args));
 }

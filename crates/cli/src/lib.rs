@@ -53,3 +53,25 @@ pub fn one_line(e: &anyhow::Error) -> String {
         .collect::<Vec<_>>()
         .join(": ")
 }
+
+/// Runs a binary's async main on a tokio runtime; on error prints
+/// `<name>: <error chain on one line>` to stderr and exits with status 1.
+pub fn run_main<F>(name: &str, multi_thread: bool, main: F)
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let rt = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+    .expect("tokio runtime starts");
+    if let Err(e) = rt.block_on(main) {
+        eprintln!("{name}: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}

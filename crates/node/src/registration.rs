@@ -23,18 +23,11 @@ enum State {
     Registered(LeaseId),
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Registration {
     fn current(&self) -> PeerInfo {
         PeerInfo {
             used: self.store.used(),
-            last_seen: now_secs(),
+            last_seen: torus_types::unix_now(),
             ..self.info.clone()
         }
     }

@@ -27,7 +27,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = dir.join(name);
     assert!(
         p.is_file(),
-        "{} not built: run `cargo build --workspace` (or cargo nextest run --workspace)",
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test does)",
         p.display()
     );
     p

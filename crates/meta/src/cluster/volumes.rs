@@ -74,13 +74,6 @@ fn lock_key(id: VolumeId) -> String {
     format!("locks/{id}")
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Cluster {
     /// Creates a block volume. The name must be new; the size a positive multiple of 512.
     pub async fn create_volume(
@@ -137,7 +130,7 @@ impl Cluster {
                 size,
                 extent_size: config.extent_size,
                 replication,
-                created: now_secs(),
+                created: torus_types::unix_now(),
             };
             let txn = Txn::when(vec![cmp, Compare::exists(name_key(name), false)]).and_then(vec![
                 TxnOp::put("volumes/next-id", (next + 1).to_string()),
