@@ -15,6 +15,9 @@ pub enum PeerCmd {
         /// Add every registered node that is not in the ring yet.
         #[arg(long = "all-peers", conflicts_with = "peers")]
         all_peers: bool,
+        /// Change a ring that already places volumes (their data does not move yet).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -85,7 +88,11 @@ pub async fn list_peers(cluster: &Cluster, output: Output) -> anyhow::Result<()>
 
 pub async fn run(cluster: &Cluster, cmd: PeerCmd) -> anyhow::Result<()> {
     match cmd {
-        PeerCmd::Add { peers, all_peers } => {
+        PeerCmd::Add {
+            peers,
+            all_peers,
+            force,
+        } => {
             let chosen = if all_peers {
                 cluster.peers().await?
             } else {
@@ -101,7 +108,7 @@ pub async fn run(cluster: &Cluster, cmd: PeerCmd) -> anyhow::Result<()> {
             if chosen.is_empty() {
                 bail!("no registered nodes to add: start torusd on the storage nodes first");
             }
-            let (ring, added) = cluster.add_to_ring(&chosen).await?;
+            let (ring, added) = cluster.add_to_ring(&chosen, force).await?;
             if added.is_empty() {
                 println!(
                     "every named node is already in the ring (version {})",

@@ -119,12 +119,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     if args.auto_join {
-        let (_, added) = cluster
-            .add_to_ring(std::slice::from_ref(&info))
+        match cluster
+            .add_to_ring(std::slice::from_ref(&info), false)
             .await
-            .context("joining the ring")?;
-        if !added.is_empty() {
-            tracing::info!("joined the ring");
+        {
+            Ok((_, added)) if !added.is_empty() => tracing::info!("joined the ring"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "not joining the ring; serving anyway"),
         }
     }
     tracing::info!(node = %id, %address, capacity = args.size, used = store.used(), "torusd serving");

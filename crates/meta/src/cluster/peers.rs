@@ -121,18 +121,34 @@ impl Cluster {
 
     /// Puts peers in service: adds them to the ring. Returns the new ring and
     /// the peers that were added (already-present ones are left as they are).
-    pub async fn add_to_ring(&self, peers: &[PeerInfo]) -> Result<(RingDoc, Vec<NodeId>)> {
+    ///
+    /// Until rebalancing exists, changing a ring that already places volumes
+    /// would move extents' replica sets away from where their data is, so that
+    /// is refused unless `force` (for a cluster whose volumes hold no data).
+    pub async fn add_to_ring(
+        &self,
+        peers: &[PeerInfo],
+        force: bool,
+    ) -> Result<(RingDoc, Vec<NodeId>)> {
+        let has_volumes = !self.store.list("volumes/by-name/").await?.is_empty();
         let mut added = Vec::new();
         let ring = self
             .update_ring(|ring| {
                 added.clear();
+                let placing = !ring.members.is_empty() && has_volumes;
                 for p in peers {
                     if !ring.contains(p.id) {
-                        ring.members.push(RingMember {
-                            id: p.id,
-                            weight: p.capacity.max(1),
-                            labels: p.labels.clone(),
-                        });
+                        if placing && !force {
+                            return Err(ClusterError::Refused {
+                                reason: format!(
+                                    "adding {} would move extents of existing volumes away from their data, and \
+                                     rebalancing is not implemented yet; add nodes before creating volumes \
+                                     (or pass --force if no volume holds data)",
+                                    p.address
+                                ),
+                            });
+                        }
+                        ring.members.push(RingMember { id: p.id, weight: p.capacity.max(1), labels: p.labels.clone() });
                         added.push(p.id);
                     }
                 }

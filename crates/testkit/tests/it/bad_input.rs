@@ -298,3 +298,25 @@ fn unreachable_etcd_is_reported_naming_the_endpoint() {
         );
     }
 }
+
+#[test]
+fn ring_changes_that_would_misplace_data_are_refused() {
+    let mut c = Cluster::start(1, 1);
+    c.ctl_ok(&["volume", "create-block", "placed", "8MiB"]);
+    let i = c.add_node("1GiB");
+    c.start_node(i);
+    c.wait_peers(2);
+    let out = c.ctl(&["peer", "add", "--all-peers"]);
+    assert!(
+        !out.status.success(),
+        "adding a node under existing volumes succeeded: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("rebalancing is not implemented"),
+        "{}",
+        text(&out)
+    );
+    let ring = c.ctl_ok(&["ring", "get"]);
+    assert!(ring.contains("members: 1"), "the ring is unchanged: {ring}");
+}
