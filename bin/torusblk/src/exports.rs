@@ -12,9 +12,7 @@ pub struct VolumeExports {
 
 fn export_error(e: VolumeError) -> ExportError {
     match e {
-        VolumeError::Cluster(ClusterError::VolumeNotFound { .. }) => {
-            ExportError::NotFound(e.to_string())
-        }
+        VolumeError::Cluster(ClusterError::VolumeNotFound { .. }) => ExportError::NotFound(e.to_string()),
         VolumeError::Cluster(ClusterError::VolumeLocked { .. }) => ExportError::Busy(e.to_string()),
         e => ExportError::Unavailable(e.to_string()),
     }
@@ -29,16 +27,8 @@ impl Exports for VolumeExports {
     }
 
     async fn describe(&self, name: &str) -> Result<ExportInfo, ExportError> {
-        let v = self
-            .manager
-            .cluster()
-            .volume(name)
-            .await
-            .map_err(|e| export_error(e.into()))?;
-        Ok(ExportInfo {
-            size: v.size,
-            read_only: self.read_only,
-        })
+        let v = self.manager.cluster().volume(name).await.map_err(|e| export_error(e.into()))?;
+        Ok(ExportInfo { size: v.size, read_only: self.read_only })
     }
 
     async fn open(&self, name: &str) -> Result<Arc<Volume>, ExportError> {

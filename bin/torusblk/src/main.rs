@@ -11,11 +11,7 @@ use torus_cli::EtcdArgs;
 use torus_volume::{ManagerOptions, VolumeManager};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "torusblk",
-    version,
-    about = "Serve Torus volumes as block devices"
-)]
+#[command(name = "torusblk", version, about = "Serve Torus volumes as block devices")]
 struct Cli {
     #[command(flatten)]
     etcd: EtcdArgs,
@@ -44,12 +40,7 @@ enum Cmd {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Nbdserve {
-            listen,
-            read_only,
-            lease_ttl,
-            node_connections,
-        } => {
+        Cmd::Nbdserve { listen, read_only, lease_ttl, node_connections } => {
             if !(1..=60).contains(&lease_ttl) {
                 bail!("--lease-ttl must be between 1 and 60 seconds");
             }
@@ -58,39 +49,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let cluster = cli.etcd.connect().await?;
             cluster.config().await?;
-            let listener = tokio::net::TcpListener::bind(&listen)
-                .await
-                .with_context(|| format!("listening on {listen}"))?;
-            let addr = listener
-                .local_addr()
-                .context("reading the listen address")?;
+            let listener =
+                tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listening on {listen}"))?;
+            let addr = listener.local_addr().context("reading the listen address")?;
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
             let opts = ManagerOptions {
                 lease_ttl: Duration::from_secs(lease_ttl),
-                holder: format!(
-                    "torusblk on {} (pid {}, nbd://{addr})",
-                    host.trim(),
-                    std::process::id()
-                ),
+                holder: format!("torusblk on {} (pid {}, nbd://{addr})", host.trim(), std::process::id()),
                 conns_per_node: node_connections,
                 ..Default::default()
             };
             let manager = Arc::new(VolumeManager::new(cluster, opts));
-            let exports = Arc::new(exports::VolumeExports {
-                manager: manager.clone(),
-                read_only,
-            });
+            let exports = Arc::new(exports::VolumeExports { manager: manager.clone(), read_only });
             tracing::info!(%addr, read_only, "serving volumes over NBD (export name = volume name)");
             println!("torusblk: serving NBD on {addr}");
             let server = tokio::spawn(torus_nbd::serve(listener, exports, Default::default()));
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .context("installing SIGTERM handler")?;
+            let follower = tokio::spawn(manager.clone().follow_ring());
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing SIGTERM handler")?;
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
                 r = server => r.context("NBD server task")?,
             }
+            follower.abort();
             manager.close_all().await;
             Ok(())
         }

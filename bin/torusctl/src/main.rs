@@ -1,6 +1,7 @@
 //! torusctl: administration. One module per noun; this file parses and dispatches.
 
 mod peer;
+mod status;
 mod volume;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -45,6 +46,8 @@ enum Cmd {
     /// Show the ring.
     #[command(subcommand)]
     Ring(peer::RingCmd),
+    /// Cluster health at a glance: nodes up and down, capacity, rebalance progress.
+    Status,
     /// Manage volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
@@ -53,15 +56,8 @@ enum Cmd {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let cluster = cli.etcd.connect().await?;
     match cli.cmd {
-        Cmd::Init {
-            extent_size,
-            replication,
-        } => {
-            let config = ClusterConfig {
-                extent_size,
-                replication,
-                format: 1,
-            };
+        Cmd::Init { extent_size, replication } => {
+            let config = ClusterConfig { extent_size, replication, format: 1 };
             cluster.init(&config).await?;
             println!(
                 "initialised the cluster at {} (extent size {}, replication {replication})",
@@ -74,6 +70,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Peer(c) => peer::run(&cluster, c).await,
         Cmd::Ring(c) => peer::run_ring(&cluster, c).await,
         Cmd::Volume(c) => volume::run(&cluster, c).await,
+        Cmd::Status => status::run(&cluster).await,
     }
 }
 

@@ -3,8 +3,10 @@
 use crate::Output;
 use anyhow::bail;
 use clap::Subcommand;
-use torus_meta::cluster::Cluster;
+use std::collections::HashMap;
+use torus_meta::cluster::{Cluster, RebalanceProgress, RingDoc};
 use torus_types::format_size;
+use torus_types::NodeId;
 
 #[derive(Subcommand, Debug)]
 pub enum PeerCmd {
@@ -15,7 +17,12 @@ pub enum PeerCmd {
         /// Add every registered node that is not in the ring yet.
         #[arg(long = "all-peers", conflicts_with = "peers")]
         all_peers: bool,
-        /// Change a ring that already places volumes (their data does not move yet).
+    },
+    /// Take a node out of the ring: its data moves to the others first.
+    Remove {
+        /// Node address (HOST:PORT) or UUID.
+        peer: String,
+        /// Remove it even if fewer nodes than a volume's replication would remain.
         #[arg(long)]
         force: bool,
     },
@@ -28,36 +35,49 @@ pub enum RingCmd {
         #[arg(long, short, value_enum, default_value_t)]
         output: Output,
     },
+    /// Set the default replication of new volumes.
+    SetReplication { replication: u32 },
 }
 
 fn ago(secs: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     format!("{}s ago", now.saturating_sub(secs))
+}
+
+/// A node's place in the ring, with its share of a rebalance in progress.
+fn peer_status(ring: &RingDoc, progress: &HashMap<NodeId, RebalanceProgress>, id: NodeId) -> String {
+    let was = ring.previous.as_ref().is_some_and(|p| p.iter().any(|m| m.id == id));
+    let base = match (ring.contains(id), ring.moving(), was) {
+        (true, true, false) => "Joining",
+        (true, _, _) => "OK",
+        (false, _, true) => "Draining",
+        (false, _, false) => "Avail",
+    };
+    match progress.get(&id).filter(|p| ring.moving() && p.ring_version == ring.version) {
+        Some(p) if p.done => format!("{base}(moved)"),
+        Some(p) => format!("{base}({}/{})", p.extents_done, p.extents_total),
+        None => base.to_string(),
+    }
 }
 
 pub async fn list_peers(cluster: &Cluster, output: Output) -> anyhow::Result<()> {
     let peers = cluster.peers().await?;
     let (ring, _) = cluster.ring().await?;
+    let progress: HashMap<_, _> = cluster.progress().await?.into_iter().collect();
     match output {
         Output::Json => {
             let rows: Vec<_> = peers
                 .iter()
-                .map(|p| serde_json::json!({"peer": p, "in_ring": ring.contains(p.id)}))
+                .map(|p| serde_json::json!({"peer": p, "in_ring": ring.contains(p.id), "status": peer_status(&ring, &progress, p.id)}))
                 .collect();
             println!("{}", serde_json::to_string_pretty(&rows)?);
         }
         Output::Table => {
-            println!(
-                "{:<22} {:<36} {:>10} {:>10} {:<8} {}",
-                "ADDRESS", "UUID", "SIZE", "USED", "STATUS", "LAST SEEN"
-            );
+            println!("{:<22} {:<36} {:>10} {:>10} {:<16} {}", "ADDRESS", "UUID", "SIZE", "USED", "STATUS", "LAST SEEN");
             for p in &peers {
-                let status = if ring.contains(p.id) { "OK" } else { "Avail" };
+                let status = peer_status(&ring, &progress, p.id);
                 println!(
-                    "{:<22} {:<36} {:>10} {:>10} {:<8} {}",
+                    "{:<22} {:<36} {:>10} {:>10} {:<16} {}",
                     p.address,
                     p.id.to_string(),
                     format_size(p.capacity),
@@ -66,13 +86,9 @@ pub async fn list_peers(cluster: &Cluster, output: Output) -> anyhow::Result<()>
                     ago(p.last_seen)
                 );
             }
-            for m in ring
-                .members
-                .iter()
-                .filter(|m| !peers.iter().any(|p| p.id == m.id))
-            {
+            for m in ring.members.iter().filter(|m| !peers.iter().any(|p| p.id == m.id)) {
                 println!(
-                    "{:<22} {:<36} {:>10} {:>10} {:<8} {}",
+                    "{:<22} {:<36} {:>10} {:>10} {:<16} {}",
                     "-",
                     m.id.to_string(),
                     format_size(m.weight),
@@ -88,11 +104,7 @@ pub async fn list_peers(cluster: &Cluster, output: Output) -> anyhow::Result<()>
 
 pub async fn run(cluster: &Cluster, cmd: PeerCmd) -> anyhow::Result<()> {
     match cmd {
-        PeerCmd::Add {
-            peers,
-            all_peers,
-            force,
-        } => {
+        PeerCmd::Add { peers, all_peers } => {
             let chosen = if all_peers {
                 cluster.peers().await?
             } else {
@@ -108,22 +120,28 @@ pub async fn run(cluster: &Cluster, cmd: PeerCmd) -> anyhow::Result<()> {
             if chosen.is_empty() {
                 bail!("no registered nodes to add: start torusd on the storage nodes first");
             }
-            let (ring, added) = cluster.add_to_ring(&chosen, force).await?;
+            let (ring, added) = cluster.add_to_ring(&chosen).await?;
             if added.is_empty() {
-                println!(
-                    "every named node is already in the ring (version {})",
-                    ring.version
-                );
+                println!("every named node is already in the ring (version {})", ring.version);
             } else {
                 for id in &added {
                     println!("added {id}");
                 }
-                println!(
-                    "ring is now version {} with {} members",
-                    ring.version,
-                    ring.members.len()
-                );
+                println!("ring is now version {} with {} members", ring.version, ring.members.len());
+                if ring.moving() {
+                    println!("data is moving to the new members: follow it with `torusctl status`");
+                }
             }
+            Ok(())
+        }
+        PeerCmd::Remove { peer, force } => {
+            let id = match torus_types::NodeId::parse(&peer) {
+                Some(id) => id,
+                None => cluster.find_peer(&peer).await?.id,
+            };
+            let ring = cluster.remove_from_ring(id, force).await?;
+            println!("removed {id} from the ring (now version {}, {} members)", ring.version, ring.members.len());
+            println!("its data is moving to the other nodes: follow it with `torusctl status`");
             Ok(())
         }
     }
@@ -131,6 +149,15 @@ pub async fn run(cluster: &Cluster, cmd: PeerCmd) -> anyhow::Result<()> {
 
 pub async fn run_ring(cluster: &Cluster, cmd: RingCmd) -> anyhow::Result<()> {
     match cmd {
+        RingCmd::SetReplication { replication } => {
+            let (ring, _) = cluster.ring().await?;
+            if !ring.members.is_empty() && replication as usize > ring.members.len() {
+                bail!("replication {replication} is larger than the {} node(s) in the ring", ring.members.len());
+            }
+            cluster.set_replication(replication).await?;
+            println!("new volumes get replication {replication} (existing volumes keep theirs)");
+            Ok(())
+        }
         RingCmd::Get { output } => {
             let (ring, _) = cluster.ring().await?;
             let config = cluster.config().await?;

@@ -34,28 +34,16 @@ pub enum VolumeCmd {
 
 pub async fn run(cluster: &Cluster, cmd: VolumeCmd) -> anyhow::Result<()> {
     match cmd {
-        VolumeCmd::CreateBlock {
-            name,
-            size,
-            replication,
-        } => {
+        VolumeCmd::CreateBlock { name, size, replication } => {
             let v = cluster.create_volume(&name, size, replication).await?;
-            println!(
-                "created volume {} ({}, replication {})",
-                v.name,
-                format_size(v.size),
-                v.replication
-            );
+            println!("created volume {} ({}, replication {})", v.name, format_size(v.size), v.replication);
         }
         VolumeCmd::List { output } => {
             let vols = cluster.volumes().await?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&vols)?),
                 Output::Table => {
-                    println!(
-                        "{:<32} {:>6} {:>12} {:>5} {}",
-                        "NAME", "ID", "SIZE", "REPL", "WRITER"
-                    );
+                    println!("{:<32} {:>6} {:>12} {:>5} {}", "NAME", "ID", "SIZE", "REPL", "WRITER");
                     for v in vols {
                         let writer = match cluster.volume_lock(v.id).await? {
                             Some((lock, epoch)) => format!("{} (epoch {epoch})", lock.holder),

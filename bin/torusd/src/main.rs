@@ -14,11 +14,7 @@ use torus_node::{http, identity, metrics::NodeMetrics, registration::Registratio
 use torus_store::{Store, StoreOptions};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "torusd",
-    version,
-    about = "Torus storage node: offers a directory's disk space to the cluster"
-)]
+#[command(name = "torusd", version, about = "Torus storage node: offers a directory's disk space to the cluster")]
 struct Args {
     #[command(flatten)]
     etcd: EtcdArgs,
@@ -43,6 +39,9 @@ struct Args {
     /// Join the ring by itself (otherwise: `torusctl peer add`).
     #[arg(long = "auto-join")]
     auto_join: bool,
+    /// Most bytes per second this node copies when data moves between nodes.
+    #[arg(long = "rebalance-rate", value_parser = parse_size, default_value = "128MiB")]
+    rebalance_rate: u64,
     /// Seconds of silence after which etcd forgets this node.
     #[arg(long = "lease-ttl", default_value_t = 10)]
     lease_ttl: u64,
@@ -71,40 +70,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let id = identity::load_or_create(&args.data_dir)
         .with_context(|| format!("reading the node identity in {}", args.data_dir.display()))?;
     let store = Arc::new(
-        Store::open(
-            &args.data_dir.join("store"),
-            StoreOptions {
-                capacity: args.size,
-                ..Default::default()
-            },
-        )
-        .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,
+        Store::open(&args.data_dir.join("store"), StoreOptions { capacity: args.size, ..Default::default() })
+            .with_context(|| format!("opening the store in {}", args.data_dir.display()))?,
     );
     let listener = tokio::net::TcpListener::bind(&args.peer_address)
         .await
         .with_context(|| format!("listening on peer address {}", args.peer_address))?;
-    let address = listener
-        .local_addr()
-        .context("reading the peer address")?
-        .to_string();
+    let address = listener.local_addr().context("reading the peer address")?.to_string();
     let metrics = Arc::new(NodeMetrics::default());
+    if let Some(other) = cluster.peers().await?.into_iter().find(|p| p.address == address && p.id != id) {
+        bail!(
+            "peer address {address} is already registered by node {} (alive, or dead less than a lease TTL ago); \
+             give this node another address or wait",
+            other.id
+        );
+    }
 
     let mut http_address = None;
     if let Some(port) = args.port.filter(|p| *p != 0) {
         let l = tokio::net::TcpListener::bind((args.host.as_str(), port))
             .await
             .with_context(|| format!("listening for HTTP on {}:{port}", args.host))?;
-        http_address = Some(
-            l.local_addr()
-                .context("reading the HTTP address")?
-                .to_string(),
-        );
-        let ctx = http::StatusContext {
-            id,
-            address: address.clone(),
-            store: store.clone(),
-            metrics: metrics.clone(),
-        };
+        http_address = Some(l.local_addr().context("reading the HTTP address")?.to_string());
+        let ctx = http::StatusContext { id, address: address.clone(), store: store.clone(), metrics: metrics.clone() };
         tokio::spawn(http::serve(l, ctx));
     }
 
@@ -119,22 +107,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     if args.auto_join {
-        match cluster
-            .add_to_ring(std::slice::from_ref(&info), false)
-            .await
-        {
+        match cluster.add_to_ring(std::slice::from_ref(&info)).await {
             Ok((_, added)) if !added.is_empty() => tracing::info!("joined the ring"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "not joining the ring; serving anyway"),
         }
     }
     tracing::info!(node = %id, %address, capacity = args.size, used = store.used(), "torusd serving");
-    let reg = Registration {
-        cluster,
-        info,
+    let rebalancer = torus_node::rebalance::Rebalancer {
+        cluster: cluster.clone(),
         store: store.clone(),
-        ttl: Duration::from_secs(args.lease_ttl),
+        me: id,
+        rate: args.rebalance_rate,
     };
+    let reb_task = tokio::spawn(rebalancer.run());
+    let reg = Registration { cluster, info, store: store.clone(), ttl: Duration::from_secs(args.lease_ttl) };
     let reg_task = tokio::spawn(reg.run());
     let srv_task = tokio::spawn(server::serve(listener, store.clone(), metrics));
 
@@ -146,6 +133,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     srv_task.abort();
     reg_task.abort();
+    reb_task.abort();
     store.flush().await.context("final flush")?;
     Ok(())
 }

@@ -48,10 +48,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Formats an error chain on one line: `connecting to etcd at X: unreachable: ...`.
 pub fn one_line(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
 }
 
 /// Runs a binary's async main on a tokio runtime; on error prints
@@ -61,13 +58,9 @@ where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
     let rt = if multi_thread {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
     } else {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
     }
     .expect("tokio runtime starts");
     if let Err(e) = rt.block_on(main) {

@@ -38,11 +38,7 @@ pub async fn run(name: &str, s: &dyn MetadataStore) {
 }
 
 pub async fn get_put_delete(s: &dyn MetadataStore) {
-    assert_eq!(
-        s.get("a").await.expect("get"),
-        None,
-        "a fresh store is empty"
-    );
+    assert_eq!(s.get("a").await.expect("get"), None, "a fresh store is empty");
     s.put("a", b"1".to_vec(), None).await.expect("put");
     let kv = s.get("a").await.expect("get").expect("a exists after put");
     assert_eq!(kv.key, "a");
@@ -53,16 +49,10 @@ pub async fn get_put_delete(s: &dyn MetadataStore) {
     let kv2 = s.get("a").await.expect("get").expect("a exists");
     assert_eq!(kv2.value, b"2");
     assert_eq!(kv2.version, 2);
-    assert_eq!(
-        kv2.create_revision, kv.create_revision,
-        "overwrite keeps create revision"
-    );
+    assert_eq!(kv2.create_revision, kv.create_revision, "overwrite keeps create revision");
     assert!(kv2.mod_revision > kv.mod_revision);
     assert!(s.delete("a").await.expect("delete"));
-    assert!(
-        !s.delete("a").await.expect("delete"),
-        "deleting a missing key reports false"
-    );
+    assert!(!s.delete("a").await.expect("delete"), "deleting a missing key reports false");
     assert_eq!(s.get("a").await.expect("get"), None);
 }
 
@@ -70,29 +60,13 @@ pub async fn list_is_prefix_ranged_and_ordered(s: &dyn MetadataStore) {
     for k in ["vol/b", "vol/a", "vol/c", "volume", "vo", "other/x"] {
         s.put(k, k.as_bytes().to_vec(), None).await.expect("put");
     }
-    let keys: Vec<String> = s
-        .list("vol/")
-        .await
-        .expect("list")
-        .into_iter()
-        .map(|kv| kv.key)
-        .collect();
+    let keys: Vec<String> = s.list("vol/").await.expect("list").into_iter().map(|kv| kv.key).collect();
     assert_eq!(keys, ["vol/a", "vol/b", "vol/c"]);
-    let keys: Vec<String> = s
-        .list("vol")
-        .await
-        .expect("list")
-        .into_iter()
-        .map(|kv| kv.key)
-        .collect();
+    let keys: Vec<String> = s.list("vol").await.expect("list").into_iter().map(|kv| kv.key).collect();
     assert_eq!(keys, ["vol/a", "vol/b", "vol/c", "volume"]);
     assert_eq!(s.delete_prefix("vol/").await.expect("delete_prefix"), 3);
     assert!(s.list("vol/").await.expect("list").is_empty());
-    assert_eq!(
-        s.list("").await.expect("list").len(),
-        3,
-        "the rest survives"
-    );
+    assert_eq!(s.list("").await.expect("list").len(), 3, "the rest survives");
 }
 
 pub async fn revisions(s: &dyn MetadataStore) {
@@ -106,56 +80,35 @@ pub async fn revisions(s: &dyn MetadataStore) {
 
 pub async fn txn_compare_and_swap(s: &dyn MetadataStore) {
     // Create-if-absent.
-    let t =
-        Txn::when(vec![Compare::exists("lock", false)]).and_then(vec![TxnOp::put("lock", "me")]);
+    let t = Txn::when(vec![Compare::exists("lock", false)]).and_then(vec![TxnOp::put("lock", "me")]);
     let out = s.txn(t.clone()).await.expect("txn");
     assert!(out.succeeded);
     let kv = s.get("lock").await.expect("get").expect("lock");
-    assert_eq!(
-        kv.mod_revision, out.revision,
-        "txn revision is the write's revision"
-    );
-    assert!(
-        !s.txn(t).await.expect("txn").succeeded,
-        "second create-if-absent fails"
-    );
+    assert_eq!(kv.mod_revision, out.revision, "txn revision is the write's revision");
+    assert!(!s.txn(t).await.expect("txn").succeeded, "second create-if-absent fails");
     // Failure branch runs when a compare fails.
     let t = Txn::when(vec![Compare::value("lock", "you")])
         .and_then(vec![TxnOp::delete("lock")])
         .or_else(vec![TxnOp::put("seen", "1")]);
     assert!(!s.txn(t).await.expect("txn").succeeded);
     assert!(s.get("lock").await.expect("get").is_some());
-    assert!(
-        s.get("seen").await.expect("get").is_some(),
-        "failure ops are applied"
-    );
+    assert!(s.get("seen").await.expect("get").is_some(), "failure ops are applied");
     // Mod-revision CAS.
-    let stale = Txn::when(vec![Compare::mod_revision("lock", kv.mod_revision + 1000)])
-        .and_then(vec![TxnOp::put("lock", "x")]);
+    let stale =
+        Txn::when(vec![Compare::mod_revision("lock", kv.mod_revision + 1000)]).and_then(vec![TxnOp::put("lock", "x")]);
     assert!(!s.txn(stale).await.expect("txn").succeeded);
-    let fresh = Txn::when(vec![
-        Compare::mod_revision("lock", kv.mod_revision),
-        Compare::exists("seen", true),
-    ])
-    .and_then(vec![TxnOp::put("lock", "y"), TxnOp::delete("seen")]);
+    let fresh = Txn::when(vec![Compare::mod_revision("lock", kv.mod_revision), Compare::exists("seen", true)])
+        .and_then(vec![TxnOp::put("lock", "y"), TxnOp::delete("seen")]);
     assert!(s.txn(fresh).await.expect("txn").succeeded);
     assert_eq!(s.get("lock").await.expect("get").expect("lock").value, b"y");
-    assert!(
-        s.get("seen").await.expect("get").is_none(),
-        "all success ops applied together"
-    );
+    assert!(s.get("seen").await.expect("get").is_none(), "all success ops applied together");
 }
 
 pub async fn leases_expire_and_delete_keys(s: &dyn MetadataStore) {
     let lease = s.grant_lease(Duration::from_secs(1)).await.expect("grant");
     assert!(lease.ttl >= Duration::from_secs(1));
-    s.put("eph", b"x".to_vec(), Some(lease.id))
-        .await
-        .expect("put leased");
-    assert_eq!(
-        s.get("eph").await.expect("get").expect("eph").lease,
-        lease.id
-    );
+    s.put("eph", b"x".to_vec(), Some(lease.id)).await.expect("put leased");
+    assert_eq!(s.get("eph").await.expect("get").expect("eph").lease, lease.id);
     // etcd's lease expiry runs at a coarse granularity: allow several seconds.
     let gone = timeout(Duration::from_secs(10), async {
         loop {
@@ -168,35 +121,21 @@ pub async fn leases_expire_and_delete_keys(s: &dyn MetadataStore) {
     .await;
     assert!(gone.is_ok(), "a key on an expired lease is deleted");
     let ka = s.keep_alive(lease.id).await;
-    assert!(
-        matches!(ka, Err(MetaError::LeaseNotFound { .. })),
-        "keep-alive of an expired lease: {ka:?}"
-    );
-    assert!(matches!(
-        s.put("eph", b"y".to_vec(), Some(lease.id)).await,
-        Err(MetaError::LeaseNotFound { .. })
-    ));
+    assert!(matches!(ka, Err(MetaError::LeaseNotFound { .. })), "keep-alive of an expired lease: {ka:?}");
+    assert!(matches!(s.put("eph", b"y".to_vec(), Some(lease.id)).await, Err(MetaError::LeaseNotFound { .. })));
 }
 
 pub async fn keep_alive_extends_and_revoke_deletes(s: &dyn MetadataStore) {
     let lease = s.grant_lease(Duration::from_secs(2)).await.expect("grant");
-    s.put("held", b"x".to_vec(), Some(lease.id))
-        .await
-        .expect("put");
+    s.put("held", b"x".to_vec(), Some(lease.id)).await.expect("put");
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let ttl = s.keep_alive(lease.id).await.expect("keep alive");
         assert!(ttl >= Duration::from_secs(1));
     }
-    assert!(
-        s.get("held").await.expect("get").is_some(),
-        "kept-alive lease keeps its keys past the TTL"
-    );
+    assert!(s.get("held").await.expect("get").is_some(), "kept-alive lease keeps its keys past the TTL");
     s.revoke_lease(lease.id).await.expect("revoke");
-    assert!(
-        s.get("held").await.expect("get").is_none(),
-        "revoke deletes the keys at once"
-    );
+    assert!(s.get("held").await.expect("get").is_none(), "revoke deletes the keys at once");
 }
 
 async fn next(w: &mut Watch) -> WatchEvent {
@@ -222,16 +161,11 @@ pub async fn watch_sees_puts_and_deletes(s: &dyn MetadataStore) {
     assert_eq!(ev.kv.key, "w/1");
     // A leased key's expiry shows as a delete.
     let lease = s.grant_lease(Duration::from_secs(1)).await.expect("grant");
-    s.put("w/2", b"b".to_vec(), Some(lease.id))
-        .await
-        .expect("put");
+    s.put("w/2", b"b".to_vec(), Some(lease.id)).await.expect("put");
     assert_eq!(next(&mut w).await.kind, WatchEventKind::Put);
     s.revoke_lease(lease.id).await.expect("revoke");
     let ev = next(&mut w).await;
-    assert_eq!(
-        (ev.kind, ev.kv.key.as_str()),
-        (WatchEventKind::Delete, "w/2")
-    );
+    assert_eq!((ev.kind, ev.kv.key.as_str()), (WatchEventKind::Delete, "w/2"));
 }
 
 pub async fn watch_from_revision_replays(s: &dyn MetadataStore) {

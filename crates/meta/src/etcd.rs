@@ -7,10 +7,7 @@
 use crate::store::*;
 use crate::{MetaError, Result};
 use async_trait::async_trait;
-use etcd_client::{
-    Client, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
-    WatchOptions,
-};
+use etcd_client::{Client, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions, WatchOptions};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -38,44 +35,25 @@ fn normalise(endpoint: &str) -> String {
 impl EtcdStore {
     /// Connects and checks that etcd answers; `endpoints` is comma-separated.
     pub async fn connect(endpoints: &str, prefix: &str) -> Result<Self> {
-        let list: Vec<String> = endpoints
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(normalise)
-            .collect();
+        let list: Vec<String> = endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).map(normalise).collect();
         let shown = list.join(",");
         if list.is_empty() {
-            return Err(MetaError::Backend {
-                reason: "no etcd endpoint given".into(),
-            });
+            return Err(MetaError::Backend { reason: "no etcd endpoint given".into() });
         }
         let prefix = prefix.trim_end_matches('/').to_string();
         if !prefix.starts_with('/') {
-            return Err(MetaError::Backend {
-                reason: format!("etcd prefix {prefix:?} must start with '/'"),
-            });
+            return Err(MetaError::Backend { reason: format!("etcd prefix {prefix:?} must start with '/'") });
         }
         let opts = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3));
-        let unavailable = |reason: String| MetaError::Unavailable {
-            endpoint: shown.clone(),
-            reason,
-        };
-        let client = tokio::time::timeout(
-            CONNECT_TIMEOUT + Duration::from_secs(1),
-            Client::connect(&list, Some(opts)),
-        )
-        .await
-        .map_err(|_| unavailable("connection timed out".into()))?
-        .map_err(|e| unavailable(e.to_string()))?;
-        let store = EtcdStore {
-            client,
-            endpoints: list,
-            prefix,
-        };
+        let unavailable = |reason: String| MetaError::Unavailable { endpoint: shown.clone(), reason };
+        let client = tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), Client::connect(&list, Some(opts)))
+            .await
+            .map_err(|_| unavailable("connection timed out".into()))?
+            .map_err(|e| unavailable(e.to_string()))?;
+        let store = EtcdStore { client, endpoints: list, prefix };
         // The channel connects lazily: ask for something so that a dead endpoint shows now.
         store.get("cluster/config").await?;
         Ok(store)
@@ -90,10 +68,7 @@ impl EtcdStore {
             key: String::from_utf8_lossy(key).into_owned(),
             reason: "key is not UTF-8".into(),
         })?;
-        Ok(s.strip_prefix(&self.prefix)
-            .and_then(|s| s.strip_prefix('/'))
-            .unwrap_or(s)
-            .to_string())
+        Ok(s.strip_prefix(&self.prefix).and_then(|s| s.strip_prefix('/')).unwrap_or(s).to_string())
     }
 
     fn kv(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue> {
@@ -113,9 +88,7 @@ impl EtcdStore {
             E::GRpcStatus(ref s) if s.message().contains("requested lease not found") => {
                 MetaError::LeaseNotFound { lease: 0 }
             }
-            E::LeaseKeepAliveError(ref s) if s.contains("lease not found") => {
-                MetaError::LeaseNotFound { lease: 0 }
-            }
+            E::LeaseKeepAliveError(ref s) if s.contains("lease not found") => MetaError::LeaseNotFound { lease: 0 },
             // gRPC codes other than the transient ones are the server refusing the request.
             E::GRpcStatus(ref s)
                 if !matches!(
@@ -123,15 +96,10 @@ impl EtcdStore {
                     "Unavailable" | "DeadlineExceeded" | "Cancelled" | "Unknown" | "Aborted"
                 ) =>
             {
-                MetaError::Backend {
-                    reason: s.message().to_string(),
-                }
+                MetaError::Backend { reason: s.message().to_string() }
             }
             E::InvalidArgs(s) => MetaError::Backend { reason: s },
-            other => MetaError::Unavailable {
-                endpoint: self.endpoints.join(","),
-                reason: other.to_string(),
-            },
+            other => MetaError::Unavailable { endpoint: self.endpoints.join(","), reason: other.to_string() },
         }
     }
 
@@ -153,12 +121,7 @@ impl MetadataStore for EtcdStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let resp = self
-            .client
-            .clone()
-            .get(self.full(key), None)
-            .await
-            .map_err(|e| self.err(e))?;
+        let resp = self.client.clone().get(self.full(key), None).await.map_err(|e| self.err(e))?;
         resp.kvs().first().map(|kv| self.kv(kv)).transpose()
     }
 
@@ -174,27 +137,15 @@ impl MetadataStore for EtcdStore {
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision> {
         let opts = lease.map(|l| PutOptions::new().with_lease(l));
-        let resp = self
-            .client
-            .clone()
-            .put(self.full(key), value, opts)
-            .await
-            .map_err(|e| match self.err(e) {
-                MetaError::LeaseNotFound { .. } => MetaError::LeaseNotFound {
-                    lease: lease.unwrap_or(0),
-                },
-                other => other,
-            })?;
+        let resp = self.client.clone().put(self.full(key), value, opts).await.map_err(|e| match self.err(e) {
+            MetaError::LeaseNotFound { .. } => MetaError::LeaseNotFound { lease: lease.unwrap_or(0) },
+            other => other,
+        })?;
         Ok(resp.header().map(|h| h.revision() as u64).unwrap_or(0))
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        let resp = self
-            .client
-            .clone()
-            .delete(self.full(key), None)
-            .await
-            .map_err(|e| self.err(e))?;
+        let resp = self.client.clone().delete(self.full(key), None).await.map_err(|e| self.err(e))?;
         Ok(resp.deleted() > 0)
     }
 
@@ -215,21 +166,13 @@ impl MetadataStore for EtcdStore {
             .map(|c| {
                 let k = self.full(&c.key);
                 match &c.target {
-                    CompareTarget::Exists(true) => {
-                        etcd_client::Compare::create_revision(k, CompareOp::Greater, 0)
-                    }
-                    CompareTarget::Exists(false) => {
-                        etcd_client::Compare::create_revision(k, CompareOp::Equal, 0)
-                    }
-                    CompareTarget::ModRevision(r) => {
-                        etcd_client::Compare::mod_revision(k, CompareOp::Equal, *r as i64)
-                    }
+                    CompareTarget::Exists(true) => etcd_client::Compare::create_revision(k, CompareOp::Greater, 0),
+                    CompareTarget::Exists(false) => etcd_client::Compare::create_revision(k, CompareOp::Equal, 0),
+                    CompareTarget::ModRevision(r) => etcd_client::Compare::mod_revision(k, CompareOp::Equal, *r as i64),
                     CompareTarget::CreateRevision(r) => {
                         etcd_client::Compare::create_revision(k, CompareOp::Equal, *r as i64)
                     }
-                    CompareTarget::Value(v) => {
-                        etcd_client::Compare::value(k, CompareOp::Equal, v.clone())
-                    }
+                    CompareTarget::Value(v) => etcd_client::Compare::value(k, CompareOp::Equal, v.clone()),
                 }
             })
             .collect();
@@ -246,26 +189,15 @@ impl MetadataStore for EtcdStore {
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
         let secs = ttl.as_secs().max(1) as i64;
-        let resp = self
-            .client
-            .clone()
-            .lease_grant(secs, None)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(Lease {
-            id: resp.id(),
-            ttl: Duration::from_secs(resp.ttl().max(0) as u64),
-        })
+        let resp = self.client.clone().lease_grant(secs, None).await.map_err(|e| self.err(e))?;
+        Ok(Lease { id: resp.id(), ttl: Duration::from_secs(resp.ttl().max(0) as u64) })
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
         let not_found = MetaError::LeaseNotFound { lease };
         let mut client = self.client.clone();
         let call = async {
-            let (mut keeper, mut stream) = client
-                .lease_keep_alive(lease)
-                .await
-                .map_err(|e| self.err(e))?;
+            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await.map_err(|e| self.err(e))?;
             keeper.keep_alive().await.map_err(|e| self.err(e))?;
             match stream.message().await.map_err(|e| self.err(e))? {
                 Some(resp) if resp.ttl() > 0 => Ok(Duration::from_secs(resp.ttl() as u64)),
@@ -275,10 +207,7 @@ impl MetadataStore for EtcdStore {
         match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
             Ok(Err(MetaError::LeaseNotFound { .. })) => Err(not_found),
             Ok(r) => r,
-            Err(_) => Err(MetaError::Unavailable {
-                endpoint: self.endpoint(),
-                reason: "keep-alive timed out".into(),
-            }),
+            Err(_) => Err(MetaError::Unavailable { endpoint: self.endpoint(), reason: "keep-alive timed out".into() }),
         }
     }
 
@@ -297,12 +226,7 @@ impl MetadataStore for EtcdStore {
         if let Some(rev) = from {
             opts = opts.with_start_revision(rev as i64);
         }
-        let mut stream = self
-            .client
-            .clone()
-            .watch(self.full(prefix), Some(opts))
-            .await
-            .map_err(|e| self.err(e))?;
+        let mut stream = self.client.clone().watch(self.full(prefix), Some(opts)).await.map_err(|e| self.err(e))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let me = self.clone();
         tokio::spawn(async move {

@@ -22,8 +22,8 @@ pub use error::MetaError;
 pub use etcd::EtcdStore;
 pub use mem::MemStore;
 pub use store::{
-    Compare, CompareTarget, KeyValue, Lease, LeaseId, MetadataStore, Revision, Txn, TxnOp,
-    TxnOutcome, Watch, WatchEvent, WatchEventKind,
+    Compare, CompareTarget, KeyValue, Lease, LeaseId, MetadataStore, Revision, Txn, TxnOp, TxnOutcome, Watch,
+    WatchEvent, WatchEventKind,
 };
 
 pub type Result<T, E = MetaError> = std::result::Result<T, E>;

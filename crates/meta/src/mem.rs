@@ -49,27 +49,13 @@ impl Inner {
         }
         let rev = self.revision;
         let kv = match self.kvs.get(key) {
-            Some(old) => KeyValue {
-                value,
-                mod_revision: rev,
-                version: old.version + 1,
-                lease,
-                ..old.clone()
-            },
-            None => KeyValue {
-                key: key.to_string(),
-                value,
-                create_revision: rev,
-                mod_revision: rev,
-                version: 1,
-                lease,
-            },
+            Some(old) => KeyValue { value, mod_revision: rev, version: old.version + 1, lease, ..old.clone() },
+            None => {
+                KeyValue { key: key.to_string(), value, create_revision: rev, mod_revision: rev, version: 1, lease }
+            }
         };
         self.kvs.insert(key.to_string(), kv.clone());
-        self.emit(WatchEvent {
-            kind: WatchEventKind::Put,
-            kv,
-        });
+        self.emit(WatchEvent { kind: WatchEventKind::Put, kv });
         Ok(())
     }
 
@@ -84,10 +70,7 @@ impl Inner {
                     version: 0,
                     lease: 0,
                 };
-                self.emit(WatchEvent {
-                    kind: WatchEventKind::Delete,
-                    kv,
-                });
+                self.emit(WatchEvent { kind: WatchEventKind::Delete, kv });
                 true
             }
             None => false,
@@ -97,12 +80,8 @@ impl Inner {
     /// Expires leases whose deadline has passed, deleting their keys.
     fn expire(&mut self) {
         let now = Instant::now();
-        let dead: Vec<LeaseId> = self
-            .leases
-            .iter()
-            .filter(|(_, (_, deadline))| *deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
+        let dead: Vec<LeaseId> =
+            self.leases.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(id, _)| *id).collect();
         for id in dead {
             self.revoke(id);
         }
@@ -112,12 +91,7 @@ impl Inner {
         if self.leases.remove(&id).is_none() {
             return false;
         }
-        let keys: Vec<String> = self
-            .kvs
-            .values()
-            .filter(|kv| kv.lease == id)
-            .map(|kv| kv.key.clone())
-            .collect();
+        let keys: Vec<String> = self.kvs.values().filter(|kv| kv.lease == id).map(|kv| kv.key.clone()).collect();
         if !keys.is_empty() {
             self.revision += 1;
             for k in keys {
@@ -223,11 +197,7 @@ impl MetadataStore for MemStore {
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome> {
         let mut g = self.lock();
         let succeeded = txn.compares.iter().all(|c| g.holds(c));
-        let ops = if succeeded {
-            &txn.success
-        } else {
-            &txn.failure
-        };
+        let ops = if succeeded { &txn.success } else { &txn.failure };
         // Check leases first so that a failing op leaves nothing half-applied, as in etcd.
         for op in ops {
             if let TxnOp::Put { lease: Some(l), .. } = op {
@@ -251,10 +221,7 @@ impl MetadataStore for MemStore {
                 }
             }
         }
-        Ok(TxnOutcome {
-            succeeded,
-            revision: g.revision,
-        })
+        Ok(TxnOutcome { succeeded, revision: g.revision })
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {

@@ -54,51 +54,28 @@ pub enum CompareTarget {
 
 impl Compare {
     pub fn exists(key: impl Into<String>, exists: bool) -> Self {
-        Compare {
-            key: key.into(),
-            target: CompareTarget::Exists(exists),
-        }
+        Compare { key: key.into(), target: CompareTarget::Exists(exists) }
     }
     pub fn mod_revision(key: impl Into<String>, rev: Revision) -> Self {
-        Compare {
-            key: key.into(),
-            target: CompareTarget::ModRevision(rev),
-        }
+        Compare { key: key.into(), target: CompareTarget::ModRevision(rev) }
     }
     pub fn value(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
-        Compare {
-            key: key.into(),
-            target: CompareTarget::Value(value.into()),
-        }
+        Compare { key: key.into(), target: CompareTarget::Value(value.into()) }
     }
 }
 
 #[derive(Clone, Debug)]
 pub enum TxnOp {
-    Put {
-        key: String,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    },
-    Delete {
-        key: String,
-    },
+    Put { key: String, value: Vec<u8>, lease: Option<LeaseId> },
+    Delete { key: String },
 }
 
 impl TxnOp {
     pub fn put(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
-        TxnOp::Put {
-            key: key.into(),
-            value: value.into(),
-            lease: None,
-        }
+        TxnOp::Put { key: key.into(), value: value.into(), lease: None }
     }
     pub fn put_leased(key: impl Into<String>, value: impl Into<Vec<u8>>, lease: LeaseId) -> Self {
-        TxnOp::Put {
-            key: key.into(),
-            value: value.into(),
-            lease: Some(lease),
-        }
+        TxnOp::Put { key: key.into(), value: value.into(), lease: Some(lease) }
     }
     pub fn delete(key: impl Into<String>) -> Self {
         TxnOp::Delete { key: key.into() }
@@ -116,10 +93,7 @@ pub struct Txn {
 
 impl Txn {
     pub fn when(compares: Vec<Compare>) -> Self {
-        Txn {
-            compares,
-            ..Default::default()
-        }
+        Txn { compares, ..Default::default() }
     }
     pub fn and_then(mut self, ops: Vec<TxnOp>) -> Self {
         self.success = ops;

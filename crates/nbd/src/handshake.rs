@@ -46,12 +46,7 @@ pub fn transmission_flags<D: BlockDevice>(d: &D) -> u16 {
     f
 }
 
-async fn reply<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    option: u32,
-    kind: u32,
-    data: &[u8],
-) -> std::io::Result<()> {
+async fn reply<W: AsyncWrite + Unpin>(w: &mut W, option: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(20 + data.len());
     buf.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
     buf.extend_from_slice(&option.to_be_bytes());
@@ -62,12 +57,7 @@ async fn reply<W: AsyncWrite + Unpin>(
     w.flush().await
 }
 
-async fn error_reply<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    option: u32,
-    kind: u32,
-    msg: &str,
-) -> std::io::Result<()> {
+async fn error_reply<W: AsyncWrite + Unpin>(w: &mut W, option: u32, kind: u32, msg: &str) -> std::io::Result<()> {
     tracing::debug!(option, kind, msg, "option refused");
     reply(w, option, kind, msg.as_bytes()).await
 }
@@ -91,19 +81,11 @@ fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
         return None;
     }
     let name = String::from_utf8(name.to_vec()).ok()?;
-    Some((
-        name,
-        reqs.chunks_exact(2)
-            .map(|c| u16::from_be_bytes([c[0], c[1]]))
-            .collect(),
-    ))
+    Some((name, reqs.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
 }
 
 /// Runs the handshake; `Ok(None)` when the client ended it cleanly without an export.
-pub async fn negotiate<S, E>(
-    s: &mut S,
-    exports: &E,
-) -> Result<Option<Negotiated<E::Device>>, HandshakeError>
+pub async fn negotiate<S, E>(s: &mut S, exports: &E) -> Result<Option<Negotiated<E::Device>>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     E: Exports,
@@ -142,15 +124,8 @@ where
                 // No way to send an error here: the spec says close the connection.
                 let device = match exports.open(&name).await {
                     Ok(d) => d,
-                    Err(ExportError::NotFound(_)) => {
-                        return Err(HandshakeError::UnknownExport(name))
-                    }
-                    Err(e) => {
-                        return Err(HandshakeError::OpenFailed {
-                            name,
-                            reason: e.to_string(),
-                        })
-                    }
+                    Err(ExportError::NotFound(_)) => return Err(HandshakeError::UnknownExport(name)),
+                    Err(e) => return Err(HandshakeError::OpenFailed { name, reason: e.to_string() }),
                 };
                 let mut buf = Vec::with_capacity(10 + 124);
                 buf.extend_from_slice(&device.size().to_be_bytes());
@@ -186,13 +161,7 @@ where
             }
             OPT_INFO | OPT_GO => {
                 let Some((name, requests)) = parse_info_request(&data) else {
-                    error_reply(
-                        s,
-                        option,
-                        REP_ERR_INVALID,
-                        "malformed NBD_OPT_INFO/GO request",
-                    )
-                    .await?;
+                    error_reply(s, option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request").await?;
                     continue;
                 };
                 // INFO only describes; GO opens (and, for writers, takes the volume's lock).
@@ -210,10 +179,7 @@ where
                 } else {
                     match exports.describe(&name).await {
                         Ok(info) => {
-                            let mut flags = TFLAG_HAS_FLAGS
-                                | TFLAG_SEND_FLUSH
-                                | TFLAG_SEND_FUA
-                                | TFLAG_CAN_MULTI_CONN;
+                            let mut flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
                             flags |= if info.read_only {
                                 TFLAG_READ_ONLY
                             } else {
@@ -253,23 +219,9 @@ where
                     return Ok(Some(Negotiated { name, device }));
                 }
             }
-            OPT_STARTTLS => {
-                error_reply(
-                    s,
-                    option,
-                    REP_ERR_UNSUP,
-                    "TLS is not supported by this server",
-                )
-                .await?
-            }
+            OPT_STARTTLS => error_reply(s, option, REP_ERR_UNSUP, "TLS is not supported by this server").await?,
             OPT_STRUCTURED_REPLY => {
-                error_reply(
-                    s,
-                    option,
-                    REP_ERR_UNSUP,
-                    "structured replies are not supported",
-                )
-                .await?
+                error_reply(s, option, REP_ERR_UNSUP, "structured replies are not supported").await?
             }
             _ => error_reply(s, option, REP_ERR_UNSUP, "unsupported option").await?,
         }

@@ -34,10 +34,7 @@ pub trait Exports: Send + Sync + 'static {
     /// Describes an export without opening it (NBD_OPT_INFO).
     fn describe(&self, name: &str) -> impl Future<Output = Result<ExportInfo, ExportError>> + Send;
     /// Opens an export for a connection (NBD_OPT_GO, NBD_OPT_EXPORT_NAME).
-    fn open(
-        &self,
-        name: &str,
-    ) -> impl Future<Output = Result<Arc<Self::Device>, ExportError>> + Send;
+    fn open(&self, name: &str) -> impl Future<Output = Result<Arc<Self::Device>, ExportError>> + Send;
 }
 
 #[derive(Clone, Debug, Default)]
@@ -57,11 +54,8 @@ pub async fn serve<E: Exports>(listener: TcpListener, exports: Arc<E>, _opts: Se
         let _ = stream.set_nodelay(true);
         let exports = exports.clone();
         tokio::spawn(async move {
-            let negotiated = tokio::time::timeout(
-                std::time::Duration::from_secs(60),
-                negotiate(&mut stream, &*exports),
-            )
-            .await;
+            let negotiated =
+                tokio::time::timeout(std::time::Duration::from_secs(60), negotiate(&mut stream, &*exports)).await;
             let n = match negotiated {
                 Ok(Ok(Some(n))) => n,
                 Ok(Ok(None)) => return,

@@ -114,10 +114,7 @@ where
             len: u32::from_be_bytes(h[24..28].try_into().expect("4 bytes")),
         };
         if magic != REQUEST_MAGIC {
-            tracing::warn!(
-                magic = format!("{magic:#x}"),
-                "bad request magic; closing the connection"
-            );
+            tracing::warn!(magic = format!("{magic:#x}"), "bad request magic; closing the connection");
             break Ok(());
         }
         if r.kind == CMD_DISC {
@@ -127,15 +124,8 @@ where
         // A write's payload follows its header whatever we answer; read it unless it is too big to.
         let payload = if r.kind == CMD_WRITE {
             if r.len > MAX_BLOCK {
-                let _ = tx.send(Reply {
-                    cookie: r.cookie,
-                    error: EOVERFLOW,
-                    data: Bytes::new(),
-                });
-                tracing::warn!(
-                    len = r.len,
-                    "write larger than the advertised maximum; closing the connection"
-                );
+                let _ = tx.send(Reply { cookie: r.cookie, error: EOVERFLOW, data: Bytes::new() });
+                tracing::warn!(len = r.len, "write larger than the advertised maximum; closing the connection");
                 break Ok(());
             }
             let mut buf = BytesMut::zeroed(r.len as usize);
@@ -147,18 +137,10 @@ where
             Bytes::new()
         };
         if let Some(error) = refused {
-            let _ = tx.send(Reply {
-                cookie: r.cookie,
-                error,
-                data: Bytes::new(),
-            });
+            let _ = tx.send(Reply { cookie: r.cookie, error, data: Bytes::new() });
             continue;
         }
-        let permit = limit
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let permit = limit.clone().acquire_owned().await.expect("semaphore never closed");
         let (device, tx) = (device.clone(), tx.clone());
         tokio::spawn(async move {
             let reply = run(&*device, &r, payload).await;
@@ -181,43 +163,24 @@ async fn run<D: BlockDevice>(d: &D, r: &Request, payload: Bytes) -> Reply {
         CMD_READ => d.read(r.offset, r.len).await,
         CMD_WRITE => d.write(r.offset, payload, fua).await.map(|()| Bytes::new()),
         CMD_FLUSH => d.flush().await.map(|()| Bytes::new()),
-        CMD_TRIM => d
-            .zero(r.offset, r.len as u64, fua)
-            .await
-            .map(|()| Bytes::new()),
+        CMD_TRIM => d.zero(r.offset, r.len as u64, fua).await.map(|()| Bytes::new()),
         CMD_WRITE_ZEROES if r.flags & CMD_FLAG_NO_HOLE != 0 => {
             write_zeroes_allocated(d, r.offset, r.len as u64, fua).await
         }
-        CMD_WRITE_ZEROES => d
-            .zero(r.offset, r.len as u64, fua)
-            .await
-            .map(|()| Bytes::new()),
+        CMD_WRITE_ZEROES => d.zero(r.offset, r.len as u64, fua).await.map(|()| Bytes::new()),
         _ => unreachable!("validate() refuses other commands"),
     };
     match res {
-        Ok(data) => Reply {
-            cookie: r.cookie,
-            error: 0,
-            data,
-        },
+        Ok(data) => Reply { cookie: r.cookie, error: 0, data },
         Err(e) => {
             tracing::warn!(cookie = r.cookie, kind = r.kind, offset = r.offset, len = r.len, error = %e, "request failed");
-            Reply {
-                cookie: r.cookie,
-                error: errno(&e),
-                data: Bytes::new(),
-            }
+            Reply { cookie: r.cookie, error: errno(&e), data: Bytes::new() }
         }
     }
 }
 
 /// WRITE_ZEROES with NO_HOLE: the client wants the space kept allocated, so write real zeroes.
-async fn write_zeroes_allocated<D: BlockDevice>(
-    d: &D,
-    offset: u64,
-    len: u64,
-    fua: bool,
-) -> Result<Bytes, VolumeError> {
+async fn write_zeroes_allocated<D: BlockDevice>(d: &D, offset: u64, len: u64, fua: bool) -> Result<Bytes, VolumeError> {
     const CHUNK: u64 = 1 << 20;
     let zeros = Bytes::from(vec![0u8; CHUNK.min(len) as usize]);
     let mut pos = offset;

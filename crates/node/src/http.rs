@@ -21,11 +21,9 @@ pub struct StatusContext {
 
 fn respond(ctx: &StatusContext, path: &str) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match path {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            ctx.metrics.render(ctx.store.used(), ctx.store.capacity()),
-        ),
+        "/metrics" => {
+            (StatusCode::OK, "text/plain; version=0.0.4", ctx.metrics.render(ctx.store.used(), ctx.store.capacity()))
+        }
         "/status" => {
             let v = serde_json::json!({
                 "id": ctx.id,
@@ -37,18 +35,11 @@ fn respond(ctx: &StatusContext, path: &str) -> Response<Full<Bytes>> {
             (StatusCode::OK, "application/json", format!("{v}\n"))
         }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found: try /status or /metrics\n".to_string(),
-        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /status or /metrics\n".to_string()),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(ctype),
-    );
+    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
     resp
 }
 
@@ -64,9 +55,7 @@ pub async fn serve(listener: TcpListener, ctx: StatusContext) {
                 let resp = respond(&ctx, req.uri().path());
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

@@ -17,17 +17,13 @@ pub fn load_or_create(dir: &Path) -> std::io::Result<NodeId> {
     match std::fs::read(&path) {
         Ok(bytes) => {
             let ident: Identity = serde_json::from_slice(&bytes).map_err(|e| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{}: {e}", path.display()),
-                )
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
             })?;
             Ok(ident.id)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = NodeId::random();
-            let body = serde_json::to_vec_pretty(&Identity { id, format: 1 })
-                .expect("identity serialises");
+            let body = serde_json::to_vec_pretty(&Identity { id, format: 1 }).expect("identity serialises");
             let tmp = dir.join("node.json.tmp");
             std::fs::write(&tmp, body)?;
             std::fs::File::open(&tmp)?.sync_all()?;

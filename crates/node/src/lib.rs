@@ -4,6 +4,7 @@
 //! - [`server`]: the peer-protocol server in front of the local store.
 //! - [`registration`]: the node's entry in the metadata store, on a lease,
 //!   refreshed by heartbeats.
+//! - [`rebalance`]: this node's part in moving data when the ring changes.
 //! - [`http`] and [`metrics`]: `/status` (JSON) and `/metrics` (Prometheus text).
 //!
 //! Depends on types, meta, store and proto. Never on volume or nbd: a node
@@ -12,5 +13,6 @@
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod rebalance;
 pub mod registration;
 pub mod server;

@@ -25,11 +25,7 @@ enum State {
 
 impl Registration {
     fn current(&self) -> PeerInfo {
-        PeerInfo {
-            used: self.store.used(),
-            last_seen: torus_types::unix_now(),
-            ..self.info.clone()
-        }
+        PeerInfo { used: self.store.used(), last_seen: torus_types::unix_now(), ..self.info.clone() }
     }
 
     /// Runs forever (until the task is dropped).
@@ -39,15 +35,13 @@ impl Registration {
         loop {
             let step = match state {
                 State::Granting => match self.cluster.store().grant_lease(self.ttl).await {
-                    Ok(lease) => {
-                        match self.cluster.register_peer(&self.current(), lease.id).await {
-                            Ok(()) => {
-                                tracing::info!(node = %self.info.id, address = %self.info.address, "registered in the metadata store");
-                                Ok(State::Registered(lease.id))
-                            }
-                            Err(e) => Err(e.to_string()),
+                    Ok(lease) => match self.cluster.register_peer(&self.current(), lease.id).await {
+                        Ok(()) => {
+                            tracing::info!(node = %self.info.id, address = %self.info.address, "registered in the metadata store");
+                            Ok(State::Registered(lease.id))
                         }
-                    }
+                        Err(e) => Err(e.to_string()),
+                    },
                     Err(e) => Err(e.to_string()),
                 },
                 State::Registered(lease) => {

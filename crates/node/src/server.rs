@@ -8,9 +8,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use torus_proto::frame::{
-    self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, REQUEST_HEADER_LEN,
-};
+use torus_proto::frame::{self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, REQUEST_HEADER_LEN};
 use torus_store::{Store, StoreError};
 
 type Reply = (ReplyHeader, Bytes);
@@ -66,25 +64,11 @@ fn error_reply(id: u64, e: &StoreError, metrics: &NodeMetrics) -> Reply {
             Bytes::from(e.to_string())
         }
     };
-    (
-        ReplyHeader {
-            status,
-            id,
-            len: body.len() as u32,
-        },
-        body,
-    )
+    (ReplyHeader { status, id, len: body.len() as u32 }, body)
 }
 
 fn ok(id: u64, body: Bytes) -> Reply {
-    (
-        ReplyHeader {
-            status: Status::Ok,
-            id,
-            len: body.len() as u32,
-        },
-        body,
-    )
+    (ReplyHeader { status: Status::Ok, id, len: body.len() as u32 }, body)
 }
 
 fn reply_of(id: u64, res: Result<Bytes, StoreError>, metrics: &NodeMetrics) -> Reply {
@@ -94,11 +78,7 @@ fn reply_of(id: u64, res: Result<Bytes, StoreError>, metrics: &NodeMetrics) -> R
     }
 }
 
-async fn connection(
-    stream: TcpStream,
-    store: Arc<Store>,
-    metrics: Arc<NodeMetrics>,
-) -> Result<(), String> {
+async fn connection(stream: TcpStream, store: Arc<Store>, metrics: Arc<NodeMetrics>) -> Result<(), String> {
     let (mut rd, wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(async move {
@@ -117,11 +97,7 @@ async fn connection(
     let result = loop {
         let mut hb = [0u8; REQUEST_HEADER_LEN];
         if let Err(e) = rd.read_exact(&mut hb).await {
-            break if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Ok(())
-            } else {
-                Err(e.to_string())
-            };
+            break if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e.to_string()) };
         }
         let h = match RequestHeader::decode(&hb) {
             Ok(h) => h,
@@ -160,30 +136,22 @@ fn handle(
             NodeMetrics::inc(&metrics.reads, 1);
             NodeMetrics::inc(&metrics.read_bytes, h.len as u64);
             let mut buf = vec![0u8; h.len as usize];
-            store
-                .read(h.extent, off, &mut buf)
-                .map(|()| Bytes::from(buf))
+            store.read(h.extent, off, &mut buf).map(|()| Bytes::from(buf))
         }
         Op::Write => {
             NodeMetrics::inc(&metrics.writes, 1);
             NodeMetrics::inc(&metrics.written_bytes, h.len as u64);
-            store
-                .write(h.extent, off, &payload, h.epoch)
-                .map(|()| Bytes::new())
+            store.write(h.extent, off, &payload, h.epoch).map(|()| Bytes::new())
         }
         Op::Zero => {
             NodeMetrics::inc(&metrics.zeroes, 1);
-            store
-                .zero(h.extent, off, h.len as u64, h.epoch)
-                .map(|()| Bytes::new())
+            store.zero(h.extent, off, h.len as u64, h.epoch).map(|()| Bytes::new())
         }
         Op::Flush => {
             NodeMetrics::inc(&metrics.flushes, 1);
             return spawn_flush(id, Ok(Bytes::new()), store, metrics, tx);
         }
-        Op::Fence => store
-            .fence(h.extent.volume, h.epoch)
-            .map(|e| Bytes::copy_from_slice(&e.0.to_le_bytes())),
+        Op::Fence => store.fence(h.extent.volume, h.epoch).map(|e| Bytes::copy_from_slice(&e.0.to_le_bytes())),
         Op::DeleteVolume => {
             tracing::info!(volume = %h.extent.volume, "deleting volume data");
             store.delete_volume(h.extent.volume).map(|_| Bytes::new())
@@ -193,6 +161,14 @@ fn handle(
             Bytes::from(frame::encode_extent_list(&items))
         }),
         Op::Ping => Ok(Bytes::new()),
+        Op::Fill => {
+            let data = (h.flags & frame::FLAG_ZERO_FILL == 0).then_some(&payload[..]);
+            store.fill(h.extent, off, h.len as u64, data).map(|()| Bytes::new())
+        }
+        Op::BlockStates => store
+            .block_states(h.extent)
+            .map(|s| Bytes::from(s.unwrap_or_default().into_iter().map(|b| b as u8).collect::<Vec<u8>>())),
+        Op::DeleteExtent => store.delete_extent(h.extent).map(|()| Bytes::new()),
     };
     if fua && res.is_ok() && matches!(h.op, Op::Write | Op::Zero) {
         return spawn_flush(id, res, store, metrics, tx);

@@ -5,7 +5,7 @@
 //! the connection breaks, every waiting caller gets `Disconnected` and the
 //! client stays dead: callers (the volume layer's pool) make a new one.
 
-use crate::frame::{self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, REPLY_HEADER_LEN};
+use crate::frame::{self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, FLAG_ZERO_FILL, REPLY_HEADER_LEN};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,26 +26,15 @@ pub enum PeerError {
     #[error("node {addr} did not answer within {secs} s")]
     Timeout { addr: String, secs: u64 },
     #[error("node {addr} refused a write of epoch {epoch}: it has seen epoch {current}")]
-    Fenced {
-        addr: String,
-        epoch: Epoch,
-        current: Epoch,
-    },
+    Fenced { addr: String, epoch: Epoch, current: Epoch },
     #[error("node {addr} answered {status:?}: {message}")]
-    Remote {
-        addr: String,
-        status: Status,
-        message: String,
-    },
+    Remote { addr: String, status: Status, message: String },
 }
 
 impl PeerError {
     /// Whether the node itself is unreachable (as opposed to answering with an error).
     pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self,
-            PeerError::Connect { .. } | PeerError::Disconnected { .. } | PeerError::Timeout { .. }
-        )
+        matches!(self, PeerError::Connect { .. } | PeerError::Disconnected { .. } | PeerError::Timeout { .. })
     }
 }
 
@@ -60,18 +49,9 @@ struct Shared {
 impl Shared {
     fn fail_all(&self, reason: String) {
         *self.dead.lock().expect("client lock poisoned") = Some(reason.clone());
-        let waiters: Vec<Waiter> = self
-            .pending
-            .lock()
-            .expect("client lock poisoned")
-            .drain()
-            .map(|(_, w)| w)
-            .collect();
+        let waiters: Vec<Waiter> = self.pending.lock().expect("client lock poisoned").drain().map(|(_, w)| w).collect();
         for w in waiters {
-            let _ = w.send(Err(PeerError::Disconnected {
-                addr: self.addr.clone(),
-                reason: reason.clone(),
-            }));
+            let _ = w.send(Err(PeerError::Disconnected { addr: self.addr.clone(), reason: reason.clone() }));
         }
     }
 }
@@ -86,26 +66,16 @@ pub struct PeerClient {
 impl PeerClient {
     /// Connects to a node's peer address.
     pub async fn connect(addr: &str, timeout: Duration) -> Result<PeerClient, PeerError> {
-        let conn_err = |reason: String| PeerError::Connect {
-            addr: addr.to_string(),
-            reason,
-        };
-        let stream = tokio::time::timeout(
-            timeout.min(Duration::from_secs(5)),
-            TcpStream::connect(addr),
-        )
-        .await
-        .map_err(|_| conn_err("connection timed out".into()))?
-        .map_err(|e| conn_err(e.to_string()))?;
+        let conn_err = |reason: String| PeerError::Connect { addr: addr.to_string(), reason };
+        let stream = tokio::time::timeout(timeout.min(Duration::from_secs(5)), TcpStream::connect(addr))
+            .await
+            .map_err(|_| conn_err("connection timed out".into()))?
+            .map_err(|e| conn_err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (mut rd, wr) = stream.into_split();
-        let shared = Arc::new(Shared {
-            addr: addr.to_string(),
-            pending: Mutex::new(HashMap::new()),
-            dead: Mutex::new(None),
-        });
-        let (tx, mut rx) =
-            mpsc::unbounded_channel::<([u8; frame::REQUEST_HEADER_LEN], Option<Bytes>)>();
+        let shared =
+            Arc::new(Shared { addr: addr.to_string(), pending: Mutex::new(HashMap::new()), dead: Mutex::new(None) });
+        let (tx, mut rx) = mpsc::unbounded_channel::<([u8; frame::REQUEST_HEADER_LEN], Option<Bytes>)>();
 
         let sh = shared.clone();
         tokio::spawn(async move {
@@ -148,11 +118,7 @@ impl PeerClient {
                 if let Err(e) = rd.read_exact(&mut payload).await {
                     break e.to_string();
                 }
-                let waiter = sh
-                    .pending
-                    .lock()
-                    .expect("client lock poisoned")
-                    .remove(&h.id);
+                let waiter = sh.pending.lock().expect("client lock poisoned").remove(&h.id);
                 if let Some(w) = waiter {
                     let _ = w.send(Ok((h, payload)));
                 }
@@ -160,12 +126,7 @@ impl PeerClient {
             sh.fail_all(reason);
         });
 
-        Ok(PeerClient {
-            shared,
-            tx,
-            next_id: AtomicU64::new(1),
-            timeout,
-        })
+        Ok(PeerClient { shared, tx, next_id: AtomicU64::new(1), timeout })
     }
 
     pub fn addr(&self) -> &str {
@@ -174,80 +135,38 @@ impl PeerClient {
 
     /// Whether the connection has broken (make a new client).
     pub fn is_dead(&self) -> bool {
-        self.shared
-            .dead
-            .lock()
-            .expect("client lock poisoned")
-            .is_some()
-            || self.tx.is_closed()
+        self.shared.dead.lock().expect("client lock poisoned").is_some() || self.tx.is_closed()
     }
 
     /// Sends one request and waits for its reply payload.
-    pub async fn call(
-        &self,
-        mut h: RequestHeader,
-        payload: Option<Bytes>,
-    ) -> Result<Vec<u8>, PeerError> {
+    pub async fn call(&self, mut h: RequestHeader, payload: Option<Bytes>) -> Result<Vec<u8>, PeerError> {
         let addr = &self.shared.addr;
         h.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (wtx, wrx) = oneshot::channel();
         {
             let dead = self.shared.dead.lock().expect("client lock poisoned");
             if let Some(reason) = &*dead {
-                return Err(PeerError::Disconnected {
-                    addr: addr.clone(),
-                    reason: reason.clone(),
-                });
+                return Err(PeerError::Disconnected { addr: addr.clone(), reason: reason.clone() });
             }
-            self.shared
-                .pending
-                .lock()
-                .expect("client lock poisoned")
-                .insert(h.id, wtx);
+            self.shared.pending.lock().expect("client lock poisoned").insert(h.id, wtx);
         }
         if self.tx.send((h.encode(), payload)).is_err() {
-            self.shared
-                .pending
-                .lock()
-                .expect("client lock poisoned")
-                .remove(&h.id);
-            return Err(PeerError::Disconnected {
-                addr: addr.clone(),
-                reason: "writer stopped".into(),
-            });
+            self.shared.pending.lock().expect("client lock poisoned").remove(&h.id);
+            return Err(PeerError::Disconnected { addr: addr.clone(), reason: "writer stopped".into() });
         }
         let (reply, body) = match tokio::time::timeout(self.timeout, wrx).await {
             Ok(Ok(r)) => r?,
-            Ok(Err(_)) => {
-                return Err(PeerError::Disconnected {
-                    addr: addr.clone(),
-                    reason: "reader stopped".into(),
-                })
-            }
+            Ok(Err(_)) => return Err(PeerError::Disconnected { addr: addr.clone(), reason: "reader stopped".into() }),
             Err(_) => {
-                self.shared
-                    .pending
-                    .lock()
-                    .expect("client lock poisoned")
-                    .remove(&h.id);
-                return Err(PeerError::Timeout {
-                    addr: addr.clone(),
-                    secs: self.timeout.as_secs(),
-                });
+                self.shared.pending.lock().expect("client lock poisoned").remove(&h.id);
+                return Err(PeerError::Timeout { addr: addr.clone(), secs: self.timeout.as_secs() });
             }
         };
         match reply.status {
             Status::Ok => Ok(body),
             Status::Fenced => {
-                let current = body
-                    .get(..8)
-                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-                    .unwrap_or(0);
-                Err(PeerError::Fenced {
-                    addr: addr.clone(),
-                    epoch: h.epoch,
-                    current: Epoch(current),
-                })
+                let current = body.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).unwrap_or(0);
+                Err(PeerError::Fenced { addr: addr.clone(), epoch: h.epoch, current: Epoch(current) })
             }
             status => Err(PeerError::Remote {
                 addr: addr.clone(),
@@ -257,18 +176,8 @@ impl PeerClient {
         }
     }
 
-    pub async fn read(
-        &self,
-        extent: ExtentId,
-        offset: u32,
-        len: u32,
-    ) -> Result<Vec<u8>, PeerError> {
-        let data = self
-            .call(
-                RequestHeader::new(Op::Read, extent, offset, len, Epoch(0)),
-                None,
-            )
-            .await?;
+    pub async fn read(&self, extent: ExtentId, offset: u32, len: u32) -> Result<Vec<u8>, PeerError> {
+        let data = self.call(RequestHeader::new(Op::Read, extent, offset, len, Epoch(0)), None).await?;
         if data.len() != len as usize {
             return Err(PeerError::Disconnected {
                 addr: self.addr().to_string(),
@@ -309,60 +218,44 @@ impl PeerClient {
     }
 
     pub async fn flush(&self) -> Result<(), PeerError> {
-        self.call(
-            RequestHeader::new(Op::Flush, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)),
-            None,
-        )
-        .await
-        .map(drop)
+        self.call(RequestHeader::new(Op::Flush, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)), None).await.map(drop)
     }
 
     /// Announces a writer's epoch for a volume; returns the node's epoch after it.
     pub async fn fence(&self, volume: VolumeId, epoch: Epoch) -> Result<Epoch, PeerError> {
-        let body = self
-            .call(
-                RequestHeader::new(Op::Fence, ExtentId::new(volume, 0), 0, 0, epoch),
-                None,
-            )
-            .await?;
-        Ok(Epoch(
-            body.get(..8)
-                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .unwrap_or(0),
-        ))
+        let body = self.call(RequestHeader::new(Op::Fence, ExtentId::new(volume, 0), 0, 0, epoch), None).await?;
+        Ok(Epoch(body.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).unwrap_or(0)))
     }
 
     pub async fn delete_volume(&self, volume: VolumeId) -> Result<(), PeerError> {
-        self.call(
-            RequestHeader::new(Op::DeleteVolume, ExtentId::new(volume, 0), 0, 0, Epoch(0)),
-            None,
-        )
-        .await
-        .map(drop)
+        self.call(RequestHeader::new(Op::DeleteVolume, ExtentId::new(volume, 0), 0, 0, Epoch(0)), None).await.map(drop)
     }
 
     pub async fn list_extents(&self) -> Result<Vec<(ExtentId, u64)>, PeerError> {
-        let body = self
-            .call(
-                RequestHeader::new(
-                    Op::ListExtents,
-                    ExtentId::new(VolumeId(0), 0),
-                    0,
-                    0,
-                    Epoch(0),
-                ),
-                None,
-            )
-            .await?;
+        let body =
+            self.call(RequestHeader::new(Op::ListExtents, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)), None).await?;
         Ok(frame::decode_extent_list(&body))
     }
 
+    /// Copies blocks in without overwriting any already written there; `None` zero-fills.
+    pub async fn fill(&self, extent: ExtentId, offset: u32, len: u32, data: Option<Bytes>) -> Result<(), PeerError> {
+        let mut h = RequestHeader::new(Op::Fill, extent, offset, len, Epoch(0));
+        if data.is_none() {
+            h.flags |= FLAG_ZERO_FILL;
+        }
+        self.call(h, data).await.map(drop)
+    }
+
+    /// Block states of an extent on the node (0 absent, 1 data, 2 zero); empty if it holds none.
+    pub async fn block_states(&self, extent: ExtentId) -> Result<Vec<u8>, PeerError> {
+        self.call(RequestHeader::new(Op::BlockStates, extent, 0, 0, Epoch(0)), None).await
+    }
+
+    pub async fn delete_extent(&self, extent: ExtentId) -> Result<(), PeerError> {
+        self.call(RequestHeader::new(Op::DeleteExtent, extent, 0, 0, Epoch(0)), None).await.map(drop)
+    }
+
     pub async fn ping(&self) -> Result<(), PeerError> {
-        self.call(
-            RequestHeader::new(Op::Ping, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)),
-            None,
-        )
-        .await
-        .map(drop)
+        self.call(RequestHeader::new(Op::Ping, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)), None).await.map(drop)
     }
 }

@@ -20,6 +20,8 @@ pub const MAX_PAYLOAD: u32 = 64 << 20;
 
 /// Request flag: make this write durable before replying (NBD's FUA).
 pub const FLAG_FUA: u8 = 1;
+/// Request flag on FILL: no payload; absent blocks in the range become zero.
+pub const FLAG_ZERO_FILL: u8 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -36,6 +38,14 @@ pub enum Op {
     /// List the extents the node holds: reply is (volume u64, index u64, blocks u64)*.
     ListExtents = 7,
     Ping = 8,
+    /// Copy blocks in without overwriting any written here (rebalance, repair).
+    /// Payload: the data, unless FLAG_ZERO_FILL (then absent blocks become zero).
+    Fill = 9,
+    /// The state of each block of an extent: one byte per block (0 absent, 1 data, 2 zero);
+    /// empty if the node holds none of it.
+    BlockStates = 10,
+    /// Delete one extent replica.
+    DeleteExtent = 11,
 }
 
 impl Op {
@@ -49,6 +59,9 @@ impl Op {
             6 => Op::DeleteVolume,
             7 => Op::ListExtents,
             8 => Op::Ping,
+            9 => Op::Fill,
+            10 => Op::BlockStates,
+            11 => Op::DeleteExtent,
             _ => return None,
         })
     }
@@ -110,20 +123,12 @@ pub struct RequestHeader {
 
 impl RequestHeader {
     pub fn new(op: Op, extent: ExtentId, offset: u32, len: u32, epoch: Epoch) -> Self {
-        RequestHeader {
-            op,
-            flags: 0,
-            id: 0,
-            extent,
-            offset,
-            len,
-            epoch,
-        }
+        RequestHeader { op, flags: 0, id: 0, extent, offset, len, epoch }
     }
 
     /// Bytes of payload that follow this header on the wire.
     pub fn payload_len(&self) -> usize {
-        if self.op == Op::Write {
+        if self.op == Op::Write || (self.op == Op::Fill && self.flags & FLAG_ZERO_FILL == 0) {
             self.len as usize
         } else {
             0
@@ -196,11 +201,7 @@ impl ReplyHeader {
         if len > MAX_PAYLOAD {
             return Err(FrameError::TooLarge(len));
         }
-        Ok(ReplyHeader {
-            status,
-            id: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
-            len,
-        })
+        Ok(ReplyHeader { status, id: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")), len })
     }
 }
 
@@ -230,13 +231,7 @@ mod tests {
 
     #[test]
     fn request_round_trip() {
-        let mut h = RequestHeader::new(
-            Op::Write,
-            ExtentId::new(VolumeId(3), 99),
-            4096,
-            8192,
-            Epoch(42),
-        );
+        let mut h = RequestHeader::new(Op::Write, ExtentId::new(VolumeId(3), 99), 4096, 8192, Epoch(42));
         h.id = 7;
         h.flags = FLAG_FUA;
         assert_eq!(RequestHeader::decode(&h.encode()), Ok(h));
@@ -245,40 +240,25 @@ mod tests {
 
     #[test]
     fn reply_round_trip() {
-        let r = ReplyHeader {
-            status: Status::Fenced,
-            id: 1 << 40,
-            len: 8,
-        };
+        let r = ReplyHeader { status: Status::Fenced, id: 1 << 40, len: 8 };
         assert_eq!(ReplyHeader::decode(&r.encode()), Ok(r));
     }
 
     #[test]
     fn rejects_garbage() {
-        let mut b =
-            RequestHeader::new(Op::Read, ExtentId::new(VolumeId(1), 0), 0, 1, Epoch(0)).encode();
+        let mut b = RequestHeader::new(Op::Read, ExtentId::new(VolumeId(1), 0), 0, 1, Epoch(0)).encode();
         b[4] = 200;
         assert_eq!(RequestHeader::decode(&b), Err(FrameError::UnknownOp(200)));
         b[0] = 0;
-        assert!(matches!(
-            RequestHeader::decode(&b),
-            Err(FrameError::BadMagic(_))
-        ));
-        let mut b =
-            RequestHeader::new(Op::Read, ExtentId::new(VolumeId(1), 0), 0, 1, Epoch(0)).encode();
+        assert!(matches!(RequestHeader::decode(&b), Err(FrameError::BadMagic(_))));
+        let mut b = RequestHeader::new(Op::Read, ExtentId::new(VolumeId(1), 0), 0, 1, Epoch(0)).encode();
         b[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            RequestHeader::decode(&b),
-            Err(FrameError::TooLarge(_))
-        ));
+        assert!(matches!(RequestHeader::decode(&b), Err(FrameError::TooLarge(_))));
     }
 
     #[test]
     fn extent_list_round_trip() {
-        let items = vec![
-            (ExtentId::new(VolumeId(1), 2), 3),
-            (ExtentId::new(VolumeId(4), 5), 6),
-        ];
+        let items = vec![(ExtentId::new(VolumeId(1), 2), 3), (ExtentId::new(VolumeId(4), 5), 6)];
         assert_eq!(decode_extent_list(&encode_extent_list(&items)), items);
     }
 }

@@ -12,6 +12,4 @@ pub mod client;
 pub mod frame;
 
 pub use client::{PeerClient, PeerError};
-pub use frame::{
-    Op, ReplyHeader, RequestHeader, Status, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
-};
+pub use frame::{Op, ReplyHeader, RequestHeader, Status, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};

@@ -34,13 +34,31 @@ impl Ring {
             .into_iter()
             .filter(|m| m.weight > 0.0)
             .map(|m| {
-                let seed =
-                    splitmix64((m.id.as_u128() >> 64) as u64 ^ splitmix64(m.id.as_u128() as u64));
+                let seed = splitmix64((m.id.as_u128() >> 64) as u64 ^ splitmix64(m.id.as_u128() as u64));
                 (m, seed)
             })
             .collect();
         members.sort_by(|a, b| a.0.id.cmp(&b.0.id));
         Ring { version, members }
+    }
+
+    /// Builds a ring from (id, weight, labels); the failure domain is the
+    /// `zone` label, else the `rack` label, else the node itself.
+    pub fn from_labeled<'a>(
+        version: u64,
+        members: impl IntoIterator<Item = (NodeId, u64, &'a std::collections::BTreeMap<String, String>)>,
+    ) -> Ring {
+        Ring::new(
+            version,
+            members
+                .into_iter()
+                .map(|(id, weight, labels)| Member {
+                    id,
+                    weight: weight as f64,
+                    domain: labels.get("zone").or_else(|| labels.get("rack")).cloned(),
+                })
+                .collect(),
+        )
     }
 
     pub fn len(&self) -> usize {
@@ -69,9 +87,7 @@ impl Ring {
                 (-m.weight / u.ln(), m)
             })
             .collect();
-        let order = |a: &(f64, &Member), b: &(f64, &Member)| {
-            b.0.total_cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id))
-        };
+        let order = |a: &(f64, &Member), b: &(f64, &Member)| b.0.total_cmp(&a.0).then_with(|| a.1.id.cmp(&b.1.id));
         // Only the best few matter: partially select them, then sort that head.
         let head = (4 * r).max(8);
         if scored.len() > head {
@@ -88,15 +104,8 @@ impl Ring {
 
     /// True unless a node with an unused failure domain sits beyond the head.
     fn domains_ok(&self, picked: &[NodeId], head: &[(f64, &Member)], r: usize) -> bool {
-        let in_head: HashSet<&str> = head
-            .iter()
-            .filter_map(|(_, m)| m.domain.as_deref())
-            .collect();
-        let all: HashSet<&str> = self
-            .members
-            .iter()
-            .filter_map(|(m, _)| m.domain.as_deref())
-            .collect();
+        let in_head: HashSet<&str> = head.iter().filter_map(|(_, m)| m.domain.as_deref()).collect();
+        let all: HashSet<&str> = self.members.iter().filter_map(|(m, _)| m.domain.as_deref()).collect();
         picked.len() == r && (in_head.len() >= r.min(all.len()) || in_head.len() == all.len())
     }
 
@@ -140,16 +149,7 @@ mod tests {
     }
 
     fn ring(n: u64) -> Ring {
-        Ring::new(
-            1,
-            (0..n)
-                .map(|i| Member {
-                    id: node(i),
-                    weight: 1.0,
-                    domain: None,
-                })
-                .collect(),
-        )
+        Ring::new(1, (0..n).map(|i| Member { id: node(i), weight: 1.0, domain: None }).collect())
     }
 
     fn extents(count: u64) -> impl Iterator<Item = ExtentId> {
@@ -166,11 +166,7 @@ mod tests {
             assert_eq!(a.iter().collect::<HashSet<_>>().len(), 3);
             assert_eq!(&r.replicas(e, 2)[..], &a[..2], "smaller R is a prefix");
         }
-        assert_eq!(
-            ring(2).replicas(ExtentId::new(VolumeId(1), 0), 3).len(),
-            2,
-            "never more than the ring has"
-        );
+        assert_eq!(ring(2).replicas(ExtentId::new(VolumeId(1), 0), 3).len(), 2, "never more than the ring has");
     }
 
     /// Max/mean load for N nodes, replication 2, 200 extents per node.
@@ -202,15 +198,9 @@ mod tests {
             let before = ring(n);
             let after = ring(n + 1);
             let count = 20_000;
-            let moved = extents(count)
-                .filter(|e| before.replicas(*e, 1) != after.replicas(*e, 1))
-                .count();
+            let moved = extents(count).filter(|e| before.replicas(*e, 1) != after.replicas(*e, 1)).count();
             let ideal = count as f64 / (n + 1) as f64;
-            assert!(
-                (moved as f64) < ideal * 1.15,
-                "{n}->{}: moved {moved}, ideal {ideal:.0}",
-                n + 1
-            );
+            assert!((moved as f64) < ideal * 1.15, "{n}->{}: moved {moved}, ideal {ideal:.0}", n + 1);
             // Every moved extent moved to the new node.
             for e in extents(count) {
                 let (b, a) = (before.replicas(e, 1), after.replicas(e, 1));
@@ -225,41 +215,19 @@ mod tests {
     fn weights_are_honoured() {
         let r = Ring::new(
             1,
-            vec![
-                Member {
-                    id: node(0),
-                    weight: 1.0,
-                    domain: None,
-                },
-                Member {
-                    id: node(1),
-                    weight: 3.0,
-                    domain: None,
-                },
-            ],
+            vec![Member { id: node(0), weight: 1.0, domain: None }, Member { id: node(1), weight: 3.0, domain: None }],
         );
-        let heavy = extents(20_000)
-            .filter(|e| r.replicas(*e, 1)[0] == node(1))
-            .count();
+        let heavy = extents(20_000).filter(|e| r.replicas(*e, 1)[0] == node(1)).count();
         let share = heavy as f64 / 20_000.0;
         assert!((share - 0.75).abs() < 0.03, "share {share}");
     }
 
     #[test]
     fn distinct_failure_domains() {
-        let members = (0..9)
-            .map(|i| Member {
-                id: node(i),
-                weight: 1.0,
-                domain: Some(format!("zone-{}", i % 3)),
-            })
-            .collect();
+        let members =
+            (0..9).map(|i| Member { id: node(i), weight: 1.0, domain: Some(format!("zone-{}", i % 3)) }).collect();
         let r = Ring::new(1, members);
-        let zone = |id: NodeId| {
-            r.members()
-                .find(|m| m.id == id)
-                .and_then(|m| m.domain.clone())
-        };
+        let zone = |id: NodeId| r.members().find(|m| m.id == id).and_then(|m| m.domain.clone());
         for e in extents(2000) {
             let reps = r.replicas(e, 3);
             let zones: HashSet<_> = reps.iter().map(|id| zone(*id)).collect();

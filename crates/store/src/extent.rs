@@ -74,14 +74,10 @@ impl Extent {
         };
         let sum = open(&sum_path)?;
         let dat = open(&dat_path)?;
-        let len = sum
-            .metadata()
-            .map_err(|e| StoreError::io("stat", &sum_path, e))?
-            .len();
+        let len = sum.metadata().map_err(|e| StoreError::io("stat", &sum_path, e))?.len();
         let corrupt = |reason: String| StoreError::CorruptTable { extent: id, reason };
         let (table, dirty) = if len == 0 {
-            sum.write_all_at(&layout::encode_header(false), 0)
-                .map_err(|e| StoreError::io("write", &sum_path, e))?;
+            sum.write_all_at(&layout::encode_header(false), 0).map_err(|e| StoreError::io("write", &sum_path, e))?;
             (Vec::new(), false)
         } else {
             let mut raw = vec![0u8; len as usize];
@@ -90,10 +86,7 @@ impl Extent {
             let body = &raw[HEADER_SIZE as usize..];
             let mut table = Vec::with_capacity(body.len() / ENTRY_SIZE);
             for (i, chunk) in body.chunks_exact(ENTRY_SIZE).enumerate() {
-                table.push(
-                    Entry::decode(chunk)
-                        .ok_or_else(|| corrupt(format!("entry {i} is malformed")))?,
-                );
+                table.push(Entry::decode(chunk).ok_or_else(|| corrupt(format!("entry {i} is malformed")))?);
             }
             (table, dirty)
         };
@@ -103,11 +96,7 @@ impl Extent {
             sum_path,
             dat,
             sum,
-            state: RwLock::new(State {
-                table,
-                generation: 0,
-                header_dirty: dirty,
-            }),
+            state: RwLock::new(State { table, generation: 0, header_dirty: dirty }),
         };
         if dirty {
             ext.recover()?;
@@ -127,13 +116,7 @@ impl Extent {
             read_full(&self.dat, &self.dat_path, &mut block, i as u64 * BS)?;
             let crc = block_checksum(&block);
             if crc != e.crc {
-                fixed.push((
-                    i,
-                    Entry {
-                        crc,
-                        state: BlockState::Data,
-                    },
-                ));
+                fixed.push((i, Entry { crc, state: BlockState::Data }));
             }
         }
         for (i, e) in &fixed {
@@ -158,9 +141,7 @@ impl Extent {
     }
 
     fn set_header(&self, dirty: bool) -> Result<()> {
-        self.sum
-            .write_all_at(&layout::encode_header(dirty), 0)
-            .map_err(|e| StoreError::io("write", &self.sum_path, e))
+        self.sum.write_all_at(&layout::encode_header(dirty), 0).map_err(|e| StoreError::io("write", &self.sum_path, e))
     }
 
     fn entry(table: &[Entry], block: u64) -> Entry {
@@ -181,10 +162,7 @@ impl Extent {
             match e.state {
                 BlockState::Data => {
                     if block_checksum(chunk) != e.crc {
-                        return Err(StoreError::Checksum {
-                            extent: self.id,
-                            block: b,
-                        });
+                        return Err(StoreError::Checksum { extent: self.id, block: b });
                     }
                 }
                 BlockState::Absent | BlockState::Zero => chunk.fill(0),
@@ -219,12 +197,7 @@ impl Extent {
 
     /// Writes `data` at `offset`. Unaligned edges are read, verified and merged.
     /// `space` is called with the bytes newly allocated before anything is written.
-    pub fn write(
-        &self,
-        offset: u64,
-        data: &[u8],
-        space: &dyn Fn(u64) -> Result<()>,
-    ) -> Result<i64> {
+    pub fn write(&self, offset: u64, data: &[u8], space: &dyn Fn(u64) -> Result<()>) -> Result<i64> {
         let mut st = self.state.write().expect("extent lock poisoned");
         let first = offset / BS;
         let end = (offset + data.len() as u64).div_ceil(BS);
@@ -245,16 +218,9 @@ impl Extent {
             merged = buf;
             &merged
         };
-        let entries: Vec<Entry> = bytes
-            .chunks_exact(BLOCK_SIZE)
-            .map(|c| Entry {
-                crc: block_checksum(c),
-                state: BlockState::Data,
-            })
-            .collect();
-        let new_blocks = (first..end)
-            .filter(|b| Self::entry(&st.table, *b).state != BlockState::Data)
-            .count() as u64;
+        let entries: Vec<Entry> =
+            bytes.chunks_exact(BLOCK_SIZE).map(|c| Entry { crc: block_checksum(c), state: BlockState::Data }).collect();
+        let new_blocks = (first..end).filter(|b| Self::entry(&st.table, *b).state != BlockState::Data).count() as u64;
         space(new_blocks * BS)?;
         self.begin_change(&mut st)?;
         if st.table.len() < end as usize {
@@ -262,9 +228,7 @@ impl Extent {
         }
         st.table[first as usize..end as usize].copy_from_slice(&entries);
         self.write_entries(first, &entries)?;
-        self.dat
-            .write_all_at(bytes, first * BS)
-            .map_err(|e| StoreError::io("write", &self.dat_path, e))?;
+        self.dat.write_all_at(bytes, first * BS).map_err(|e| StoreError::io("write", &self.dat_path, e))?;
         Ok((new_blocks * BS) as i64)
     }
 
@@ -280,32 +244,27 @@ impl Extent {
             return self.write(offset, &vec![0u8; len as usize], space);
         }
         if offset < first_full * BS {
-            delta += self.write(
-                offset,
-                &vec![0u8; (first_full * BS - offset) as usize],
-                space,
-            )?;
+            delta += self.write(offset, &vec![0u8; (first_full * BS - offset) as usize], space)?;
         }
         if end > end_full * BS {
-            delta += self.write(
-                end_full * BS,
-                &vec![0u8; (end - end_full * BS) as usize],
-                space,
-            )?;
+            delta += self.write(end_full * BS, &vec![0u8; (end - end_full * BS) as usize], space)?;
         }
         let mut st = self.state.write().expect("extent lock poisoned");
+        // Every whole block becomes Zero, also never-written ones: an Absent block would
+        // accept a later copy of older data (FILL), undoing this zeroing.
         let known = (st.table.len() as u64).min(end_full);
-        if first_full < known {
-            let freed = (first_full..known)
-                .filter(|b| st.table[*b as usize].state == BlockState::Data)
-                .count() as i64;
-            self.begin_change(&mut st)?;
-            let zeros = vec![Entry::ZERO; (known - first_full) as usize];
-            st.table[first_full as usize..known as usize].copy_from_slice(&zeros);
-            self.write_entries(first_full, &zeros)?;
-            self.punch(first_full * BS, (known - first_full) * BS)?;
-            delta -= freed * BS as i64;
+        let freed = (first_full..known).filter(|b| st.table[*b as usize].state == BlockState::Data).count() as i64;
+        self.begin_change(&mut st)?;
+        if st.table.len() < end_full as usize {
+            st.table.resize(end_full as usize, Entry::ABSENT);
         }
+        let zeros = vec![Entry::ZERO; (end_full - first_full) as usize];
+        st.table[first_full as usize..end_full as usize].copy_from_slice(&zeros);
+        self.write_entries(first_full, &zeros)?;
+        if first_full < known {
+            self.punch(first_full * BS, (known - first_full) * BS)?;
+        }
+        delta -= freed * BS as i64;
         Ok(delta)
     }
 
@@ -337,12 +296,8 @@ impl Extent {
 
     /// fdatasync of both files.
     pub fn sync(&self) -> Result<()> {
-        self.dat
-            .sync_data()
-            .map_err(|e| StoreError::io("fdatasync", &self.dat_path, e))?;
-        self.sum
-            .sync_data()
-            .map_err(|e| StoreError::io("fdatasync", &self.sum_path, e))
+        self.dat.sync_data().map_err(|e| StoreError::io("fdatasync", &self.dat_path, e))?;
+        self.sum.sync_data().map_err(|e| StoreError::io("fdatasync", &self.sum_path, e))
     }
 
     /// Clears the dirty mark if nothing changed since `generation` was read. Returns
@@ -359,19 +314,75 @@ impl Extent {
         Ok(true)
     }
 
+    /// The state of every block in the table (blocks past its end are Absent).
+    pub fn states(&self) -> Vec<BlockState> {
+        self.state.read().expect("extent lock poisoned").table.iter().map(|e| e.state).collect()
+    }
+
+    /// Copies in blocks that are Absent here, leaving every other block as it
+    /// is: `data` (block-aligned) for Data, or `None` to mark them Zero. A
+    /// rebalance uses this, so that a copy never overwrites a newer write.
+    pub fn fill_absent(
+        &self,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+        space: &dyn Fn(u64) -> Result<()>,
+    ) -> Result<i64> {
+        let mut st = self.state.write().expect("extent lock poisoned");
+        let first = offset / BS;
+        let n = len / BS;
+        let absent: Vec<u64> =
+            (first..first + n).filter(|b| Self::entry(&st.table, *b).state == BlockState::Absent).collect();
+        if absent.is_empty() {
+            return Ok(0);
+        }
+        if data.is_some() {
+            space(absent.len() as u64 * BS)?;
+        }
+        self.begin_change(&mut st)?;
+        if st.table.len() < (first + n) as usize {
+            st.table.resize((first + n) as usize, Entry::ABSENT);
+        }
+        // Runs of consecutive absent blocks: one table write and one data write each.
+        let mut i = 0;
+        while i < absent.len() {
+            let mut j = i + 1;
+            while j < absent.len() && absent[j] == absent[j - 1] + 1 {
+                j += 1;
+            }
+            let (b0, b1) = (absent[i], absent[j - 1] + 1);
+            let entries: Vec<Entry> = match data {
+                Some(d) => {
+                    let bytes = &d[((b0 - first) * BS) as usize..((b1 - first) * BS) as usize];
+                    let entries: Vec<Entry> = bytes
+                        .chunks_exact(BLOCK_SIZE)
+                        .map(|c| Entry { crc: block_checksum(c), state: BlockState::Data })
+                        .collect();
+                    self.write_entries(b0, &entries)?;
+                    self.dat.write_all_at(bytes, b0 * BS).map_err(|e| StoreError::io("write", &self.dat_path, e))?;
+                    entries
+                }
+                None => {
+                    let entries = vec![Entry::ZERO; (b1 - b0) as usize];
+                    self.write_entries(b0, &entries)?;
+                    entries
+                }
+            };
+            st.table[b0 as usize..b1 as usize].copy_from_slice(&entries);
+            i = j;
+        }
+        Ok(if data.is_some() { (absent.len() as u64 * BS) as i64 } else { 0 })
+    }
+
     pub fn data_blocks(&self) -> u64 {
         let st = self.state.read().expect("extent lock poisoned");
-        st.table
-            .iter()
-            .filter(|e| e.state == BlockState::Data)
-            .count() as u64
+        st.table.iter().filter(|e| e.state == BlockState::Data).count() as u64
     }
 }
 
 /// Allocated bytes of a data file (what it costs on disk).
 pub(crate) fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .map(|m| m.blocks() * 512)
-        .unwrap_or(0)
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
 }

@@ -18,10 +18,7 @@ pub(crate) struct Fences {
 impl Fences {
     pub fn open(dir: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
-        Ok(Fences {
-            dir,
-            map: Mutex::new(HashMap::new()),
-        })
+        Ok(Fences { dir, map: Mutex::new(HashMap::new()) })
     }
 
     fn path(&self, vol: VolumeId) -> PathBuf {
@@ -39,10 +36,7 @@ impl Fences {
                 StoreError::io(
                     "parse",
                     &path,
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "epoch file is not a number",
-                    ),
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "epoch file is not a number"),
                 )
             })?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Epoch(0),
@@ -75,11 +69,8 @@ pub(crate) fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()>
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io("create", &tmp, e))?;
-    f.write_all(bytes)
-        .map_err(|e| StoreError::io("write", &tmp, e))?;
+    f.write_all(bytes).map_err(|e| StoreError::io("write", &tmp, e))?;
     f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| StoreError::io("rename", path, e))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::io("fsync", dir, e))
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io("fsync", dir, e))
 }

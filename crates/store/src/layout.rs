@@ -32,14 +32,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub const ABSENT: Entry = Entry {
-        crc: 0,
-        state: BlockState::Absent,
-    };
-    pub const ZERO: Entry = Entry {
-        crc: 0,
-        state: BlockState::Zero,
-    };
+    pub const ABSENT: Entry = Entry { crc: 0, state: BlockState::Absent };
+    pub const ZERO: Entry = Entry { crc: 0, state: BlockState::Zero };
 
     pub fn encode(&self, out: &mut [u8]) {
         out[0..4].copy_from_slice(&self.crc.to_le_bytes());
@@ -77,10 +71,7 @@ pub fn encode_header(dirty: bool) -> [u8; HEADER_SIZE as usize] {
 /// Decodes a header; returns the dirty flag, or why it is not valid.
 pub fn decode_header(h: &[u8]) -> Result<bool, String> {
     if h.len() < HEADER_SIZE as usize {
-        return Err(format!(
-            "header is {} bytes, expected {HEADER_SIZE}",
-            h.len()
-        ));
+        return Err(format!("header is {} bytes, expected {HEADER_SIZE}", h.len()));
     }
     if &h[0..4] != MAGIC {
         return Err("bad magic".into());
@@ -120,10 +111,7 @@ mod tests {
     #[test]
     fn entry_round_trip() {
         let mut b = [0u8; 8];
-        let e = Entry {
-            crc: 0xdead_beef,
-            state: BlockState::Data,
-        };
+        let e = Entry { crc: 0xdead_beef, state: BlockState::Data };
         e.encode(&mut b);
         assert_eq!(Entry::decode(&b), Some(e));
         b[4] = 9;

@@ -18,6 +18,7 @@ mod layout;
 mod store;
 
 pub use error::StoreError;
+pub use layout::BlockState;
 pub use store::{ExtentStat, Store, StoreOptions};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -23,10 +23,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions {
-            capacity: u64::MAX,
-            max_open_extents: 1024,
-        }
+        StoreOptions { capacity: u64::MAX, max_open_extents: 1024 }
     }
 }
 
@@ -92,23 +89,13 @@ impl Store {
         let ext_dir = self.root.join("extents");
         let vols = std::fs::read_dir(&ext_dir).map_err(|e| StoreError::io("list", &ext_dir, e))?;
         for v in vols.flatten() {
-            let Some(vol) = v
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse().ok())
-                .map(VolumeId)
-            else {
+            let Some(vol) = v.file_name().to_str().and_then(|s| s.parse().ok()).map(VolumeId) else {
                 continue;
             };
-            let files =
-                std::fs::read_dir(v.path()).map_err(|e| StoreError::io("list", &v.path(), e))?;
+            let files = std::fs::read_dir(v.path()).map_err(|e| StoreError::io("list", &v.path(), e))?;
             for f in files.flatten() {
                 let name = f.file_name();
-                let Some(idx) = name
-                    .to_str()
-                    .and_then(|s| s.strip_suffix(".dat"))
-                    .and_then(|s| s.parse().ok())
-                else {
+                let Some(idx) = name.to_str().and_then(|s| s.strip_suffix(".dat")).and_then(|s| s.parse().ok()) else {
                     continue;
                 };
                 out.push((ExtentId::new(vol, idx), f.path()));
@@ -123,10 +110,7 @@ impl Store {
         let mut out = Vec::new();
         for (id, _) in self.walk()? {
             if let Some(ext) = self.extent(id, false)? {
-                out.push(ExtentStat {
-                    id,
-                    data_blocks: ext.data_blocks(),
-                });
+                out.push(ExtentStat { id, data_blocks: ext.data_blocks() });
             }
         }
         Ok(out)
@@ -134,9 +118,7 @@ impl Store {
 
     fn check_failed(&self) -> Result<()> {
         match &*self.failed.lock().expect("failed flag poisoned") {
-            Some(reason) => Err(StoreError::Failed {
-                reason: reason.clone(),
-            }),
+            Some(reason) => Err(StoreError::Failed { reason: reason.clone() }),
             None => Ok(()),
         }
     }
@@ -165,11 +147,7 @@ impl Store {
     fn check_range(offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= MAX_EXTENT_SIZE => Ok(()),
-            _ => Err(StoreError::OutOfRange {
-                offset,
-                len,
-                max: MAX_EXTENT_SIZE,
-            }),
+            _ => Err(StoreError::OutOfRange { offset, len, max: MAX_EXTENT_SIZE }),
         }
     }
 
@@ -188,10 +166,7 @@ impl Store {
     fn reserve(&self, bytes: u64) -> Result<()> {
         let used = self.used.load(Ordering::Relaxed);
         if bytes > 0 && used.saturating_add(bytes) > self.opts.capacity {
-            return Err(StoreError::NoSpace {
-                used,
-                capacity: self.opts.capacity,
-            });
+            return Err(StoreError::NoSpace { used, capacity: self.opts.capacity });
         }
         Ok(())
     }
@@ -202,9 +177,7 @@ impl Store {
         } else {
             let _ = self
                 .used
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-                    Some(u.saturating_sub((-delta) as u64))
-                });
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub((-delta) as u64)));
         }
     }
 
@@ -215,11 +188,7 @@ impl Store {
             let fence = self.fences.get(id.volume)?;
             let current = *fence.read().expect("fence poisoned");
             if epoch < current {
-                return Err(StoreError::Fenced {
-                    volume: id.volume,
-                    epoch,
-                    current,
-                });
+                return Err(StoreError::Fenced { volume: id.volume, epoch, current });
             }
             if epoch > current {
                 self.fences.raise(id.volume, epoch)?;
@@ -233,10 +202,7 @@ impl Store {
             let res = f(&ext);
             // Registered after the change (even a failed one may have written part):
             // the flush that removes it checks the generation under this map's lock.
-            self.dirty
-                .lock()
-                .expect("dirty map poisoned")
-                .insert(id, ext.clone());
+            self.dirty.lock().expect("dirty map poisoned").insert(id, ext.clone());
             self.account(res?);
             return Ok(());
         }
@@ -245,9 +211,7 @@ impl Store {
     /// Writes `data` at `offset` within the extent, for a writer of `epoch`.
     pub fn write(&self, id: ExtentId, offset: u64, data: &[u8], epoch: Epoch) -> Result<()> {
         Self::check_range(offset, data.len() as u64)?;
-        self.mutate(id, epoch, |ext| {
-            ext.write(offset, data, &|b| self.reserve(b))
-        })
+        self.mutate(id, epoch, |ext| ext.write(offset, data, &|b| self.reserve(b)))
     }
 
     /// Zeroes a range (TRIM and WRITE_ZEROES both land here), freeing whole blocks.
@@ -257,6 +221,50 @@ impl Store {
             return Ok(());
         }
         self.mutate(id, epoch, |ext| ext.zero(offset, len, &|b| self.reserve(b)))
+    }
+
+    /// The state of each block of an extent, or `None` if this node holds none of it.
+    pub fn block_states(&self, id: ExtentId) -> Result<Option<Vec<crate::BlockState>>> {
+        Ok(self.extent(id, false)?.map(|e| e.states()))
+    }
+
+    /// Copies blocks in from another replica without overwriting any block
+    /// written here (rebalance and repair). `offset` and the length must be
+    /// block-aligned; `data: None` marks the range's absent blocks as zero.
+    pub fn fill(&self, id: ExtentId, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        Self::check_range(offset, len)?;
+        let bs = torus_types::BLOCK_SIZE as u64;
+        if offset % bs != 0 || len % bs != 0 || data.is_some_and(|d| d.len() as u64 != len) {
+            return Err(StoreError::OutOfRange { offset, len, max: MAX_EXTENT_SIZE });
+        }
+        self.check_failed()?;
+        let ext = self.extent(id, true)?.expect("extent created on demand");
+        let res = ext.fill_absent(offset, len, data, &|b| self.reserve(b));
+        self.dirty.lock().expect("dirty map poisoned").insert(id, ext.clone());
+        self.account(res?);
+        Ok(())
+    }
+
+    /// Deletes one extent replica (it has moved elsewhere).
+    pub fn delete_extent(&self, id: ExtentId) -> Result<()> {
+        {
+            let mut open = self.open.lock().expect("extent map poisoned");
+            let mut dirty = self.dirty.lock().expect("dirty map poisoned");
+            open.remove(&id);
+            dirty.remove(&id);
+        }
+        let dir = self.vol_dir(id.volume);
+        let dat = dir.join(format!("{}.dat", id.index));
+        let freed = allocated(&dat);
+        for p in [dir.join(format!("{}.sum", id.index)), dat] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove", &p, e)),
+            }
+        }
+        self.account(-(freed as i64));
+        Ok(())
     }
 
     /// The newest epoch seen for a volume.
@@ -280,21 +288,11 @@ impl Store {
         }
         self.check_failed()?;
         let covers = self.flush_requests.load(Ordering::SeqCst);
-        let batch: Vec<Arc<Extent>> = self
-            .dirty
-            .lock()
-            .expect("dirty map poisoned")
-            .values()
-            .cloned()
-            .collect();
+        let batch: Vec<Arc<Extent>> = self.dirty.lock().expect("dirty map poisoned").values().cloned().collect();
         let me = self.clone();
         let res = tokio::task::spawn_blocking(move || me.sync_batch(batch))
             .await
-            .unwrap_or_else(|e| {
-                Err(StoreError::Failed {
-                    reason: format!("flush task died: {e}"),
-                })
-            });
+            .unwrap_or_else(|e| Err(StoreError::Failed { reason: format!("flush task died: {e}") }));
         if let Err(e) = &res {
             // fsyncgate: after a failed fdatasync the page cache may have dropped the
             // data; never pretend a later flush could make it durable.
@@ -354,15 +352,10 @@ mod tests {
     use std::io::{Seek, SeekFrom, Write};
 
     const V: VolumeId = VolumeId(7);
-    const E0: ExtentId = ExtentId {
-        volume: V,
-        index: 0,
-    };
+    const E0: ExtentId = ExtentId { volume: V, index: 0 };
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect()
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
     }
 
     fn open(dir: &Path) -> Arc<Store> {
@@ -423,10 +416,7 @@ mod tests {
         s.write(E0, 0, &pattern(8192, 5), Epoch(0)).unwrap();
         s.flush().await.unwrap();
         drop(s);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.path().join("extents/7/0.dat"))
-            .unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(dir.path().join("extents/7/0.dat")).unwrap();
         f.seek(SeekFrom::Start(4096 + 17)).unwrap();
         f.write_all(&[0xff]).unwrap();
         drop(f);
@@ -438,10 +428,7 @@ mod tests {
             other => panic!("expected a checksum error, got {other:?}"),
         }
         // An unaligned write that needs the corrupt block's old bytes fails too.
-        assert!(matches!(
-            s.write(E0, 4096 + 10, &[1, 2, 3], Epoch(0)),
-            Err(StoreError::Checksum { .. })
-        ));
+        assert!(matches!(s.write(E0, 4096 + 10, &[1, 2, 3], Epoch(0)), Err(StoreError::Checksum { .. })));
         // A whole-block overwrite heals it.
         s.write(E0, 4096, &pattern(4096, 6), Epoch(0)).unwrap();
         s.read(E0, 4096, &mut buf).unwrap();
@@ -467,8 +454,7 @@ mod tests {
             .unwrap();
         let s = open(dir.path());
         let mut buf = vec![0u8; 4096];
-        s.read(E0, 0, &mut buf)
-            .expect("a block cut mid-write reads (old or new), not as corrupt");
+        s.read(E0, 0, &mut buf).expect("a block cut mid-write reads (old or new), not as corrupt");
         assert_eq!(buf, old);
     }
 
@@ -477,48 +463,49 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
         s.write(E0, 0, &pattern(4096, 1), Epoch(5)).unwrap();
-        assert!(matches!(
-            s.write(E0, 0, &pattern(4096, 2), Epoch(4)),
-            Err(StoreError::Fenced { .. })
-        ));
+        assert!(matches!(s.write(E0, 0, &pattern(4096, 2), Epoch(4)), Err(StoreError::Fenced { .. })));
         s.fence(V, Epoch(9)).unwrap();
-        assert!(matches!(
-            s.zero(E0, 0, 4096, Epoch(5)),
-            Err(StoreError::Fenced { .. })
-        ));
+        assert!(matches!(s.zero(E0, 0, 4096, Epoch(5)), Err(StoreError::Fenced { .. })));
         drop(s);
         let s = open(dir.path());
         assert_eq!(s.epoch(V).unwrap(), Epoch(9), "epochs survive restart");
-        assert!(matches!(
-            s.write(E0, 0, &pattern(4096, 2), Epoch(8)),
-            Err(StoreError::Fenced { .. })
-        ));
+        assert!(matches!(s.write(E0, 0, &pattern(4096, 2), Epoch(8)), Err(StoreError::Fenced { .. })));
         s.write(E0, 0, &pattern(4096, 2), Epoch(9)).unwrap();
     }
 
     #[tokio::test]
     async fn capacity_is_enforced() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Arc::new(
-            Store::open(
-                dir.path(),
-                StoreOptions {
-                    capacity: 8192,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-        );
+        let s = Arc::new(Store::open(dir.path(), StoreOptions { capacity: 8192, ..Default::default() }).unwrap());
         s.write(E0, 0, &pattern(8192, 1), Epoch(0)).unwrap();
-        s.write(E0, 0, &pattern(8192, 2), Epoch(0))
-            .expect("overwrites need no new space");
-        assert!(matches!(
-            s.write(E0, 8192, &pattern(4096, 1), Epoch(0)),
-            Err(StoreError::NoSpace { .. })
-        ));
+        s.write(E0, 0, &pattern(8192, 2), Epoch(0)).expect("overwrites need no new space");
+        assert!(matches!(s.write(E0, 8192, &pattern(4096, 1), Epoch(0)), Err(StoreError::NoSpace { .. })));
         s.zero(E0, 0, 4096, Epoch(0)).unwrap();
-        s.write(E0, 8192, &pattern(4096, 1), Epoch(0))
-            .expect("space freed by zeroing is reusable");
+        s.write(E0, 8192, &pattern(4096, 1), Epoch(0)).expect("space freed by zeroing is reusable");
+    }
+
+    #[tokio::test]
+    async fn fill_never_overwrites_written_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let newer = pattern(4096, 9);
+        s.write(E0, 4096, &newer, Epoch(0)).unwrap();
+        s.zero(E0, 12288, 4096, Epoch(0)).unwrap();
+        // A copy of an older version of blocks 0..4 arrives afterwards.
+        let older = pattern(16384, 1);
+        s.fill(E0, 0, 16384, Some(&older)).unwrap();
+        let mut got = vec![0u8; 16384];
+        s.read(E0, 0, &mut got).unwrap();
+        assert_eq!(got[..4096], older[..4096], "absent block filled");
+        assert_eq!(got[4096..8192], newer[..], "written block kept");
+        assert_eq!(got[8192..12288], older[8192..12288], "absent block filled");
+        assert!(got[12288..].iter().all(|b| *b == 0), "zeroed block kept");
+        s.fill(E0, 16384, 8192, None).unwrap();
+        let states = s.block_states(E0).unwrap().unwrap();
+        assert_eq!(states[4..6], [crate::BlockState::Zero, crate::BlockState::Zero]);
+        assert!(s.fill(E0, 100, 4096, None).is_err(), "unaligned fills are refused");
+        s.delete_extent(E0).unwrap();
+        assert_eq!(s.block_states(E0).unwrap(), None);
     }
 
     #[tokio::test]
@@ -526,21 +513,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path());
         s.write(E0, 0, &pattern(4096, 1), Epoch(0)).unwrap();
-        s.write(ExtentId::new(V, 3), 0, &pattern(8192, 1), Epoch(0))
-            .unwrap();
+        s.write(ExtentId::new(V, 3), 0, &pattern(8192, 1), Epoch(0)).unwrap();
         let list = s.extents().unwrap();
         assert_eq!(
             list,
-            vec![
-                ExtentStat {
-                    id: E0,
-                    data_blocks: 1
-                },
-                ExtentStat {
-                    id: ExtentId::new(V, 3),
-                    data_blocks: 2
-                }
-            ]
+            vec![ExtentStat { id: E0, data_blocks: 1 }, ExtentStat { id: ExtentId::new(V, 3), data_blocks: 2 }]
         );
         s.delete_volume(V).unwrap();
         assert!(s.extents().unwrap().is_empty());

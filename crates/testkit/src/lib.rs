@@ -31,8 +31,7 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// Fails the test with a clear message if a required program is missing.
 pub fn require(program: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-        .unwrap_or(false);
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file())).unwrap_or(false);
     assert!(found, "{program} is not installed: run .ci/run or scripts/test (they install the test dependencies)");
 }

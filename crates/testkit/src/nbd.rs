@@ -17,8 +17,7 @@ impl Raw {
     /// Connects and reads the server's greeting; returns the handshake flags.
     pub fn connect(addr: &str) -> (Raw, u16) {
         let s = TcpStream::connect(addr).expect("connect to NBD server");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let mut r = Raw { s };
         let mut g = [0u8; 18];
         r.s.read_exact(&mut g).expect("greeting");
@@ -43,19 +42,11 @@ impl Raw {
     pub fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
         let mut h = [0u8; 20];
         self.s.read_exact(&mut h).expect("option reply");
-        assert_eq!(
-            u64::from_be_bytes(h[0..8].try_into().unwrap()),
-            0x0003_e889_0455_65a9,
-            "option reply magic"
-        );
+        assert_eq!(u64::from_be_bytes(h[0..8].try_into().unwrap()), 0x0003_e889_0455_65a9, "option reply magic");
         let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
         let mut d = vec![0u8; len];
         self.s.read_exact(&mut d).expect("option reply data");
-        (
-            u32::from_be_bytes(h[8..12].try_into().unwrap()),
-            u32::from_be_bytes(h[12..16].try_into().unwrap()),
-            d,
-        )
+        (u32::from_be_bytes(h[8..12].try_into().unwrap()), u32::from_be_bytes(h[12..16].try_into().unwrap()), d)
     }
 
     /// NBD_OPT_GO for `name`; returns (size, flags) or the error reply (type, message).
@@ -77,24 +68,14 @@ impl Raw {
                         ));
                     }
                 }
-                k if k & (1 << 31) != 0 => {
-                    return Err((k, String::from_utf8_lossy(&data).into_owned()))
-                }
+                k if k & (1 << 31) != 0 => return Err((k, String::from_utf8_lossy(&data).into_owned())),
                 k => panic!("unexpected reply type {k}"),
             }
         }
     }
 
     /// Sends a transmission request (with payload for writes).
-    pub fn request(
-        &mut self,
-        flags: u16,
-        kind: u16,
-        cookie: u64,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) {
+    pub fn request(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
         let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
         b.extend_from_slice(&flags.to_be_bytes());
         b.extend_from_slice(&kind.to_be_bytes());
@@ -109,11 +90,7 @@ impl Raw {
     pub fn reply(&mut self, data_len: usize) -> (u32, u64, Vec<u8>) {
         let mut h = [0u8; 16];
         self.s.read_exact(&mut h).expect("simple reply");
-        assert_eq!(
-            u32::from_be_bytes(h[0..4].try_into().unwrap()),
-            0x6744_6698,
-            "simple reply magic"
-        );
+        assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x6744_6698, "simple reply magic");
         let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
         let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
         let mut d = vec![0u8; if err == 0 { data_len } else { 0 }];

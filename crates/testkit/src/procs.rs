@@ -10,10 +10,7 @@ use std::time::{Duration, Instant};
 
 /// A free loopback TCP port (bound once and released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
 }
 
 /// The path of one of our binaries, next to the test executable's directory.
@@ -25,11 +22,7 @@ pub fn bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(
-        p.is_file(),
-        "{} not built: run `cargo build --workspace --bins` first (scripts/test does)",
-        p.display()
-    );
+    assert!(p.is_file(), "{} not built: run `cargo build --workspace --bins` first (scripts/test does)", p.display());
     p
 }
 
@@ -78,11 +71,7 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Output {
-        status,
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-    }
+    Output { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default() }
 }
 
 /// A long-running child process, logged to a file, killed on drop.
@@ -101,11 +90,7 @@ fn signal(pid: u32, sig: i32) {
 
 impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("open log file");
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open log file");
         let f2 = f.try_clone().expect("clone log file");
         let child = cmd
             .stdin(Stdio::null())
@@ -113,11 +98,7 @@ impl Proc {
             .stderr(Stdio::from(f2))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Proc {
-            child: Some(child),
-            name: name.to_string(),
-            log,
-        }
+        Proc { child: Some(child), name: name.to_string(), log }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -190,9 +171,7 @@ fn etcd_healthy(endpoint: &str) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .is_err()
-    {
+    if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).is_err() {
         return false;
     }
     let mut body = String::new();
@@ -212,11 +191,7 @@ impl Etcd {
     pub fn start() -> Etcd {
         if let Ok(ep) = std::env::var("TORUS_TEST_ETCD") {
             if !ep.is_empty() {
-                return Etcd {
-                    endpoint: ep,
-                    proc: None,
-                    _dir: None,
-                };
+                return Etcd { endpoint: ep, proc: None, _dir: None };
             }
         }
         Self::start_private()
@@ -246,14 +221,8 @@ impl Etcd {
             .arg("--log-level")
             .arg("warn");
         let proc = Proc::spawn("etcd", cmd, dir.path().join("etcd.log"));
-        let e = Etcd {
-            endpoint: endpoint.clone(),
-            proc: Some(proc),
-            _dir: Some(dir),
-        };
-        wait_until(Duration::from_secs(30), "etcd to become healthy", || {
-            etcd_healthy(&endpoint)
-        });
+        let e = Etcd { endpoint: endpoint.clone(), proc: Some(proc), _dir: Some(dir) };
+        wait_until(Duration::from_secs(30), "etcd to become healthy", || etcd_healthy(&endpoint));
         e
     }
 
@@ -266,15 +235,9 @@ static PREFIX_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A unique etcd key prefix for one test.
 pub fn unique_prefix() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "/torus-test-{}-{}-{nanos}",
-        std::process::id(),
-        PREFIX_SEQ.fetch_add(1, Ordering::Relaxed)
-    )
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("/torus-test-{}-{}-{nanos}", std::process::id(), PREFIX_SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 /// One torusd under test.
@@ -315,12 +278,8 @@ impl Cluster {
     }
 
     pub fn start_with(etcd: Etcd, n: usize, replication: u32, size: &str) -> Cluster {
-        let mut c = Cluster {
-            etcd,
-            prefix: unique_prefix(),
-            dir: tempfile::tempdir().expect("temp dir"),
-            nodes: Vec::new(),
-        };
+        let mut c =
+            Cluster { etcd, prefix: unique_prefix(), dir: tempfile::tempdir().expect("temp dir"), nodes: Vec::new() };
         c.ctl_ok(&["init", "--replication", &replication.to_string()]);
         for i in 0..n {
             c.add_node(size);
@@ -332,9 +291,7 @@ impl Cluster {
     }
 
     fn env(&self, cmd: &mut Command) {
-        cmd.env("TORUS_ETCD", &self.etcd.endpoint)
-            .env("TORUS_ETCD_PREFIX", &self.prefix)
-            .env("RUST_LOG", "info");
+        cmd.env("TORUS_ETCD", &self.etcd.endpoint).env("TORUS_ETCD_PREFIX", &self.prefix).env("RUST_LOG", "info");
     }
 
     /// A command for one of our binaries, pointed at this cluster's etcd and prefix.
@@ -392,21 +349,14 @@ impl Cluster {
         let addr = n.peer_addr.clone();
         self.nodes[i].proc = Some(proc);
         let log = self.nodes[i].log.clone();
-        wait_until(
-            Duration::from_secs(30),
-            &format!("torusd {i} to listen on {addr}"),
-            || {
-                let up = TcpStream::connect(&addr).is_ok();
-                if !up {
-                    let text = std::fs::read_to_string(&log).unwrap_or_default();
-                    assert!(
-                        !text.contains("torusd: "),
-                        "torusd {i} failed to start: {text}"
-                    );
-                }
-                up
-            },
-        );
+        wait_until(Duration::from_secs(30), &format!("torusd {i} to listen on {addr}"), || {
+            let up = TcpStream::connect(&addr).is_ok();
+            if !up {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                assert!(!text.contains("torusd: "), "torusd {i} failed to start: {text}");
+            }
+            up
+        });
     }
 
     pub fn node(&mut self, i: usize) -> &mut Proc {
@@ -415,18 +365,10 @@ impl Cluster {
 
     /// Waits until `n` nodes are registered.
     pub fn wait_peers(&self, n: usize) {
-        wait_until(
-            Duration::from_secs(30),
-            &format!("{n} registered peers"),
-            || {
-                let out = self.ctl(&["list-peers", "-o", "json"]);
-                out.status.success()
-                    && String::from_utf8_lossy(&out.stdout)
-                        .matches("\"in_ring\"")
-                        .count()
-                        >= n
-            },
-        );
+        wait_until(Duration::from_secs(30), &format!("{n} registered peers"), || {
+            let out = self.ctl(&["list-peers", "-o", "json"]);
+            out.status.success() && String::from_utf8_lossy(&out.stdout).matches("\"in_ring\"").count() >= n
+        });
     }
 
     /// Starts `torusblk nbdserve` on a free port with extra flags.
@@ -434,16 +376,11 @@ impl Cluster {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = self.cmd("torusblk");
         cmd.arg("nbdserve").arg("--listen").arg(&addr).args(extra);
-        let log = self
-            .dir
-            .path()
-            .join(format!("blk-{}.log", addr.replace(':', "_")));
+        let log = self.dir.path().join(format!("blk-{}.log", addr.replace(':', "_")));
         let proc = Proc::spawn("torusblk", cmd, log.clone());
-        wait_until(
-            Duration::from_secs(30),
-            &format!("torusblk to listen on {addr}"),
-            || TcpStream::connect(&addr).is_ok(),
-        );
+        wait_until(Duration::from_secs(30), &format!("torusblk to listen on {addr}"), || {
+            TcpStream::connect(&addr).is_ok()
+        });
         Blk { proc, addr }
     }
 
@@ -475,13 +412,7 @@ impl Drop for Cluster {
         if self.etcd.proc.is_none() && !std::thread::panicking() {
             let _ = Command::new("etcdctl")
                 .env("ETCDCTL_API", "3")
-                .args([
-                    "--endpoints",
-                    &self.etcd.endpoint,
-                    "del",
-                    "--prefix",
-                    &format!("{}/", self.prefix),
-                ])
+                .args(["--endpoints", &self.etcd.endpoint, "del", "--prefix", &format!("{}/", self.prefix)])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();

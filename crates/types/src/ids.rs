@@ -76,9 +76,7 @@ impl fmt::Display for NodeId {
 /// A writer's epoch for one volume: the metadata-store revision at which its
 /// lock was granted. Strictly increasing across successive holders, so a node
 /// can refuse a write carrying an epoch older than one it has already seen.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
 pub struct Epoch(pub u64);
 
 impl fmt::Display for Epoch {

@@ -9,9 +9,7 @@ use thiserror::Error;
 pub enum SizeError {
     #[error("size is empty")]
     Empty,
-    #[error(
-        "size {input:?} is not a number with an optional unit (examples: 4096, 512MiB, 10GiB, 1T)"
-    )]
+    #[error("size {input:?} is not a number with an optional unit (examples: 4096, 512MiB, 10GiB, 1T)")]
     Malformed { input: String },
     #[error("unknown unit {unit:?} in size {input:?} (use B, K/KiB, M/MiB, G/GiB, T/TiB, P/PiB, KB, MB, GB, TB)")]
     UnknownUnit { input: String, unit: String },
@@ -25,16 +23,11 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     if s.is_empty() {
         return Err(SizeError::Empty);
     }
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let unit = unit.trim();
-    if num.is_empty() || num.starts_with('.') || num.ends_with('.') || num.matches('.').count() > 1
-    {
-        return Err(SizeError::Malformed {
-            input: input.to_string(),
-        });
+    if num.is_empty() || num.starts_with('.') || num.ends_with('.') || num.matches('.').count() > 1 {
+        return Err(SizeError::Malformed { input: input.to_string() });
     }
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -47,16 +40,9 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
         "tb" => 1_000_000_000_000,
-        _ => {
-            return Err(SizeError::UnknownUnit {
-                input: input.to_string(),
-                unit: unit.to_string(),
-            })
-        }
+        _ => return Err(SizeError::UnknownUnit { input: input.to_string(), unit: unit.to_string() }),
     };
-    let overflow = || SizeError::Overflow {
-        input: input.to_string(),
-    };
+    let overflow = || SizeError::Overflow { input: input.to_string() };
     match num.split_once('.') {
         None => {
             let n: u64 = num.parse().map_err(|_| overflow())?;
@@ -66,17 +52,11 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
             // Exact decimal arithmetic: int * mult + frac * mult / 10^len(frac).
             let int: u64 = int.parse().map_err(|_| overflow())?;
             if frac.len() > 18 {
-                return Err(SizeError::Malformed {
-                    input: input.to_string(),
-                });
+                return Err(SizeError::Malformed { input: input.to_string() });
             }
-            let frac_n: u128 = frac.parse().map_err(|_| SizeError::Malformed {
-                input: input.to_string(),
-            })?;
+            let frac_n: u128 = frac.parse().map_err(|_| SizeError::Malformed { input: input.to_string() })?;
             let scale = 10u128.pow(frac.len() as u32);
-            let whole = (int as u128)
-                .checked_mul(mult as u128)
-                .ok_or_else(overflow)?;
+            let whole = (int as u128).checked_mul(mult as u128).ok_or_else(overflow)?;
             let part = frac_n * mult as u128 / scale;
             u64::try_from(whole + part).map_err(|_| overflow())
         }
@@ -120,26 +100,11 @@ mod tests {
     #[test]
     fn rejects_bad_sizes() {
         assert_eq!(parse_size(""), Err(SizeError::Empty));
-        assert!(matches!(
-            parse_size("abc"),
-            Err(SizeError::Malformed { .. })
-        ));
-        assert!(matches!(
-            parse_size("-5G"),
-            Err(SizeError::Malformed { .. })
-        ));
-        assert!(matches!(
-            parse_size("10XB"),
-            Err(SizeError::UnknownUnit { .. })
-        ));
-        assert!(matches!(
-            parse_size("1.2.3G"),
-            Err(SizeError::Malformed { .. })
-        ));
-        assert!(matches!(
-            parse_size("99999999999P"),
-            Err(SizeError::Overflow { .. })
-        ));
+        assert!(matches!(parse_size("abc"), Err(SizeError::Malformed { .. })));
+        assert!(matches!(parse_size("-5G"), Err(SizeError::Malformed { .. })));
+        assert!(matches!(parse_size("10XB"), Err(SizeError::UnknownUnit { .. })));
+        assert!(matches!(parse_size("1.2.3G"), Err(SizeError::Malformed { .. })));
+        assert!(matches!(parse_size("99999999999P"), Err(SizeError::Overflow { .. })));
     }
 
     #[test]

@@ -10,15 +10,16 @@
 //! exist.
 
 use crate::pool::PeerPool;
+use crate::volume::Placement;
 use crate::{Volume, VolumeError};
 use futures_util::future::join_all;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
-use torus_meta::cluster::{Cluster, PeerInfo, RingDoc, VolumeInfo};
+use torus_meta::cluster::{Cluster, PeerInfo, RingDoc, RingMember, VolumeInfo};
 use torus_meta::{LeaseId, MetaError};
-use torus_ring::{Member, Ring};
+use torus_ring::Ring;
 
 #[derive(Clone, Debug)]
 pub struct ManagerOptions {
@@ -49,29 +50,17 @@ pub struct VolumeManager {
     open: tokio::sync::Mutex<HashMap<(String, bool), Weak<Volume>>>,
 }
 
-/// Builds the placement ring from the ring document.
-pub fn ring_of(doc: &RingDoc) -> Ring {
-    Ring::new(
-        doc.version,
-        doc.members
-            .iter()
-            .map(|m| Member {
-                id: m.id,
-                weight: m.weight as f64,
-                domain: m
-                    .labels
-                    .get("zone")
-                    .or_else(|| m.labels.get("rack"))
-                    .cloned(),
-            })
-            .collect(),
-    )
+/// Builds the placement from the ring document.
+pub fn placement_of(doc: &RingDoc) -> Placement {
+    let ring =
+        |members: &[RingMember]| Ring::from_labeled(doc.version, members.iter().map(|m| (m.id, m.weight, &m.labels)));
+    Placement { version: doc.version, ring: ring(&doc.members), previous: doc.previous.as_deref().map(ring) }
 }
 
 /// Holds the writer's lock: dropping it stops the keep-alive and revokes the lease.
 pub(crate) struct LockGuard {
     cluster: Cluster,
-    lease: LeaseId,
+    pub(crate) lease: LeaseId,
     keeper: tokio::task::JoinHandle<()>,
 }
 
@@ -102,12 +91,7 @@ impl Drop for LockGuard {
 impl VolumeManager {
     pub fn new(cluster: Cluster, opts: ManagerOptions) -> Self {
         let pool = Arc::new(PeerPool::new(opts.conns_per_node, opts.request_timeout));
-        VolumeManager {
-            cluster,
-            pool,
-            opts,
-            open: tokio::sync::Mutex::new(HashMap::new()),
-        }
+        VolumeManager { cluster, pool, opts, open: tokio::sync::Mutex::new(HashMap::new()) }
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -116,13 +100,7 @@ impl VolumeManager {
 
     /// Flushes every open volume and releases writers' locks (for a clean stop).
     pub async fn close_all(&self) {
-        let open: Vec<Arc<Volume>> = self
-            .open
-            .lock()
-            .await
-            .drain()
-            .filter_map(|(_, w)| w.upgrade())
-            .collect();
+        let open: Vec<Arc<Volume>> = self.open.lock().await.drain().filter_map(|(_, w)| w.upgrade()).collect();
         for v in open {
             if let Err(e) = crate::BlockDevice::flush(&*v).await {
                 tracing::error!(volume = %v.info().name, error = %e, "final flush failed");
@@ -148,53 +126,46 @@ impl VolumeManager {
         Ok(v)
     }
 
-    async fn refresh_peers(&self) -> Result<Ring, VolumeError> {
+    async fn refresh_peers(&self) -> Result<RingDoc, VolumeError> {
         let (doc, _) = self.cluster.ring().await?;
         let peers: Vec<PeerInfo> = self.cluster.peers().await?;
-        self.pool
-            .set_addresses(peers.into_iter().map(|p| (p.id, p.address)).collect());
-        let ring = ring_of(&doc);
-        if ring.is_empty() {
+        self.pool.set_addresses(peers.into_iter().map(|p| (p.id, p.address)).collect());
+        if doc.members.is_empty() {
             return Err(VolumeError::NoNodes);
         }
-        Ok(ring)
+        Ok(doc)
     }
 
     async fn open_new(&self, name: &str, writable: bool) -> Result<Volume, VolumeError> {
         let info = self.cluster.volume(name).await?;
-        let ring = self.refresh_peers().await?;
+        let doc = self.refresh_peers().await?;
         if !writable {
             let lost = Arc::new(AtomicBool::new(false));
-            return Ok(Volume::new(
-                info,
-                Default::default(),
-                ring,
-                self.pool.clone(),
-                true,
-                lost,
-                None,
-            ));
+            return Ok(Volume::new(info, Default::default(), placement_of(&doc), self.pool.clone(), true, lost, None));
         }
         let store = self.cluster.store();
-        let lease = store
-            .grant_lease(self.opts.lease_ttl)
-            .await
-            .map_err(torus_meta::cluster::ClusterError::from)?;
-        let epoch = match self
-            .cluster
-            .lock_volume(&info, &self.opts.holder, lease.id)
-            .await
-        {
+        let lease = store.grant_lease(self.opts.lease_ttl).await.map_err(torus_meta::cluster::ClusterError::from)?;
+        let epoch = match self.cluster.lock_volume(&info, &self.opts.holder, lease.id, doc.version).await {
             Ok(e) => e,
             Err(e) => {
                 let _ = store.revoke_lease(lease.id).await;
                 return Err(e.into());
             }
         };
-        tracing::info!(volume = %info.name, id = %info.id, %epoch, "volume locked for writing");
+        // The ring may have changed before our lock existed, while nodes checked
+        // which writers they must wait for: read it again now that we are visible.
+        let doc = match self.refresh_peers().await {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = store.revoke_lease(lease.id).await;
+                return Err(e);
+            }
+        };
+        self.cluster.set_lock_ring_version(info.id, lease.id, doc.version).await?;
+        tracing::info!(volume = %info.name, id = %info.id, %epoch, ring = doc.version, "volume locked for writing");
         // Tell the nodes about the new epoch now, so a stale writer is refused
         // even on nodes this writer has not written to yet.
-        let fences = join_all(ring.members().map(|m| {
+        let fences = join_all(doc.all_members().into_iter().map(|m| {
             let pool = self.pool.clone();
             let (id, vol) = (m.id, info.id);
             async move {
@@ -211,26 +182,51 @@ impl VolumeManager {
             }
         }
         let lost = Arc::new(AtomicBool::new(false));
-        let keeper = tokio::spawn(keep_alive(
-            self.cluster.clone(),
-            lease.id,
-            self.opts.lease_ttl,
-            lost.clone(),
-        ));
-        let guard = LockGuard {
-            cluster: self.cluster.clone(),
-            lease: lease.id,
-            keeper,
-        };
-        Ok(Volume::new(
-            info,
-            epoch,
-            ring,
-            self.pool.clone(),
-            false,
-            lost,
-            Some(guard),
-        ))
+        let keeper = tokio::spawn(keep_alive(self.cluster.clone(), lease.id, self.opts.lease_ttl, lost.clone()));
+        let guard = LockGuard { cluster: self.cluster.clone(), lease: lease.id, keeper };
+        Ok(Volume::new(info, epoch, placement_of(&doc), self.pool.clone(), false, lost, Some(guard)))
+    }
+
+    /// Follows ring changes: every open volume switches to the new placement
+    /// (after its in-flight requests finish), then its writer records the new
+    /// ring version in its lock, which tells nodes they may move data.
+    pub async fn follow_ring(self: Arc<Self>) {
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let doc = match self.cluster.ring().await {
+                Ok((doc, _)) => doc,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the ring");
+                    continue;
+                }
+            };
+            if doc.version == seen {
+                continue;
+            }
+            if let Ok(peers) = self.cluster.peers().await {
+                self.pool.set_addresses(peers.into_iter().map(|p| (p.id, p.address)).collect());
+            } else {
+                continue;
+            }
+            let open: Vec<Arc<Volume>> = self.open.lock().await.values().filter_map(Weak::upgrade).collect();
+            let mut ok = true;
+            for v in open {
+                if v.placement_version().await < doc.version {
+                    v.set_placement(placement_of(&doc)).await;
+                }
+                if let Some(lease) = v.lease() {
+                    if let Err(e) = self.cluster.set_lock_ring_version(v.info().id, lease, doc.version).await {
+                        tracing::warn!(error = %e, "could not record the ring version in the volume lock");
+                        ok = false;
+                    }
+                }
+            }
+            if ok {
+                tracing::info!(version = doc.version, moving = doc.moving(), "using a new ring");
+                seen = doc.version;
+            }
+        }
     }
 }
 

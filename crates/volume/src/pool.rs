@@ -41,11 +41,7 @@ impl PeerPool {
     }
 
     pub fn address(&self, node: NodeId) -> Option<String> {
-        self.addrs
-            .lock()
-            .expect("pool lock poisoned")
-            .get(&node)
-            .cloned()
+        self.addrs.lock().expect("pool lock poisoned").get(&node).cloned()
     }
 
     /// A live connection to `node`, connecting if needed.
@@ -65,9 +61,7 @@ impl PeerPool {
         })?;
         let client = Arc::new(PeerClient::connect(&addr, self.timeout).await?);
         let mut conns = self.conns.lock().expect("pool lock poisoned");
-        let v = conns
-            .entry(node)
-            .or_insert_with(|| vec![None; self.per_node]);
+        let v = conns.entry(node).or_insert_with(|| vec![None; self.per_node]);
         v[slot] = Some(client.clone());
         Ok(client)
     }

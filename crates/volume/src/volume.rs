@@ -20,10 +20,47 @@ use torus_proto::PeerError;
 use torus_ring::Ring;
 use torus_types::{Epoch, ExtentId, NodeId};
 
+/// Where a volume's extents live: the ring, and while data moves, the ring it moves from.
+pub struct Placement {
+    pub version: u64,
+    pub ring: Ring,
+    pub previous: Option<Ring>,
+}
+
+impl Placement {
+    /// Nodes a write must reach: the replicas in the new ring and, while data moves, in the old one.
+    pub fn write_set(&self, extent: ExtentId, r: usize) -> Vec<NodeId> {
+        let mut nodes = self.ring.replicas(extent, r);
+        if let Some(prev) = &self.previous {
+            for n in prev.replicas(extent, r) {
+                if !nodes.contains(&n) {
+                    nodes.push(n);
+                }
+            }
+        }
+        nodes
+    }
+
+    /// Nodes to read from, in order: while data moves, the old replicas (they have everything) first.
+    pub fn read_order(&self, extent: ExtentId, r: usize) -> Vec<NodeId> {
+        let mut nodes = match &self.previous {
+            Some(prev) => prev.replicas(extent, r),
+            None => Vec::new(),
+        };
+        for n in self.ring.replicas(extent, r) {
+            if !nodes.contains(&n) {
+                nodes.push(n);
+            }
+        }
+        nodes
+    }
+}
+
 pub struct Volume {
     info: VolumeInfo,
     epoch: Epoch,
-    ring: Ring,
+    /// Held for reading by every request; swapped (after in-flight requests drain) on ring changes.
+    placement: tokio::sync::RwLock<Arc<Placement>>,
     pool: Arc<PeerPool>,
     read_only: bool,
     /// Set when the writer's lease is gone: writes are refused from then on.
@@ -48,7 +85,7 @@ impl Volume {
     pub(crate) fn new(
         info: VolumeInfo,
         epoch: Epoch,
-        ring: Ring,
+        placement: Placement,
         pool: Arc<PeerPool>,
         read_only: bool,
         lease_lost: Arc<AtomicBool>,
@@ -57,7 +94,7 @@ impl Volume {
         Volume {
             info,
             epoch,
-            ring,
+            placement: tokio::sync::RwLock::new(Arc::new(placement)),
             pool,
             read_only,
             lease_lost,
@@ -75,6 +112,20 @@ impl Volume {
         self.epoch
     }
 
+    /// Switches to a new placement once the requests using the old one have finished.
+    pub async fn set_placement(&self, p: Placement) {
+        *self.placement.write().await = Arc::new(p);
+    }
+
+    pub async fn placement_version(&self) -> u64 {
+        self.placement.read().await.version
+    }
+
+    /// The writer's lease, if this is a writable open.
+    pub fn lease(&self) -> Option<torus_meta::LeaseId> {
+        self.guard.as_ref().map(|g| g.lease)
+    }
+
     /// Stops writing and releases the writer's lock now (before the last handle is dropped).
     pub async fn release(&self) {
         self.lease_lost.store(true, Ordering::SeqCst);
@@ -86,11 +137,7 @@ impl Volume {
     fn check(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.info.size => Ok(()),
-            _ => Err(VolumeError::OutOfRange {
-                offset,
-                len,
-                size: self.info.size,
-            }),
+            _ => Err(VolumeError::OutOfRange { offset, len, size: self.info.size }),
         }
     }
 
@@ -124,41 +171,28 @@ impl Volume {
         out
     }
 
-    /// The replica set of an extent, in preference order.
-    pub fn replicas(&self, extent: ExtentId) -> Vec<NodeId> {
-        self.ring.replicas(extent, self.info.replication as usize)
+    fn r(&self) -> usize {
+        self.info.replication as usize
     }
 
     fn write_error(extent: ExtentId, e: PeerError) -> VolumeError {
         match e {
-            PeerError::Fenced { .. } => VolumeError::Fenced {
-                reason: e.to_string(),
-            },
-            PeerError::Remote {
-                status: torus_proto::Status::NoSpace,
-                ..
-            } => VolumeError::NoSpace {
-                extent,
-                reason: e.to_string(),
-            },
-            e if e.is_unreachable() => VolumeError::Unavailable {
-                extent,
-                reason: e.to_string(),
-            },
-            e => VolumeError::Refused {
-                extent,
-                reason: e.to_string(),
-            },
+            PeerError::Fenced { .. } => VolumeError::Fenced { reason: e.to_string() },
+            PeerError::Remote { status: torus_proto::Status::NoSpace, .. } => {
+                VolumeError::NoSpace { extent, reason: e.to_string() }
+            }
+            e if e.is_unreachable() => VolumeError::Unavailable { extent, reason: e.to_string() },
+            e => VolumeError::Refused { extent, reason: e.to_string() },
         }
     }
 
     /// Sends one mutation to every replica of a piece; all must succeed.
-    async fn replicate<F, Fut>(&self, extent: ExtentId, op: F) -> Result<(), VolumeError>
+    async fn replicate<F, Fut>(&self, p: &Placement, extent: ExtentId, op: F) -> Result<(), VolumeError>
     where
         F: Fn(Arc<torus_proto::PeerClient>) -> Fut,
         Fut: std::future::Future<Output = Result<(), PeerError>>,
     {
-        let nodes = self.replicas(extent);
+        let nodes = p.write_set(extent, self.r());
         if nodes.is_empty() {
             return Err(VolumeError::NoNodes);
         }
@@ -202,8 +236,9 @@ impl BlockDevice for Volume {
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
         self.check(offset, len as u64)?;
         let pieces = self.pieces(offset, len as u64);
-        let reads = join_all(pieces.iter().map(|p| async move {
-            let nodes = self.replicas(p.extent);
+        let placement = self.placement.read().await;
+        let reads = join_all(pieces.iter().map(|p| async {
+            let nodes = placement.read_order(p.extent, self.r());
             if nodes.is_empty() {
                 return Err(VolumeError::NoNodes);
             }
@@ -225,11 +260,7 @@ impl BlockDevice for Volume {
         }))
         .await;
         if pieces.len() == 1 {
-            return reads
-                .into_iter()
-                .next()
-                .expect("one piece")
-                .map(Bytes::from);
+            return reads.into_iter().next().expect("one piece").map(Bytes::from);
         }
         let mut out = BytesMut::zeroed(len as usize);
         for (p, r) in pieces.iter().zip(reads) {
@@ -243,9 +274,10 @@ impl BlockDevice for Volume {
         self.check_writable()?;
         let pieces = self.pieces(offset, data.len() as u64);
         let epoch = self.epoch;
+        let placement = self.placement.read().await;
         let results = join_all(pieces.iter().map(|p| {
             let chunk = data.slice(p.at..p.at + p.len as usize);
-            self.replicate(p.extent, move |c| {
+            self.replicate(&placement, p.extent, move |c| {
                 let chunk = chunk.clone();
                 async move { c.write(p.extent, p.within, chunk, epoch, fua).await }
             })
@@ -259,23 +291,20 @@ impl BlockDevice for Volume {
         self.check_writable()?;
         let pieces = self.pieces(offset, len);
         let epoch = self.epoch;
-        let results = join_all(pieces.iter().map(|p| {
-            self.replicate(p.extent, move |c| async move {
-                c.zero(p.extent, p.within, p.len, epoch, fua).await
-            })
-        }))
-        .await;
+        let placement = self.placement.read().await;
+        let results =
+            join_all(pieces.iter().map(|p| {
+                self.replicate(&placement, p.extent, move |c| async move {
+                    c.zero(p.extent, p.within, p.len, epoch, fua).await
+                })
+            }))
+            .await;
         results.into_iter().collect()
     }
 
     async fn flush(&self) -> Result<(), VolumeError> {
-        let snapshot: Vec<(NodeId, u64)> = self
-            .dirty
-            .lock()
-            .expect("dirty lock poisoned")
-            .iter()
-            .map(|(n, g)| (*n, *g))
-            .collect();
+        let snapshot: Vec<(NodeId, u64)> =
+            self.dirty.lock().expect("dirty lock poisoned").iter().map(|(n, g)| (*n, *g)).collect();
         let results = join_all(snapshot.iter().map(|(n, _)| async move {
             let c = self.pool.get(*n).await?;
             c.flush().await

@@ -23,11 +23,7 @@ pub enum ClusterError {
     #[error("invalid volume size {size}: {reason}")]
     InvalidVolumeSize { size: u64, reason: String },
     #[error("volume {name:?} (id {volume}) is held for writing by {holder}")]
-    VolumeLocked {
-        name: String,
-        volume: VolumeId,
-        holder: String,
-    },
+    VolumeLocked { name: String, volume: VolumeId, holder: String },
     #[error("peer {peer:?} is not known: no registered node has that address or UUID")]
     UnknownPeer { peer: String },
     #[error("the ring changed concurrently too many times; try again")]

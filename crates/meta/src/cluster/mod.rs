@@ -9,6 +9,7 @@
 //! | `volumes/next-id`      | decimal u64    | counter, CAS-incremented           |
 //! | `volumes/by-name/<n>`  | [`VolumeInfo`] | until `volume delete`              |
 //! | `locks/<volume id>`    | [`VolumeLock`] | on the writer's lease              |
+//! | `rebalance/<node uuid>`| [`RebalanceProgress`] | rewritten per ring version  |
 //!
 //! Nothing here is per extent or per I/O: metadata grows with nodes and volumes only.
 
@@ -17,7 +18,7 @@ mod peers;
 mod volumes;
 
 pub use error::ClusterError;
-pub use peers::{PeerInfo, RingDoc, RingMember};
+pub use peers::{PeerInfo, RebalanceProgress, RingDoc, RingMember};
 pub use volumes::{validate_volume_name, VolumeInfo, VolumeLock};
 
 use crate::{MetaError, MetadataStore};
@@ -42,15 +43,9 @@ pub struct ClusterConfig {
 
 impl ClusterConfig {
     pub fn validate(&self) -> Result<()> {
-        if !self.extent_size.is_power_of_two()
-            || self.extent_size < (64 << 10)
-            || self.extent_size > (1 << 30)
-        {
+        if !self.extent_size.is_power_of_two() || self.extent_size < (64 << 10) || self.extent_size > (1 << 30) {
             return Err(ClusterError::InvalidConfig {
-                reason: format!(
-                    "extent size {} must be a power of two from 64 KiB to 1 GiB",
-                    self.extent_size
-                ),
+                reason: format!("extent size {} must be a power of two from 64 KiB to 1 GiB", self.extent_size),
             });
         }
         if !(1..=16).contains(&self.replication) {
@@ -69,12 +64,8 @@ pub struct Cluster {
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T> {
-    serde_json::from_slice(value).map_err(|e| {
-        ClusterError::Meta(MetaError::Corrupt {
-            key: key.to_string(),
-            reason: e.to_string(),
-        })
-    })
+    serde_json::from_slice(value)
+        .map_err(|e| ClusterError::Meta(MetaError::Corrupt { key: key.to_string(), reason: e.to_string() }))
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -96,19 +87,34 @@ impl Cluster {
         let txn = crate::Txn::when(vec![crate::Compare::exists("cluster/config", false)])
             .and_then(vec![crate::TxnOp::put("cluster/config", encode(config))]);
         if !self.store.txn(txn).await?.succeeded {
-            return Err(ClusterError::AlreadyInitialized {
-                endpoint: self.store.endpoint(),
-            });
+            return Err(ClusterError::AlreadyInitialized { endpoint: self.store.endpoint() });
         }
         Ok(())
+    }
+
+    /// Sets the default replication of new volumes.
+    pub async fn set_replication(&self, replication: u32) -> Result<ClusterConfig> {
+        loop {
+            let kv = self
+                .store
+                .get("cluster/config")
+                .await?
+                .ok_or_else(|| ClusterError::NotInitialized { endpoint: self.store.endpoint() })?;
+            let mut config: ClusterConfig = decode(&kv.key, &kv.value)?;
+            config.replication = replication;
+            config.validate()?;
+            let txn = crate::Txn::when(vec![crate::Compare::mod_revision("cluster/config", kv.mod_revision)])
+                .and_then(vec![crate::TxnOp::put("cluster/config", encode(&config))]);
+            if self.store.txn(txn).await?.succeeded {
+                return Ok(config);
+            }
+        }
     }
 
     pub async fn config(&self) -> Result<ClusterConfig> {
         match self.store.get("cluster/config").await? {
             Some(kv) => decode(&kv.key, &kv.value),
-            None => Err(ClusterError::NotInitialized {
-                endpoint: self.store.endpoint(),
-            }),
+            None => Err(ClusterError::NotInitialized { endpoint: self.store.endpoint() }),
         }
     }
 }

@@ -39,16 +39,51 @@ pub struct RingMember {
 }
 
 /// The ring: which nodes hold data. Every change bumps `version`.
+///
+/// A membership change happens in two steps. First the new member list is
+/// written with `previous` set to the old one: writers write to the replicas
+/// of both, readers read the old ones first, and nodes copy extents to their
+/// new owners. When every node has finished, `previous` is cleared (another
+/// version): everyone uses the new members alone and old copies are deleted.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RingDoc {
     pub version: u64,
     pub members: Vec<RingMember>,
+    /// While data moves: the members it moves from.
+    #[serde(default)]
+    pub previous: Option<Vec<RingMember>>,
 }
 
 impl RingDoc {
     pub fn contains(&self, id: NodeId) -> bool {
         self.members.iter().any(|m| m.id == id)
     }
+
+    /// Whether a rebalance is under way.
+    pub fn moving(&self) -> bool {
+        self.previous.is_some()
+    }
+
+    /// Every node that is in the ring or being drained out of it.
+    pub fn all_members(&self) -> Vec<&RingMember> {
+        let mut v: Vec<&RingMember> = self.members.iter().collect();
+        for m in self.previous.iter().flatten() {
+            if !v.iter().any(|x| x.id == m.id) {
+                v.push(m);
+            }
+        }
+        v
+    }
+}
+
+/// A node's progress in moving data for one ring version (`rebalance/<node uuid>`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceProgress {
+    pub ring_version: u64,
+    pub extents_total: u64,
+    pub extents_done: u64,
+    pub bytes_copied: u64,
+    pub done: bool,
 }
 
 fn peer_key(id: NodeId) -> String {
@@ -58,20 +93,13 @@ fn peer_key(id: NodeId) -> String {
 impl Cluster {
     /// Writes (or refreshes) a node's registration on its lease.
     pub async fn register_peer(&self, info: &PeerInfo, lease: LeaseId) -> Result<()> {
-        self.store
-            .put(&peer_key(info.id), encode(info), Some(lease))
-            .await?;
+        self.store.put(&peer_key(info.id), encode(info), Some(lease)).await?;
         Ok(())
     }
 
     /// Every node whose lease is alive, in UUID order.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>> {
-        self.store
-            .list("peers/")
-            .await?
-            .iter()
-            .map(|kv| decode(&kv.key, &kv.value))
-            .collect()
+        self.store.list("peers/").await?.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
     }
 
     /// The ring and the store revision it was read at (0 if there is none yet).
@@ -94,11 +122,7 @@ impl Cluster {
                 return Ok(ring);
             }
             ring.version += 1;
-            let cmp = if rev == 0 {
-                Compare::exists("ring", false)
-            } else {
-                Compare::mod_revision("ring", rev)
-            };
+            let cmp = if rev == 0 { Compare::exists("ring", false) } else { Compare::mod_revision("ring", rev) };
             let txn = Txn::when(vec![cmp]).and_then(vec![TxnOp::put("ring", encode(&ring))]);
             if self.store.txn(txn).await?.succeeded {
                 return Ok(ring);
@@ -114,47 +138,104 @@ impl Cluster {
             .await?
             .into_iter()
             .find(|p| p.address == which || p.id.to_string() == which)
-            .ok_or_else(|| ClusterError::UnknownPeer {
-                peer: which.to_string(),
-            })
+            .ok_or_else(|| ClusterError::UnknownPeer { peer: which.to_string() })
     }
 
-    /// Puts peers in service: adds them to the ring. Returns the new ring and
-    /// the peers that were added (already-present ones are left as they are).
-    ///
-    /// Until rebalancing exists, changing a ring that already places volumes
-    /// would move extents' replica sets away from where their data is, so that
-    /// is refused unless `force` (for a cluster whose volumes hold no data).
-    pub async fn add_to_ring(
-        &self,
-        peers: &[PeerInfo],
-        force: bool,
-    ) -> Result<(RingDoc, Vec<NodeId>)> {
+    /// Puts peers in service: adds them to the ring and starts moving their
+    /// share of the data to them. Returns the new ring and the added peers.
+    pub async fn add_to_ring(&self, peers: &[PeerInfo]) -> Result<(RingDoc, Vec<NodeId>)> {
         let has_volumes = !self.store.list("volumes/by-name/").await?.is_empty();
         let mut added = Vec::new();
         let ring = self
             .update_ring(|ring| {
                 added.clear();
-                let placing = !ring.members.is_empty() && has_volumes;
-                for p in peers {
-                    if !ring.contains(p.id) {
-                        if placing && !force {
-                            return Err(ClusterError::Refused {
-                                reason: format!(
-                                    "adding {} would move extents of existing volumes away from their data, and \
-                                     rebalancing is not implemented yet; add nodes before creating volumes \
-                                     (or pass --force if no volume holds data)",
-                                    p.address
-                                ),
-                            });
-                        }
-                        ring.members.push(RingMember { id: p.id, weight: p.capacity.max(1), labels: p.labels.clone() });
-                        added.push(p.id);
-                    }
+                let fresh: Vec<&PeerInfo> = peers.iter().filter(|p| !ring.contains(p.id)).collect();
+                if fresh.is_empty() {
+                    return Ok(false);
                 }
-                Ok(!added.is_empty())
+                if ring.moving() {
+                    return Err(ClusterError::Refused {
+                        reason: "a rebalance is in progress; wait for it to finish (torusctl status)".into(),
+                    });
+                }
+                let old = ring.members.clone();
+                for p in fresh {
+                    ring.members.push(RingMember { id: p.id, weight: p.capacity.max(1), labels: p.labels.clone() });
+                    added.push(p.id);
+                }
+                // Data moves only if some volume may already be placed on the old ring.
+                if !old.is_empty() && has_volumes {
+                    ring.previous = Some(old);
+                }
+                Ok(true)
             })
             .await?;
         Ok((ring, added))
+    }
+
+    /// Takes a node out of the ring; its data is copied to the remaining
+    /// nodes before its copies are deleted. Refuses to remove the last node,
+    /// or to leave fewer nodes than a volume's replication, unless `force`.
+    pub async fn remove_from_ring(&self, id: NodeId, force: bool) -> Result<RingDoc> {
+        let max_r = self.volumes().await?.iter().map(|v| v.replication).max().unwrap_or(1) as usize;
+        self.update_ring(|ring| {
+            if !ring.contains(id) {
+                return Err(ClusterError::Refused { reason: format!("node {id} is not in the ring") });
+            }
+            if ring.moving() {
+                return Err(ClusterError::Refused {
+                    reason: "a rebalance is in progress; wait for it to finish (torusctl status)".into(),
+                });
+            }
+            let left = ring.members.len() - 1;
+            if left == 0 {
+                return Err(ClusterError::Refused { reason: "refusing to remove the last node of the ring".into() });
+            }
+            if left < max_r && !force {
+                return Err(ClusterError::Refused {
+                    reason: format!(
+                        "removing it would leave {left} node(s) for volumes with replication {max_r}: \
+                         their extents would have fewer than {max_r} copies (pass --force to do it anyway)"
+                    ),
+                });
+            }
+            let old = ring.members.clone();
+            ring.members.retain(|m| m.id != id);
+            ring.previous = Some(old);
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Ends a rebalance of ring `version` (every node has moved its data):
+    /// clears `previous`. Returns false if the ring moved on meanwhile.
+    pub async fn finish_rebalance(&self, version: u64) -> Result<bool> {
+        let mut finished = false;
+        self.update_ring(|ring| {
+            finished = false;
+            if ring.version != version || !ring.moving() {
+                return Ok(false);
+            }
+            ring.previous = None;
+            finished = true;
+            Ok(true)
+        })
+        .await?;
+        Ok(finished)
+    }
+
+    pub async fn put_progress(&self, node: NodeId, p: &RebalanceProgress) -> Result<()> {
+        self.store.put(&format!("rebalance/{node}"), encode(p), None).await?;
+        Ok(())
+    }
+
+    /// Every node's rebalance progress, by node id.
+    pub async fn progress(&self) -> Result<Vec<(NodeId, RebalanceProgress)>> {
+        let mut out = Vec::new();
+        for kv in self.store.list("rebalance/").await? {
+            let Some(id) = kv.key.strip_prefix("rebalance/").and_then(NodeId::parse) else { continue };
+            out.push((id, decode(&kv.key, &kv.value)?));
+        }
+        Ok(out)
     }
 }

@@ -36,16 +36,16 @@ pub struct VolumeLock {
     /// A human description: `torusblk@host pid 1234`.
     pub holder: String,
     pub lease: LeaseId,
+    /// The ring version the writer is using; nodes wait for every writer to
+    /// reach a new version before they move data.
+    #[serde(default)]
+    pub ring_version: u64,
 }
 
 /// Checks a volume name: 1-128 characters of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.
 pub fn validate_volume_name(name: &str) -> Result<()> {
-    let bad = |reason: &str| {
-        Err(ClusterError::InvalidVolumeName {
-            name: name.to_string(),
-            reason: reason.to_string(),
-        })
-    };
+    let bad =
+        |reason: &str| Err(ClusterError::InvalidVolumeName { name: name.to_string(), reason: reason.to_string() });
     if name.is_empty() {
         return bad("it is empty");
     }
@@ -55,13 +55,8 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
     if name.starts_with('.') || name.starts_with('-') {
         return bad("it must not start with '.' or '-'");
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return bad(&format!(
-            "character {c:?} is not allowed (use letters, digits, '.', '_' and '-')"
-        ));
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return bad(&format!("character {c:?} is not allowed (use letters, digits, '.', '_' and '-')"));
     }
     Ok(())
 }
@@ -76,12 +71,7 @@ fn lock_key(id: VolumeId) -> String {
 
 impl Cluster {
     /// Creates a block volume. The name must be new; the size a positive multiple of 512.
-    pub async fn create_volume(
-        &self,
-        name: &str,
-        size: u64,
-        replication: Option<u32>,
-    ) -> Result<VolumeInfo> {
+    pub async fn create_volume(&self, name: &str, size: u64, replication: Option<u32>) -> Result<VolumeInfo> {
         validate_volume_name(name)?;
         if size == 0 || size % 512 != 0 {
             return Err(ClusterError::InvalidVolumeSize {
@@ -90,10 +80,7 @@ impl Cluster {
             });
         }
         if size > MAX_VOLUME_SIZE {
-            return Err(ClusterError::InvalidVolumeSize {
-                size,
-                reason: "it is larger than 1 EiB".into(),
-            });
+            return Err(ClusterError::InvalidVolumeSize { size, reason: "it is larger than 1 EiB".into() });
         }
         let config = self.config().await?;
         let replication = replication.unwrap_or(config.replication);
@@ -102,24 +89,28 @@ impl Cluster {
                 reason: format!("replication {replication} must be between 1 and 16"),
             });
         }
+        let (ring, _) = self.ring().await?;
+        if !ring.members.is_empty() && replication as usize > ring.members.len() {
+            return Err(ClusterError::Refused {
+                reason: format!(
+                    "replication {replication} is larger than the {} node(s) in the ring",
+                    ring.members.len()
+                ),
+            });
+        }
         for _ in 0..16 {
             if self.store.get(&name_key(name)).await?.is_some() {
-                return Err(ClusterError::VolumeExists {
-                    name: name.to_string(),
-                });
+                return Err(ClusterError::VolumeExists { name: name.to_string() });
             }
             let counter = self.store.get("volumes/next-id").await?;
             let (next, cmp) = match &counter {
                 Some(kv) => {
-                    let n: u64 = std::str::from_utf8(&kv.value)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| {
-                            ClusterError::Meta(crate::MetaError::Corrupt {
-                                key: kv.key.clone(),
-                                reason: "not a number".into(),
-                            })
-                        })?;
+                    let n: u64 = std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                        ClusterError::Meta(crate::MetaError::Corrupt {
+                            key: kv.key.clone(),
+                            reason: "not a number".into(),
+                        })
+                    })?;
                     (n, Compare::mod_revision("volumes/next-id", kv.mod_revision))
                 }
                 None => (1, Compare::exists("volumes/next-id", false)),
@@ -146,42 +137,30 @@ impl Cluster {
     pub async fn volume(&self, name: &str) -> Result<VolumeInfo> {
         match self.store.get(&name_key(name)).await? {
             Some(kv) => decode(&kv.key, &kv.value),
-            None => Err(ClusterError::VolumeNotFound {
-                name: name.to_string(),
-            }),
+            None => Err(ClusterError::VolumeNotFound { name: name.to_string() }),
         }
     }
 
     /// Every volume, in name order.
     pub async fn volumes(&self) -> Result<Vec<VolumeInfo>> {
-        self.store
-            .list("volumes/by-name/")
-            .await?
-            .iter()
-            .map(|kv| decode(&kv.key, &kv.value))
-            .collect()
+        self.store.list("volumes/by-name/").await?.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
     }
 
     /// The current writer of a volume, if any.
     pub async fn volume_lock(&self, id: VolumeId) -> Result<Option<(VolumeLock, Epoch)>> {
         match self.store.get(&lock_key(id)).await? {
-            Some(kv) => Ok(Some((
-                decode(&kv.key, &kv.value)?,
-                Epoch(kv.create_revision),
-            ))),
+            Some(kv) => Ok(Some((decode(&kv.key, &kv.value)?, Epoch(kv.create_revision)))),
             None => Ok(None),
         }
     }
 
     /// Deletes a volume's metadata. Refused while a writer holds it.
     pub async fn delete_volume(&self, name: &str) -> Result<VolumeInfo> {
-        let kv =
-            self.store
-                .get(&name_key(name))
-                .await?
-                .ok_or_else(|| ClusterError::VolumeNotFound {
-                    name: name.to_string(),
-                })?;
+        let kv = self
+            .store
+            .get(&name_key(name))
+            .await?
+            .ok_or_else(|| ClusterError::VolumeNotFound { name: name.to_string() })?;
         let info: VolumeInfo = decode(&kv.key, &kv.value)?;
         let txn = Txn::when(vec![
             Compare::mod_revision(name_key(name), kv.mod_revision),
@@ -192,11 +171,9 @@ impl Cluster {
             return Ok(info);
         }
         match self.volume_lock(info.id).await? {
-            Some((lock, _)) => Err(ClusterError::VolumeLocked {
-                name: name.to_string(),
-                volume: info.id,
-                holder: lock.holder,
-            }),
+            Some((lock, _)) => {
+                Err(ClusterError::VolumeLocked { name: name.to_string(), volume: info.id, holder: lock.holder })
+            }
             None => Err(ClusterError::Contended),
         }
     }
@@ -207,34 +184,48 @@ impl Cluster {
         vol: &VolumeInfo,
         holder: &str,
         lease: LeaseId,
+        ring_version: u64,
     ) -> Result<Epoch> {
-        let lock = VolumeLock {
-            holder: holder.to_string(),
-            lease,
-        };
-        let txn = Txn::when(vec![
-            Compare::exists(lock_key(vol.id), false),
-            Compare::exists(name_key(&vol.name), true),
-        ])
-        .and_then(vec![TxnOp::put_leased(
-            lock_key(vol.id),
-            encode(&lock),
-            lease,
-        )]);
+        let lock = VolumeLock { holder: holder.to_string(), lease, ring_version };
+        let txn = Txn::when(vec![Compare::exists(lock_key(vol.id), false), Compare::exists(name_key(&vol.name), true)])
+            .and_then(vec![TxnOp::put_leased(lock_key(vol.id), encode(&lock), lease)]);
         let out = self.store.txn(txn).await?;
         if out.succeeded {
             return Ok(Epoch(out.revision));
         }
         match self.volume_lock(vol.id).await? {
-            Some((l, _)) => Err(ClusterError::VolumeLocked {
-                name: vol.name.clone(),
-                volume: vol.id,
-                holder: l.holder,
-            }),
-            None => Err(ClusterError::VolumeNotFound {
-                name: vol.name.clone(),
-            }),
+            Some((l, _)) => {
+                Err(ClusterError::VolumeLocked { name: vol.name.clone(), volume: vol.id, holder: l.holder })
+            }
+            None => Err(ClusterError::VolumeNotFound { name: vol.name.clone() }),
         }
+    }
+
+    /// Records the ring version a writer now uses (keeps the lock and its epoch).
+    pub async fn set_lock_ring_version(&self, id: VolumeId, lease: LeaseId, ring_version: u64) -> Result<()> {
+        let Some(kv) = self.store.get(&lock_key(id)).await? else { return Ok(()) };
+        let mut lock: VolumeLock = decode(&kv.key, &kv.value)?;
+        if lock.lease != lease {
+            return Ok(());
+        }
+        lock.ring_version = ring_version;
+        let txn = Txn::when(vec![Compare::mod_revision(lock_key(id), kv.mod_revision)])
+            .and_then(vec![TxnOp::put_leased(lock_key(id), encode(&lock), lease)]);
+        self.store.txn(txn).await?;
+        Ok(())
+    }
+
+    /// Every writer lock.
+    pub async fn locks(&self) -> Result<Vec<VolumeLock>> {
+        self.store.list("locks/").await?.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+    }
+
+    /// The next volume id to be allocated: every id below it is allocated.
+    pub async fn next_volume_id(&self) -> Result<u64> {
+        Ok(match self.store.get("volumes/next-id").await? {
+            Some(kv) => std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX),
+            None => 1,
+        })
     }
 
     /// Releases a volume's writer lock if `lease` still holds it.

@@ -13,9 +13,7 @@ async fn on_mem(check: &str) {
 
 async fn on_etcd(check: &str) {
     let etcd = Etcd::start();
-    let store = EtcdStore::connect(&etcd.endpoint, &unique_prefix())
-        .await
-        .expect("connect to etcd");
+    let store = EtcdStore::connect(&etcd.endpoint, &unique_prefix()).await.expect("connect to etcd");
     conformance::run(check, &store).await;
     let _ = store.delete_prefix("").await;
 }
@@ -43,10 +41,7 @@ fn every_check_has_a_test() {
     // The macro list above must name every check of the suite.
     let src = include_str!("main.rs");
     for check in conformance::CHECKS {
-        assert!(
-            src.contains(&format!("    {check},")),
-            "conformance check {check} is not run"
-        );
+        assert!(src.contains(&format!("    {check},")), "conformance check {check} is not run");
     }
 }
 
@@ -59,14 +54,7 @@ async fn unreachable_etcd_fails_fast_naming_the_endpoint() {
         Ok(_) => panic!("connected to nothing"),
         Err(e) => e,
     };
-    assert!(
-        start.elapsed() < Duration::from_secs(15),
-        "took {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(15), "took {:?}", start.elapsed());
     assert!(matches!(err, MetaError::Unavailable { .. }), "{err:?}");
-    assert!(
-        err.to_string().contains(&endpoint),
-        "error does not name the endpoint: {err}"
-    );
+    assert!(err.to_string().contains(&endpoint), "error does not name the endpoint: {err}");
 }

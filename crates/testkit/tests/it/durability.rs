@@ -9,8 +9,7 @@ use torus_testkit::{random_bytes, Cluster};
 
 fn http_get(port: u16, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to torusd HTTP");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     body
@@ -24,18 +23,12 @@ fn flushed_writes_survive_kill_9_and_a_crash_mid_write_leaves_blocks_readable() 
     let src = c.dir.path().join("flushed.bin");
     let data = random_bytes(32 << 20, 42);
     std::fs::write(&src, &data).unwrap();
-    ok(Command::new("nbdcopy")
-        .arg("--flush")
-        .arg(&src)
-        .arg(blk.uri("d")));
+    ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(blk.uri("d")));
     c.node(0).kill9();
     c.start_node(0);
     let out = c.dir.path().join("back.bin");
     ok(Command::new("nbdcopy").arg(blk.uri("d")).arg(&out));
-    assert!(
-        std::fs::read(&out).unwrap() == data,
-        "flushed data lost after kill -9"
-    );
+    assert!(std::fs::read(&out).unwrap() == data, "flushed data lost after kill -9");
 
     // Unflushed random writes, killed mid-way: afterwards every block reads (old or new).
     let mut fio = Command::new("fio");
@@ -58,10 +51,7 @@ fn flushed_writes_survive_kill_9_and_a_crash_mid_write_leaves_blocks_readable() 
     std::fs::remove_file(&out).unwrap();
     ok(Command::new("nbdcopy").arg(blk.uri("d")).arg(&out));
     let node_log = std::fs::read_to_string(c.dir.path().join("node0.log")).unwrap_or_default();
-    assert!(
-        !node_log.contains("checksum mismatch"),
-        "a crash mid-write left an unreadable block:\n{node_log}"
-    );
+    assert!(!node_log.contains("checksum mismatch"), "a crash mid-write left an unreadable block:\n{node_log}");
 }
 
 #[test]
@@ -70,58 +60,27 @@ fn corrupted_block_is_detected_and_never_returned() {
     c.ctl_ok(&["volume", "create-block", "cz", "8MiB"]);
     let blk = c.start_blk(&[]);
     let uri = blk.uri("cz");
-    ok(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x77 0 1M", "-c", "flush"])
-        .arg(&uri));
+    ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 0 1M", "-c", "flush"]).arg(&uri));
     assert!(c.node(0).terminate());
     let extents = c.extents_on_disk(0);
     assert_eq!(extents.len(), 1, "one extent written: {extents:?}");
-    let dat = c.nodes[0]
-        .data_dir
-        .join("store/extents")
-        .join(format!("{}.dat", extents[0]));
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dat)
-        .unwrap();
+    let dat = c.nodes[0].data_dir.join("store/extents").join(format!("{}.dat", extents[0]));
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&dat).unwrap();
     f.seek(SeekFrom::Start(5 * 4096 + 10)).unwrap();
     f.write_all(&[0x00]).unwrap();
     drop(f);
     c.start_node(0);
 
     let good = run(Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            "-c",
-            "read -P 0x77 0 20k",
-            "-c",
-            "read -P 0x77 24k 1000k",
-        ])
+        .args(["-f", "raw", "-c", "read -P 0x77 0 20k", "-c", "read -P 0x77 24k 1000k"])
         .arg(&uri));
-    assert!(
-        good.status.success() && !text(&good).contains("fail"),
-        "intact blocks read: {}",
-        text(&good)
-    );
-    let bad = run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "read -P 0x77 20k 4k"])
-        .arg(&uri));
+    assert!(good.status.success() && !text(&good).contains("fail"), "intact blocks read: {}", text(&good));
+    let bad = run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x77 20k 4k"]).arg(&uri));
     let t = text(&bad);
-    assert!(
-        t.contains("Input/output error") || !bad.status.success(),
-        "corrupt block was returned as data: {t}"
-    );
-    assert!(
-        !t.contains("read 4096/4096"),
-        "corrupt block was returned as data: {t}"
-    );
+    assert!(t.contains("Input/output error") || !bad.status.success(), "corrupt block was returned as data: {t}");
+    assert!(!t.contains("read 4096/4096"), "corrupt block was returned as data: {t}");
     let log = std::fs::read_to_string(c.dir.path().join("node0.log")).unwrap();
-    assert!(
-        log.contains("checksum mismatch"),
-        "the node reports the corruption: {log}"
-    );
+    assert!(log.contains("checksum mismatch"), "the node reports the corruption: {log}");
     let metrics = http_get(c.nodes[0].http_port, "/metrics");
     let count: u64 = metrics
         .lines()

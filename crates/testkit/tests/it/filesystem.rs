@@ -26,26 +26,12 @@ impl Attached {
         let mut cmd = Command::new("nbdfuse");
         cmd.arg(&fuse_dir).arg(uri);
         let fuse = Proc::spawn("nbdfuse", cmd, dir.join(format!("nbdfuse-{tag}.log")));
-        let mut a = Attached {
-            fuse: Some(fuse),
-            fuse_dir: fuse_dir.clone(),
-            loopdev: None,
-            mnt,
-            mounted: false,
-        };
+        let mut a = Attached { fuse: Some(fuse), fuse_dir: fuse_dir.clone(), loopdev: None, mnt, mounted: false };
         let file = fuse_dir.join("nbd");
-        wait_until(
-            Duration::from_secs(30),
-            "nbdfuse to expose the export",
-            || {
-                std::fs::metadata(&file)
-                    .map(|m| m.len() > 0)
-                    .unwrap_or(false)
-            },
-        );
-        let dev = ok(Command::new("losetup")
-            .args(["-f", "--show", "--direct-io=on"])
-            .arg(&file));
+        wait_until(Duration::from_secs(30), "nbdfuse to expose the export", || {
+            std::fs::metadata(&file).map(|m| m.len() > 0).unwrap_or(false)
+        });
+        let dev = ok(Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(&file));
         a.loopdev = Some(dev.trim().to_string());
         a
     }
@@ -72,14 +58,9 @@ impl Attached {
             ok(Command::new("losetup").arg("-d").arg(&dev));
         }
         if let Some(mut f) = self.fuse.take() {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.fuse_dir)
-                .status();
+            let _ = Command::new("fusermount3").arg("-u").arg(&self.fuse_dir).status();
             // nbdfuse exits once unmounted; make sure.
-            wait_until(Duration::from_secs(10), "nbdfuse to exit", || {
-                !f.is_running()
-            });
+            wait_until(Duration::from_secs(10), "nbdfuse to exit", || !f.is_running());
             f.kill9();
         }
     }
@@ -94,34 +75,17 @@ impl Drop for Attached {
             let _ = Command::new("losetup").arg("-d").arg(&dev).status();
         }
         if self.fuse.is_some() {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(&self.fuse_dir)
-                .status();
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.fuse_dir).status();
         }
     }
 }
 
 fn files() -> Vec<(String, Vec<u8>)> {
-    let sizes = [
-        0usize,
-        1,
-        511,
-        4096,
-        4097,
-        65536,
-        1 << 20,
-        3 << 20,
-        7 << 20 | 123,
-    ];
+    let sizes = [0usize, 1, 511, 4096, 4097, 65536, 1 << 20, 3 << 20, 7 << 20 | 123];
     let mut out = Vec::new();
     for (i, s) in sizes.iter().enumerate() {
         out.push((format!("f{i}.bin"), random_bytes(*s, 1000 + i as u64)));
-        out.push((
-            format!("dir{}/sub/g{i}.bin", i % 3),
-            random_bytes(*s / 2 + 7, 2000 + i as u64),
-        ));
+        out.push((format!("dir{}/sub/g{i}.bin", i % 3), random_bytes(*s / 2 + 7, 2000 + i as u64)));
     }
     out
 }
@@ -129,11 +93,7 @@ fn files() -> Vec<(String, Vec<u8>)> {
 #[test]
 fn ext4_survives_restart_of_every_process() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test mounts a filesystem and needs root (CI runs as root)"
-    );
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a filesystem and needs root (CI runs as root)");
     let mut c = Cluster::start(1, 1);
     c.ctl_ok(&["volume", "create-block", "fs", "512MiB"]);
     let mut blk = c.start_blk(&[]);
@@ -150,11 +110,7 @@ fn ext4_survives_restart_of_every_process() {
     ok(&mut Command::new("sync"));
     a.umount();
     let fsck = run(Command::new("e2fsck").arg("-fn").arg(a.dev()));
-    assert!(
-        fsck.status.success(),
-        "e2fsck after writing: {}",
-        text(&fsck)
-    );
+    assert!(fsck.status.success(), "e2fsck after writing: {}", text(&fsck));
     a.detach();
 
     // Restart the node and the NBD server.
@@ -165,11 +121,7 @@ fn ext4_survives_restart_of_every_process() {
 
     let mut a = Attached::new(&blk.uri("fs"), &dir, "2");
     let fsck = run(Command::new("e2fsck").arg("-fn").arg(a.dev()));
-    assert!(
-        fsck.status.success(),
-        "e2fsck after restart: {}",
-        text(&fsck)
-    );
+    assert!(fsck.status.success(), "e2fsck after restart: {}", text(&fsck));
     a.mount();
     for (name, data) in files() {
         let got = std::fs::read(a.mnt.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));

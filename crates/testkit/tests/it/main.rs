@@ -3,6 +3,7 @@
 //! nbdfuse + loop + ext4).
 
 mod bad_input;
+mod cluster;
 mod durability;
 mod filesystem;
 mod nbd_clients;
@@ -29,9 +30,5 @@ pub fn run(cmd: &mut Command) -> Output {
 }
 
 pub fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }

@@ -25,10 +25,7 @@ fn nbdinfo_reports_size_and_flags() {
     }
     assert_eq!(e["block_size_minimum"], 1);
     assert_eq!(e["block_size_preferred"], 4096);
-    let list = ok(Command::new("nbdinfo")
-        .arg("--list")
-        .arg("--json")
-        .arg(format!("nbd://{}", blk.addr)));
+    let list = ok(Command::new("nbdinfo").arg("--list").arg("--json").arg(format!("nbd://{}", blk.addr)));
     assert!(list.contains("\"export-name\": \"info\""), "{list}");
 }
 
@@ -41,20 +38,14 @@ fn nbdcopy_64mib_round_trip_byte_for_byte() {
     let dst = c.dir.path().join("out.bin");
     let data = random_bytes(64 << 20, 0x5eed);
     std::fs::write(&src, &data).unwrap();
-    ok(Command::new("nbdcopy")
-        .arg("--flush")
-        .arg(&src)
-        .arg(blk.uri("copy")));
+    ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(blk.uri("copy")));
     ok(Command::new("nbdcopy").arg(blk.uri("copy")).arg(&dst));
     let back = std::fs::read(&dst).unwrap();
     assert_eq!(back.len(), data.len());
     assert!(back == data, "data read back differs from data written");
     // And a second, multi-connection copy back in the other direction agrees too.
     std::fs::remove_file(&dst).unwrap();
-    ok(Command::new("nbdcopy")
-        .arg("--connections=4")
-        .arg(blk.uri("copy"))
-        .arg(&dst));
+    ok(Command::new("nbdcopy").arg("--connections=4").arg(blk.uri("copy")).arg(&dst));
     assert!(std::fs::read(&dst).unwrap() == data);
 }
 
@@ -97,25 +88,14 @@ fn qemu_io_and_qemu_img() {
             "read -P 0x33 8M 128k",
         ])
         .arg(&uri));
-    assert!(
-        !out.contains("verification failed") && !out.contains("failed:"),
-        "qemu-io: {out}"
-    );
-    let info = ok(Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(&uri));
+    assert!(!out.contains("verification failed") && !out.contains("failed:"), "qemu-io: {out}");
+    let info = ok(Command::new("qemu-img").args(["info", "--output=json"]).arg(&uri));
     assert!(info.contains("\"virtual-size\": 33554432"), "{info}");
     // qemu-img convert in and compare.
     let src = c.dir.path().join("img.raw");
     std::fs::write(&src, random_bytes(32 << 20, 77)).unwrap();
-    ok(Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(&uri));
-    let cmp = run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&src)
-        .arg(&uri));
+    ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(&uri));
+    let cmp = run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&uri));
     assert!(cmp.status.success(), "qemu-img compare: {}", text(&cmp));
 }
 
@@ -142,13 +122,9 @@ fn fio_nbd_engine_verifies_crc32c() {
             .arg(format!("--uri={uri}"))
             .args(&extra)
             .arg("--output-format=json"));
-        let v: serde_json::Value =
-            serde_json::from_str(&out[out.find('{').unwrap_or(0)..]).expect("fio json");
+        let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap_or(0)..]).expect("fio json");
         assert_eq!(v["jobs"][0]["error"], 0, "fio {extra:?}: {out}");
         assert!(v["jobs"][0]["write"]["io_bytes"].as_u64().unwrap_or(0) > 0);
-        assert!(
-            v["jobs"][0]["read"]["io_bytes"].as_u64().unwrap_or(0) > 0,
-            "fio verified nothing"
-        );
+        assert!(v["jobs"][0]["read"]["io_bytes"].as_u64().unwrap_or(0) > 0, "fio verified nothing");
     }
 }

@@ -1,0 +1,66 @@
+//! `torusctl status`: the cluster's health at a glance.
+
+use std::collections::HashSet;
+use torus_meta::cluster::Cluster;
+use torus_types::{format_size, NodeId};
+
+pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
+    let config = cluster.config().await?;
+    let (ring, _) = cluster.ring().await?;
+    let peers = cluster.peers().await?;
+    let volumes = cluster.volumes().await?;
+    let up: HashSet<NodeId> = peers.iter().map(|p| p.id).collect();
+    let members = ring.all_members();
+    let down: Vec<_> = members.iter().filter(|m| !up.contains(&m.id)).collect();
+    let (cap, used) =
+        peers.iter().filter(|p| ring.contains(p.id)).fold((0u64, 0u64), |(c, u), p| (c + p.capacity, u + p.used));
+
+    let health = if !down.is_empty() {
+        "DEGRADED"
+    } else if ring.moving() {
+        "REBALANCING"
+    } else if ring.members.is_empty() {
+        "EMPTY"
+    } else {
+        "OK"
+    };
+    println!("health:      {health}");
+    println!(
+        "ring:        version {}, {} members, default replication {}",
+        ring.version,
+        ring.members.len(),
+        config.replication
+    );
+    println!(
+        "nodes:       {} up, {} down, {} registered but not in the ring",
+        members.len() - down.len(),
+        down.len(),
+        peers.iter().filter(|p| !ring.contains(p.id) && !members.iter().any(|m| m.id == p.id)).count()
+    );
+    for m in &down {
+        println!("             down: {}", m.id);
+    }
+    println!(
+        "capacity:    {} used of {} ({} free)",
+        format_size(used),
+        format_size(cap),
+        format_size(cap.saturating_sub(used))
+    );
+    println!("volumes:     {} ({} provisioned)", volumes.len(), format_size(volumes.iter().map(|v| v.size).sum()));
+    if ring.moving() {
+        let progress = cluster.progress().await?;
+        let current: Vec<_> = progress.iter().filter(|(_, p)| p.ring_version == ring.version).collect();
+        let (done, total, bytes) = current
+            .iter()
+            .fold((0, 0, 0), |(d, t, b), (_, p)| (d + p.extents_done, t + p.extents_total, b + p.bytes_copied));
+        let finished = current.iter().filter(|(_, p)| p.done).count();
+        println!(
+            "rebalance:   {done}/{total} extents moved ({} copied); {finished} of {} nodes finished",
+            format_size(bytes),
+            members.len()
+        );
+    } else {
+        println!("rebalance:   none in progress");
+    }
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! Moving data when the ring changes (this node's part of it).
+//!
+//! States, per ring version seen:
+//! - `Moving(v)` (the ring document has `previous`): wait until every writer
+//!   uses version v (so each write goes to old and new replicas alike), then
+//!   for every extent this node holds and is the first live old replica of,
+//!   copy it to the new replicas that are not old ones with FILL (which never
+//!   overwrites a block a writer has written there), throttled; flush the
+//!   targets; report `done` in `rebalance/<uuid>`. When every node of the old
+//!   and the new ring reports done, any node clears `previous` (CAS).
+//! - `Stable(v)` right after a move this node took part in: wait until every
+//!   writer uses v, then delete the extents that are no longer ours.
+//!
+//! Throughout, readers find every block: they read the old replicas first
+//! until the move is over, and old copies are deleted only after that.
+
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use torus_meta::cluster::{Cluster, RebalanceProgress, RingDoc, RingMember};
+use torus_proto::PeerClient;
+use torus_ring::Ring;
+use torus_store::{BlockState, Store};
+use torus_types::{ExtentId, NodeId, BLOCK_SIZE};
+
+pub struct Rebalancer {
+    pub cluster: Cluster,
+    pub store: Arc<Store>,
+    pub me: NodeId,
+    /// Bytes per second this node copies at most.
+    pub rate: u64,
+}
+
+fn ring_of(version: u64, members: &[RingMember]) -> Ring {
+    Ring::from_labeled(version, members.iter().map(|m| (m.id, m.weight, &m.labels)))
+}
+
+/// Largest piece copied at once.
+const CHUNK_BLOCKS: usize = 256;
+
+struct Throttle {
+    rate: u64,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Throttle {
+    async fn take(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        if self.rate == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+impl Rebalancer {
+    /// Runs forever (until the task is dropped).
+    pub async fn run(self) {
+        let mut moved: Option<u64> = None;
+        let mut collected: Option<u64> = None;
+        let mut clients = HashMap::new();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let doc = match self.cluster.ring().await {
+                Ok((doc, _)) => doc,
+                Err(e) => {
+                    tracing::debug!(error = %e, "rebalancer cannot read the ring");
+                    continue;
+                }
+            };
+            if doc.moving() {
+                if moved != Some(doc.version) {
+                    tracing::info!(version = doc.version, "ring changed: moving data");
+                    match self.move_data(&doc, &mut clients).await {
+                        Ok(()) => moved = Some(doc.version),
+                        Err(e) => tracing::warn!(error = %e, "moving data failed; will retry"),
+                    }
+                } else if let Err(e) = self.try_finish(&doc).await {
+                    tracing::warn!(error = %e, "could not finish the rebalance");
+                }
+            } else if moved.is_some_and(|v| v < doc.version) && collected != Some(doc.version) {
+                match self.collect(&doc).await {
+                    Ok(n) => {
+                        tracing::info!(
+                            version = doc.version,
+                            deleted = n,
+                            "rebalance over: deleted extents that moved away"
+                        );
+                        collected = Some(doc.version);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "deleting moved extents failed; will retry"),
+                }
+            }
+        }
+    }
+
+    /// Waits until every writer of every volume uses ring `version` or newer.
+    async fn wait_writers(&self, version: u64) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            let locks = self.cluster.locks().await.map_err(|e| e.to_string())?;
+            let lagging: Vec<_> = locks.iter().filter(|l| l.ring_version < version).collect();
+            if lagging.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(10) && start.elapsed().as_millis() % 10_000 < 250 {
+                tracing::warn!(waiting_for = %lagging[0].holder, "a writer has not taken the new ring yet");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn client(
+        &self,
+        clients: &mut HashMap<NodeId, Arc<PeerClient>>,
+        addrs: &HashMap<NodeId, String>,
+        id: NodeId,
+    ) -> Result<Arc<PeerClient>, String> {
+        if let Some(c) = clients.get(&id).filter(|c| !c.is_dead()) {
+            return Ok(c.clone());
+        }
+        let addr = addrs.get(&id).ok_or_else(|| format!("node {id} is not registered"))?;
+        let c = Arc::new(PeerClient::connect(addr, Duration::from_secs(30)).await.map_err(|e| e.to_string())?);
+        clients.insert(id, c.clone());
+        Ok(c)
+    }
+
+    async fn move_data(&self, doc: &RingDoc, clients: &mut HashMap<NodeId, Arc<PeerClient>>) -> Result<(), String> {
+        self.wait_writers(doc.version).await?;
+        let prev = ring_of(doc.version, doc.previous.as_deref().unwrap_or_default());
+        let next = ring_of(doc.version, &doc.members);
+        let volumes: HashMap<_, _> = self
+            .cluster
+            .volumes()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|v| (v.id, v.replication as usize))
+            .collect();
+        let addrs: HashMap<NodeId, String> =
+            self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| (p.id, p.address)).collect();
+        let mut plan: Vec<(ExtentId, Vec<NodeId>)> = Vec::new();
+        for stat in self.store.extents().map_err(|e| e.to_string())? {
+            let Some(r) = volumes.get(&stat.id.volume) else { continue };
+            let old = prev.replicas(stat.id, *r);
+            // One copier per extent: the first old replica that is up.
+            if old.iter().find(|n| addrs.contains_key(*n)) != Some(&self.me) {
+                continue;
+            }
+            let targets: Vec<NodeId> = next.replicas(stat.id, *r).into_iter().filter(|n| !old.contains(n)).collect();
+            if !targets.is_empty() {
+                plan.push((stat.id, targets));
+            }
+        }
+        let mut progress =
+            RebalanceProgress { ring_version: doc.version, extents_total: plan.len() as u64, ..Default::default() };
+        self.cluster.put_progress(self.me, &progress).await.map_err(|e| e.to_string())?;
+        let mut throttle = Throttle { rate: self.rate, start: Instant::now(), bytes: 0 };
+        let mut touched = HashSet::new();
+        for (i, (extent, targets)) in plan.iter().enumerate() {
+            let mut tc = Vec::new();
+            for t in targets {
+                tc.push(self.client(clients, &addrs, *t).await?);
+                touched.insert(*t);
+            }
+            progress.bytes_copied += self.copy_extent(*extent, &tc, &mut throttle).await?;
+            progress.extents_done = i as u64 + 1;
+            if i % 16 == 15 {
+                let _ = self.cluster.put_progress(self.me, &progress).await;
+            }
+        }
+        for t in touched {
+            self.client(clients, &addrs, t).await?.flush().await.map_err(|e| e.to_string())?;
+        }
+        progress.done = true;
+        self.cluster.put_progress(self.me, &progress).await.map_err(|e| e.to_string())?;
+        tracing::info!(
+            version = doc.version,
+            extents = plan.len(),
+            bytes = progress.bytes_copied,
+            "moved this node's share"
+        );
+        Ok(())
+    }
+
+    /// Copies one extent's written blocks to the targets; returns bytes copied.
+    async fn copy_extent(
+        &self,
+        extent: ExtentId,
+        targets: &[Arc<PeerClient>],
+        throttle: &mut Throttle,
+    ) -> Result<u64, String> {
+        let states = self.store.block_states(extent).map_err(|e| e.to_string())?.unwrap_or_default();
+        let mut copied = 0;
+        let mut b = 0;
+        while b < states.len() {
+            let state = states[b];
+            let mut end = b + 1;
+            while end < states.len() && states[end] == state && end - b < CHUNK_BLOCKS {
+                end += 1;
+            }
+            let (off, len) = ((b * BLOCK_SIZE) as u32, ((end - b) * BLOCK_SIZE) as u32);
+            match state {
+                BlockState::Absent => {}
+                BlockState::Zero => {
+                    for t in targets {
+                        t.fill(extent, off, len, None).await.map_err(|e| e.to_string())?;
+                    }
+                }
+                BlockState::Data => {
+                    let mut buf = vec![0u8; len as usize];
+                    self.store.read(extent, off as u64, &mut buf).map_err(|e| e.to_string())?;
+                    let data = Bytes::from(buf);
+                    for t in targets {
+                        t.fill(extent, off, len, Some(data.clone())).await.map_err(|e| e.to_string())?;
+                    }
+                    copied += len as u64;
+                    throttle.take(len as u64).await;
+                }
+            }
+            b = end;
+        }
+        Ok(copied)
+    }
+
+    /// Clears `previous` once every node of the old and the new ring has moved its share.
+    async fn try_finish(&self, doc: &RingDoc) -> Result<(), String> {
+        let progress: HashMap<_, _> = self.cluster.progress().await.map_err(|e| e.to_string())?.into_iter().collect();
+        let alive: HashSet<NodeId> =
+            self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| p.id).collect();
+        for m in doc.all_members() {
+            let done = progress.get(&m.id).is_some_and(|p| p.ring_version == doc.version && p.done);
+            if !done {
+                if !alive.contains(&m.id) {
+                    tracing::debug!(node = %m.id, "waiting for a node that is down to come back");
+                }
+                return Ok(());
+            }
+        }
+        if self.cluster.finish_rebalance(doc.version).await.map_err(|e| e.to_string())? {
+            tracing::info!(version = doc.version, "every node has moved its data: rebalance finished");
+        }
+        Ok(())
+    }
+
+    /// Deletes the extents this node no longer holds a replica of; returns how many.
+    async fn collect(&self, doc: &RingDoc) -> Result<usize, String> {
+        self.wait_writers(doc.version).await?;
+        let ring = ring_of(doc.version, &doc.members);
+        // Every id below next-id is allocated: one not listed was deleted.
+        let next_id = self.cluster.next_volume_id().await.map_err(|e| e.to_string())?;
+        let volumes: HashMap<_, _> = self
+            .cluster
+            .volumes()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|v| (v.id, v.replication as usize))
+            .collect();
+        let mut deleted = 0;
+        for stat in self.store.extents().map_err(|e| e.to_string())? {
+            let keep = match volumes.get(&stat.id.volume) {
+                Some(r) => ring.replicas(stat.id, *r).contains(&self.me),
+                None => stat.id.volume.0 >= next_id,
+            };
+            if !keep {
+                self.store.delete_extent(stat.id).map_err(|e| e.to_string())?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+}

@@ -1,0 +1,153 @@
+//! The cluster: data moves when nodes join and leave, while a client keeps
+//! writing and verifying; afterwards every extent has exactly R copies, on
+//! the nodes the ring names (checked on the nodes' disks).
+
+use crate::ok;
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use torus_ring::Ring;
+use torus_testkit::{random_bytes, wait_until, Cluster};
+use torus_types::{ExtentId, NodeId, VolumeId};
+
+fn node_id(c: &Cluster, i: usize) -> NodeId {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(c.nodes[i].data_dir.join("node.json")).unwrap()).unwrap();
+    NodeId::parse(v["id"].as_str().unwrap()).unwrap()
+}
+
+fn wait_rebalanced(c: &Cluster) {
+    wait_until(Duration::from_secs(180), "the rebalance to finish", || {
+        c.ctl_ok(&["status"]).contains("none in progress")
+    });
+}
+
+#[test]
+fn nodes_join_and_leave_under_io_and_every_extent_ends_with_r_copies() {
+    let mut c = Cluster::start(3, 2);
+    c.ctl_ok(&["volume", "create-block", "data", "512MiB"]);
+    let blk = c.start_blk(&[]);
+    let uri = blk.uri("data");
+    let src = c.dir.path().join("data.bin");
+    let data = random_bytes(256 << 20, 0xda7a);
+    std::fs::write(&src, &data).unwrap();
+    ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(&uri));
+
+    // fio keeps writing and verifying the other half throughout.
+    let mut fio = Command::new("fio")
+        .args(["--name=bg", "--ioengine=nbd", "--offset=256m", "--size=256m", "--rw=randwrite", "--bsrange=4k-64k"])
+        .args([
+            "--iodepth=8",
+            "--time_based",
+            "--runtime=45",
+            "--verify=crc32c",
+            "--verify_backlog=512",
+            "--verify_fatal=1",
+        ])
+        .arg(format!("--uri={uri}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fio");
+    std::thread::sleep(Duration::from_secs(2));
+
+    // A fourth node joins.
+    let n = c.add_node("1GiB");
+    c.start_node(n);
+    c.wait_peers(4);
+    let out = c.ctl_ok(&["peer", "add", "--all-peers"]);
+    assert!(out.contains("data is moving"), "{out}");
+    wait_rebalanced(&c);
+    // The first node leaves; its data moves away before it is emptied.
+    let first = c.nodes[0].peer_addr.clone();
+    c.ctl_ok(&["peer", "remove", &first]);
+    wait_rebalanced(&c);
+    wait_until(Duration::from_secs(60), "the removed node to delete its moved extents", || {
+        c.extents_on_disk(0).is_empty()
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = fio.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "fio did not finish");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(fio.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "fio verification through the ring changes failed: {log}");
+
+    // Everything written before reads back byte for byte.
+    let back = c.dir.path().join("back.bin");
+    ok(Command::new("nbdcopy").arg(&uri).arg(&back));
+    let got = std::fs::read(&back).unwrap();
+    assert!(got[..256 << 20] == data[..], "data changed across the ring changes");
+
+    // On disk: every extent on exactly the R nodes the ring names.
+    let ring_json: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["ring", "get", "-o", "json"])).unwrap();
+    let empty = BTreeMap::new();
+    let members: Vec<(NodeId, u64)> = ring_json["ring"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (NodeId::parse(m["id"].as_str().unwrap()).unwrap(), m["weight"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(members.len(), 3);
+    let ring = Ring::from_labeled(0, members.iter().map(|(id, w)| (*id, *w, &empty)));
+    let vol: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
+    let vol_id = vol[0]["id"].as_u64().unwrap();
+    let mut holders: BTreeMap<String, BTreeSet<NodeId>> = BTreeMap::new();
+    for i in 0..c.nodes.len() {
+        for e in c.extents_on_disk(i) {
+            holders.entry(e).or_default().insert(node_id(&c, i));
+        }
+    }
+    assert_eq!(holders.len(), 128, "512 MiB in 4 MiB extents, all written");
+    for (e, nodes) in &holders {
+        let (v, idx) = e.split_once('/').unwrap();
+        assert_eq!(v.parse::<u64>().unwrap(), vol_id);
+        let want: BTreeSet<NodeId> =
+            ring.replicas(ExtentId::new(VolumeId(vol_id), idx.parse().unwrap()), 2).into_iter().collect();
+        assert_eq!(nodes, &want, "extent {e} is on the wrong nodes");
+    }
+}
+
+#[test]
+fn membership_bad_input_is_refused() {
+    let c = Cluster::start(2, 2);
+    c.ctl_ok(&["volume", "create-block", "v", "8MiB"]);
+    let t = |args: &[&str]| {
+        let out = c.ctl(args);
+        assert!(!out.status.success(), "torusctl {args:?} succeeded");
+        crate::text(&out)
+    };
+    assert!(t(&["peer", "add", "127.0.0.1:1"]).contains("not known"));
+    assert!(t(&["peer", "remove", "127.0.0.1:1"]).contains("not known"));
+    assert!(t(&["peer", "remove", &c.nodes[0].peer_addr]).contains("fewer than 2 copies"));
+    assert!(t(&["volume", "create-block", "big", "8MiB", "--replication", "3"]).contains("larger than the 2 node"));
+    assert!(t(&["ring", "set-replication", "3"]).contains("larger than the 2 node"));
+    // Forced removal works; removing the last node never does.
+    c.ctl_ok(&["peer", "remove", "--force", &c.nodes[0].peer_addr]);
+    wait_rebalanced(&c);
+    assert!(t(&["peer", "remove", "--force", &c.nodes[1].peer_addr]).contains("last node"));
+}
+
+#[test]
+fn a_second_node_with_a_registered_address_is_refused() {
+    let mut c = Cluster::start(1, 1);
+    c.node(0).kill9();
+    // A new node (fresh data dir, so a new UUID) on the dead node's address, inside its lease TTL.
+    let out = torus_testkit::run(
+        c.cmd("torusd").arg("--data-dir").arg(c.dir.path().join("impostor")).args([
+            "--size",
+            "1GiB",
+            "--peer-address",
+            &c.nodes[0].peer_addr,
+        ]),
+        Duration::from_secs(30),
+    );
+    let t = crate::text(&out);
+    assert!(!out.status.success(), "a duplicate address was accepted: {t}");
+    assert!(t.contains("already registered by node"), "{t}");
+}
