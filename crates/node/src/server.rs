@@ -42,6 +42,7 @@ fn status_of(e: &StoreError) -> Status {
         StoreError::Fenced { .. } => Status::Fenced,
         StoreError::OutOfRange { .. } => Status::OutOfRange,
         StoreError::Failed { .. } => Status::Failed,
+        StoreError::Absent { .. } => Status::Absent,
     }
 }
 
@@ -136,7 +137,12 @@ fn handle(
             NodeMetrics::inc(&metrics.reads, 1);
             NodeMetrics::inc(&metrics.read_bytes, h.len as u64);
             let mut buf = vec![0u8; h.len as usize];
-            store.read(h.extent, off, &mut buf).map(|()| Bytes::from(buf))
+            let res = if h.flags & frame::FLAG_PRESENT_ONLY != 0 {
+                store.read_present(h.extent, off, &mut buf)
+            } else {
+                store.read(h.extent, off, &mut buf)
+            };
+            res.map(|()| Bytes::from(buf))
         }
         Op::Write => {
             NodeMetrics::inc(&metrics.writes, 1);

@@ -5,7 +5,9 @@
 //! the connection breaks, every waiting caller gets `Disconnected` and the
 //! client stays dead: callers (the volume layer's pool) make a new one.
 
-use crate::frame::{self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, FLAG_ZERO_FILL, REPLY_HEADER_LEN};
+use crate::frame::{
+    self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, FLAG_PRESENT_ONLY, FLAG_ZERO_FILL, REPLY_HEADER_LEN,
+};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -176,8 +178,20 @@ impl PeerClient {
         }
     }
 
-    pub async fn read(&self, extent: ExtentId, offset: u32, len: u32) -> Result<Vec<u8>, PeerError> {
-        let data = self.call(RequestHeader::new(Op::Read, extent, offset, len, Epoch(0)), None).await?;
+    /// Reads a range of an extent; with `present_only`, fails rather than
+    /// read blocks the node never received as zeroes.
+    pub async fn read(
+        &self,
+        extent: ExtentId,
+        offset: u32,
+        len: u32,
+        present_only: bool,
+    ) -> Result<Vec<u8>, PeerError> {
+        let mut h = RequestHeader::new(Op::Read, extent, offset, len, Epoch(0));
+        if present_only {
+            h.flags |= FLAG_PRESENT_ONLY;
+        }
+        let data = self.call(h, None).await?;
         if data.len() != len as usize {
             return Err(PeerError::Disconnected {
                 addr: self.addr().to_string(),

@@ -22,6 +22,8 @@ pub const MAX_PAYLOAD: u32 = 64 << 20;
 pub const FLAG_FUA: u8 = 1;
 /// Request flag on FILL: no payload; absent blocks in the range become zero.
 pub const FLAG_ZERO_FILL: u8 = 2;
+/// Request flag on READ: fail with ABSENT rather than read never-written blocks as zeroes.
+pub const FLAG_PRESENT_ONLY: u8 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -80,6 +82,8 @@ pub enum Status {
     Invalid = 6,
     /// The node's store failed and refuses I/O.
     Failed = 7,
+    /// A PRESENT_ONLY read found blocks the node has not received.
+    Absent = 8,
 }
 
 impl Status {
@@ -93,6 +97,7 @@ impl Status {
             5 => Status::OutOfRange,
             6 => Status::Invalid,
             7 => Status::Failed,
+            8 => Status::Absent,
             _ => return None,
         })
     }

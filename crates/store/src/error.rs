@@ -18,6 +18,8 @@ pub enum StoreError {
     Fenced { volume: VolumeId, epoch: Epoch, current: Epoch },
     #[error("range {offset}+{len} is outside an extent (at most {max} bytes)")]
     OutOfRange { offset: u64, len: u64, max: u64 },
+    #[error("extent {extent} has blocks this node has not received yet")]
+    Absent { extent: ExtentId },
     #[error("the store failed earlier ({reason}) and refuses I/O until restarted")]
     Failed { reason: String },
 }

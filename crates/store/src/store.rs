@@ -163,6 +163,22 @@ impl Store {
         }
     }
 
+    /// Like `read`, but fails with `Absent` if any block in the range was never
+    /// written here: a replica that is still receiving its copy must not
+    /// answer zeroes for data it has not got yet.
+    pub fn read_present(&self, id: ExtentId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        Self::check_range(offset, buf.len() as u64)?;
+        let absent = || StoreError::Absent { extent: id };
+        let ext = self.extent(id, false)?.ok_or_else(absent)?;
+        let states = ext.states();
+        let bs = torus_types::BLOCK_SIZE as u64;
+        let (first, end) = (offset / bs, (offset + buf.len() as u64).div_ceil(bs));
+        if (first..end).any(|b| states.get(b as usize).is_none_or(|s| *s == crate::BlockState::Absent)) {
+            return Err(absent());
+        }
+        ext.read(offset, buf)
+    }
+
     fn reserve(&self, bytes: u64) -> Result<()> {
         let used = self.used.load(Ordering::Relaxed);
         if bytes > 0 && used.saturating_add(bytes) > self.opts.capacity {

@@ -41,15 +41,18 @@ impl Placement {
         nodes
     }
 
-    /// Nodes to read from, in order: while data moves, the old replicas (they have everything) first.
-    pub fn read_order(&self, extent: ExtentId, r: usize) -> Vec<NodeId> {
-        let mut nodes = match &self.previous {
-            Some(prev) => prev.replicas(extent, r),
+    /// Nodes to read from, in order, each with whether it may lack data it
+    /// should have: while data moves, the old replicas (they have every block)
+    /// come first, then the new ones, which are asked for present blocks only.
+    pub fn read_order(&self, extent: ExtentId, r: usize) -> Vec<(NodeId, bool)> {
+        let mut nodes: Vec<(NodeId, bool)> = match &self.previous {
+            Some(prev) => prev.replicas(extent, r).into_iter().map(|n| (n, false)).collect(),
             None => Vec::new(),
         };
+        let moving = self.previous.is_some();
         for n in self.ring.replicas(extent, r) {
-            if !nodes.contains(&n) {
-                nodes.push(n);
+            if !nodes.iter().any(|(m, _)| *m == n) {
+                nodes.push((n, moving));
             }
         }
         nodes
@@ -243,9 +246,9 @@ impl BlockDevice for Volume {
                 return Err(VolumeError::NoNodes);
             }
             let mut last = String::new();
-            for n in nodes {
+            for (n, present_only) in nodes {
                 let res = match self.pool.get(n).await {
-                    Ok(c) => c.read(p.extent, p.within, p.len).await,
+                    Ok(c) => c.read(p.extent, p.within, p.len, present_only).await,
                     Err(e) => Err(e),
                 };
                 match res {
@@ -325,5 +328,44 @@ impl BlockDevice for Volume {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use torus_ring::Member;
+    use torus_types::VolumeId;
+
+    fn ring(ids: &[u64]) -> Ring {
+        Ring::new(1, ids.iter().map(|i| Member { id: NodeId(uuid_from(*i)), weight: 1.0, domain: None }).collect())
+    }
+
+    fn uuid_from(i: u64) -> uuid::Uuid {
+        uuid::Uuid::from_u64_pair(7, i)
+    }
+
+    #[test]
+    fn moving_placement_writes_both_sets_and_reads_old_first() {
+        let p = Placement { version: 2, ring: ring(&[1, 2, 3, 4]), previous: Some(ring(&[1, 2, 3])) };
+        for i in 0..200 {
+            let e = ExtentId::new(VolumeId(1), i);
+            let old = p.previous.as_ref().unwrap().replicas(e, 2);
+            let new = p.ring.replicas(e, 2);
+            let w = p.write_set(e, 2);
+            assert!(old.iter().chain(&new).all(|n| w.contains(n)), "writes reach old and new replicas");
+            let r = p.read_order(e, 2);
+            assert_eq!(
+                r.iter().take(2).map(|(n, strict)| (*n, *strict)).collect::<Vec<_>>(),
+                old.iter().map(|n| (*n, false)).collect::<Vec<_>>()
+            );
+            for (n, strict) in &r[2..] {
+                assert!(*strict && new.contains(n) && !old.contains(n), "new replicas only serve what they have");
+            }
+        }
+        let stable = Placement { version: 3, ring: ring(&[1, 2, 3, 4]), previous: None };
+        let e = ExtentId::new(VolumeId(1), 5);
+        assert_eq!(stable.write_set(e, 2), stable.ring.replicas(e, 2));
+        assert!(stable.read_order(e, 2).iter().all(|(_, strict)| !strict));
     }
 }
