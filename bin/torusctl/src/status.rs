@@ -2,7 +2,8 @@
 
 use std::collections::HashSet;
 use torus_meta::cluster::Cluster;
-use torus_types::{format_size, NodeId};
+use torus_ring::Ring;
+use torus_types::{format_size, ExtentId, NodeId};
 
 pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
     let config = cluster.config().await?;
@@ -40,6 +41,23 @@ pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
     for m in &down {
         println!("             down: {}", m.id);
     }
+    // Extents (of the volumes' whole address space) with a replica on a down node.
+    let degraded = if down.is_empty() {
+        0
+    } else {
+        let now = Ring::from_labeled(ring.version, ring.members.iter().map(|m| (m.id, m.weight, &m.labels)));
+        let mut n = 0u64;
+        for v in &volumes {
+            for i in 0..v.extent_count() {
+                let reps = now.replicas(ExtentId::new(v.id, i), v.replication as usize);
+                if reps.iter().any(|r| !up.contains(r)) {
+                    n += 1;
+                }
+            }
+        }
+        n
+    };
+    println!("extents:     {degraded} with a replica on a down node");
     println!(
         "capacity:    {} used of {} ({} free)",
         format_size(used),

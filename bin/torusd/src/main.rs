@@ -119,6 +119,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         store: store.clone(),
         me: id,
         rate: args.rebalance_rate,
+        metrics: metrics.clone(),
     };
     let reb_task = tokio::spawn(rebalancer.run());
     let reg = Registration { cluster, info, store: store.clone(), ttl: Duration::from_secs(args.lease_ttl) };

@@ -15,6 +15,10 @@ pub struct NodeMetrics {
     pub checksum_errors: AtomicU64,
     pub fenced_writes: AtomicU64,
     pub errors: AtomicU64,
+    pub repaired_blocks: AtomicU64,
+    pub rebalance_extents_total: AtomicU64,
+    pub rebalance_extents_done: AtomicU64,
+    pub rebalance_bytes: AtomicU64,
 }
 
 impl NodeMetrics {
@@ -40,6 +44,25 @@ impl NodeMetrics {
         );
         counter("torus_node_fenced_writes_total", "Writes refused for carrying a stale epoch.", &self.fenced_writes);
         counter("torus_node_errors_total", "Requests that failed.", &self.errors);
+        counter(
+            "torus_store_repaired_blocks_total",
+            "Corrupt blocks replaced with a replica's copy.",
+            &self.repaired_blocks,
+        );
+        counter("torus_rebalance_copied_bytes_total", "Bytes this node copied to new replicas.", &self.rebalance_bytes);
+        let mut gauge = |name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Ordering::Relaxed));
+        };
+        gauge(
+            "torus_rebalance_extents_total",
+            "Extents this node must copy in the current rebalance.",
+            &self.rebalance_extents_total,
+        );
+        gauge(
+            "torus_rebalance_extents_done",
+            "Extents this node has copied in the current rebalance.",
+            &self.rebalance_extents_done,
+        );
         let _ = writeln!(out, "# HELP torus_store_used_bytes Bytes of data stored.\n# TYPE torus_store_used_bytes gauge\ntorus_store_used_bytes {used}");
         let _ = writeln!(out, "# HELP torus_store_capacity_bytes Bytes offered.\n# TYPE torus_store_capacity_bytes gauge\ntorus_store_capacity_bytes {capacity}");
         out

@@ -30,6 +30,7 @@ pub struct Rebalancer {
     pub me: NodeId,
     /// Bytes per second this node copies at most.
     pub rate: u64,
+    pub metrics: Arc<crate::metrics::NodeMetrics>,
 }
 
 fn ring_of(version: u64, members: &[RingMember]) -> Ring {
@@ -168,8 +169,11 @@ impl Rebalancer {
                 tc.push(self.client(clients, &addrs, *t).await?);
                 touched.insert(*t);
             }
-            progress.bytes_copied += self.copy_extent(*extent, &tc, &mut throttle).await?;
+            let bytes = self.copy_extent(*extent, &tc, &mut throttle).await?;
+            progress.bytes_copied += bytes;
             progress.extents_done = i as u64 + 1;
+            crate::metrics::NodeMetrics::inc(&self.metrics.rebalance_bytes, bytes);
+            self.metrics.rebalance_extents_done.store(progress.extents_done, std::sync::atomic::Ordering::Relaxed);
             if i % 16 == 15 {
                 let _ = self.cluster.put_progress(self.me, &progress).await;
             }

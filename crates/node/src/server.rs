@@ -175,6 +175,10 @@ fn handle(
             .block_states(h.extent)
             .map(|s| Bytes::from(s.unwrap_or_default().into_iter().map(|b| b as u8).collect::<Vec<u8>>())),
         Op::DeleteExtent => store.delete_extent(h.extent).map(|()| Bytes::new()),
+        Op::Repair => store.repair(h.extent, off, &payload).map(|n| {
+            NodeMetrics::inc(&metrics.repaired_blocks, n);
+            Bytes::copy_from_slice(&n.to_le_bytes())
+        }),
     };
     if fua && res.is_ok() && matches!(h.op, Op::Write | Op::Zero) {
         return spawn_flush(id, res, store, metrics, tx);

@@ -269,6 +269,18 @@ impl PeerClient {
         self.call(RequestHeader::new(Op::DeleteExtent, extent, 0, 0, Epoch(0)), None).await.map(drop)
     }
 
+    /// Sends a good copy of an aligned range; the node replaces only its corrupt blocks.
+    pub async fn repair(&self, extent: ExtentId, offset: u32, data: Bytes) -> Result<u64, PeerError> {
+        let h = RequestHeader::new(Op::Repair, extent, offset, data.len() as u32, Epoch(0));
+        let body = self.call(h, Some(data)).await?;
+        Ok(body.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).unwrap_or(0))
+    }
+
+    /// Requests this client is waiting for (a load signal for picking replicas).
+    pub fn in_flight(&self) -> usize {
+        self.shared.pending.lock().expect("client lock poisoned").len()
+    }
+
     pub async fn ping(&self) -> Result<(), PeerError> {
         self.call(RequestHeader::new(Op::Ping, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)), None).await.map(drop)
     }

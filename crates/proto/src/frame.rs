@@ -48,6 +48,9 @@ pub enum Op {
     BlockStates = 10,
     /// Delete one extent replica.
     DeleteExtent = 11,
+    /// Replace the corrupt blocks of an aligned range with the payload (a good
+    /// replica's copy); blocks that verify are left alone. Reply: u64 blocks replaced.
+    Repair = 12,
 }
 
 impl Op {
@@ -64,6 +67,7 @@ impl Op {
             9 => Op::Fill,
             10 => Op::BlockStates,
             11 => Op::DeleteExtent,
+            12 => Op::Repair,
             _ => return None,
         })
     }
@@ -133,7 +137,7 @@ impl RequestHeader {
 
     /// Bytes of payload that follow this header on the wire.
     pub fn payload_len(&self) -> usize {
-        if self.op == Op::Write || (self.op == Op::Fill && self.flags & FLAG_ZERO_FILL == 0) {
+        if matches!(self.op, Op::Write | Op::Repair) || (self.op == Op::Fill && self.flags & FLAG_ZERO_FILL == 0) {
             self.len as usize
         } else {
             0

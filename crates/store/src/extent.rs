@@ -375,6 +375,35 @@ impl Extent {
         Ok(if data.is_some() { (absent.len() as u64 * BS) as i64 } else { 0 })
     }
 
+    /// Replaces the blocks of an aligned range whose stored data no longer
+    /// matches its checksum with `data` (a good replica's copy). Blocks that
+    /// verify are left alone, so a repair never undoes a newer write.
+    /// Returns how many blocks were replaced.
+    pub fn repair(&self, offset: u64, data: &[u8]) -> Result<u64> {
+        let mut st = self.state.write().expect("extent lock poisoned");
+        let first = offset / BS;
+        let mut block = vec![0u8; BLOCK_SIZE];
+        let mut fixed = 0;
+        for (i, good) in data.chunks_exact(BLOCK_SIZE).enumerate() {
+            let b = first + i as u64;
+            let e = Self::entry(&st.table, b);
+            if e.state != BlockState::Data {
+                continue;
+            }
+            read_full(&self.dat, &self.dat_path, &mut block, b * BS)?;
+            if block_checksum(&block) == e.crc {
+                continue;
+            }
+            self.begin_change(&mut st)?;
+            let entry = Entry { crc: block_checksum(good), state: BlockState::Data };
+            st.table[b as usize] = entry;
+            self.write_entries(b, &[entry])?;
+            self.dat.write_all_at(good, b * BS).map_err(|e| StoreError::io("write", &self.dat_path, e))?;
+            fixed += 1;
+        }
+        Ok(fixed)
+    }
+
     pub fn data_blocks(&self) -> u64 {
         let st = self.state.read().expect("extent lock poisoned");
         st.table.iter().filter(|e| e.state == BlockState::Data).count() as u64

@@ -261,6 +261,25 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces corrupt blocks of an aligned range with a good replica's copy;
+    /// returns how many blocks were replaced (see `Extent::repair`).
+    pub fn repair(&self, id: ExtentId, offset: u64, data: &[u8]) -> Result<u64> {
+        Self::check_range(offset, data.len() as u64)?;
+        let bs = torus_types::BLOCK_SIZE as u64;
+        if offset % bs != 0 || data.len() as u64 % bs != 0 {
+            return Err(StoreError::OutOfRange { offset, len: data.len() as u64, max: MAX_EXTENT_SIZE });
+        }
+        self.check_failed()?;
+        let Some(ext) = self.extent(id, false)? else { return Ok(0) };
+        let fixed = ext.repair(offset, data);
+        self.dirty.lock().expect("dirty map poisoned").insert(id, ext.clone());
+        let fixed = fixed?;
+        if fixed > 0 {
+            tracing::warn!(extent = %id, blocks = fixed, "repaired corrupt blocks from a replica");
+        }
+        Ok(fixed)
+    }
+
     /// Deletes one extent replica (it has moved elsewhere).
     pub fn delete_extent(&self, id: ExtentId) -> Result<()> {
         {
@@ -445,7 +464,12 @@ mod tests {
         }
         // An unaligned write that needs the corrupt block's old bytes fails too.
         assert!(matches!(s.write(E0, 4096 + 10, &[1, 2, 3], Epoch(0)), Err(StoreError::Checksum { .. })));
-        // A whole-block overwrite heals it.
+        // A good replica's copy repairs only the corrupt block.
+        let good = pattern(8192, 5);
+        assert_eq!(s.repair(E0, 0, &good).unwrap(), 1);
+        s.read(E0, 4096, &mut buf).unwrap();
+        assert_eq!(buf, good[4096..]);
+        // A whole-block overwrite heals it too.
         s.write(E0, 4096, &pattern(4096, 6), Epoch(0)).unwrap();
         s.read(E0, 4096, &mut buf).unwrap();
         assert_eq!(buf, pattern(4096, 6));

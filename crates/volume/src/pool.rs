@@ -44,6 +44,12 @@ impl PeerPool {
         self.addrs.lock().expect("pool lock poisoned").get(&node).cloned()
     }
 
+    /// Requests in flight to `node` over all its connections.
+    pub fn load(&self, node: NodeId) -> usize {
+        let conns = self.conns.lock().expect("pool lock poisoned");
+        conns.get(&node).map(|v| v.iter().flatten().map(|c| c.in_flight()).sum()).unwrap_or(0)
+    }
+
     /// A live connection to `node`, connecting if needed.
     pub async fn get(&self, node: NodeId) -> Result<Arc<PeerClient>, PeerError> {
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.per_node;

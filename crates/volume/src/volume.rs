@@ -174,6 +174,32 @@ impl Volume {
         out
     }
 
+    /// Repairs the corrupt copies of a range on `bad` nodes with the blocks of
+    /// node `good` (whole 4 KiB blocks; the nodes replace only blocks that fail
+    /// their checksum, so this never undoes a newer write).
+    async fn repair(&self, extent: ExtentId, within: u32, len: u32, good: NodeId, bad: &[NodeId]) {
+        let bs = torus_types::BLOCK_SIZE as u32;
+        let start = within / bs * bs;
+        let end = (within + len).div_ceil(bs) * bs;
+        let data = match self.pool.get(good).await {
+            Ok(c) => match c.read(extent, start, end - start, false).await {
+                Ok(d) => Bytes::from(d),
+                Err(e) => return tracing::warn!(%extent, error = %e, "could not read a good copy for repair"),
+            },
+            Err(e) => return tracing::warn!(%extent, error = %e, "could not reach a good copy for repair"),
+        };
+        for n in bad {
+            let res = match self.pool.get(*n).await {
+                Ok(c) => c.repair(extent, start, data.clone()).await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(blocks) => tracing::warn!(%extent, node = %n, blocks, "repaired a corrupt copy from a good replica"),
+                Err(e) => tracing::error!(%extent, node = %n, error = %e, "repairing a corrupt copy failed"),
+            }
+        }
+    }
+
     fn r(&self) -> usize {
         self.info.replication as usize
     }
@@ -241,20 +267,33 @@ impl BlockDevice for Volume {
         let pieces = self.pieces(offset, len as u64);
         let placement = self.placement.read().await;
         let reads = join_all(pieces.iter().map(|p| async {
-            let nodes = placement.read_order(p.extent, self.r());
+            let mut nodes = placement.read_order(p.extent, self.r());
             if nodes.is_empty() {
                 return Err(VolumeError::NoNodes);
             }
+            if placement.previous.is_none() {
+                // Stable ring: any replica will do; take the least busy one first.
+                nodes.sort_by_key(|(n, _)| self.pool.load(*n));
+            }
             let mut last = String::new();
+            let mut corrupt = Vec::new();
             for (n, present_only) in nodes {
                 let res = match self.pool.get(n).await {
                     Ok(c) => c.read(p.extent, p.within, p.len, present_only).await,
                     Err(e) => Err(e),
                 };
                 match res {
-                    Ok(data) => return Ok(data),
+                    Ok(data) => {
+                        if !corrupt.is_empty() {
+                            self.repair(p.extent, p.within, p.len, n, &corrupt).await;
+                        }
+                        return Ok(data);
+                    }
                     Err(e) => {
                         tracing::warn!(extent = %p.extent, node = %n, error = %e, "read failed; trying the next replica");
+                        if matches!(e, PeerError::Remote { status: torus_proto::Status::Checksum, .. }) {
+                            corrupt.push(n);
+                        }
                         last = e.to_string();
                     }
                 }

@@ -151,3 +151,45 @@ fn a_second_node_with_a_registered_address_is_refused() {
     assert!(!out.status.success(), "a duplicate address was accepted: {t}");
     assert!(t.contains("already registered by node"), "{t}");
 }
+
+#[test]
+fn a_corrupt_copy_is_read_around_and_repaired_from_the_other_replica() {
+    let mut c = Cluster::start(2, 2);
+    c.ctl_ok(&["volume", "create-block", "rep", "8MiB"]);
+    let blk = c.start_blk(&[]);
+    let uri = blk.uri("rep");
+    ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x3c 0 1M", "-c", "flush"]).arg(&uri));
+    // The replica read first (ring order: loads are equal) is the one to damage.
+    let ring_json: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["ring", "get", "-o", "json"])).unwrap();
+    let empty = BTreeMap::new();
+    let members: Vec<(NodeId, u64)> = ring_json["ring"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (NodeId::parse(m["id"].as_str().unwrap()).unwrap(), m["weight"].as_u64().unwrap()))
+        .collect();
+    let ring = Ring::from_labeled(0, members.iter().map(|(id, w)| (*id, *w, &empty)));
+    let vol: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
+    let vol_id = vol[0]["id"].as_u64().unwrap();
+    let first = ring.replicas(ExtentId::new(VolumeId(vol_id), 0), 2)[0];
+    let bad = (0..2).find(|i| node_id(&c, *i) == first).unwrap();
+    let good = 1 - bad;
+    assert!(c.node(bad).terminate());
+    let dat = c.nodes[bad].data_dir.join(format!("store/extents/{vol_id}/0.dat"));
+    let mut f = std::fs::OpenOptions::new().write(true).open(&dat).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(3 * 4096 + 7)).unwrap();
+    std::io::Write::write_all(&mut f, &[0xee]).unwrap();
+    drop(f);
+    c.start_node(bad);
+    c.wait_peers(2);
+
+    // The read succeeds from the good replica and repairs the bad one.
+    let out = ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x3c 0 1M"]).arg(&uri));
+    assert!(!out.contains("fail"), "{out}");
+    // With the good replica gone, the repaired copy alone serves the data.
+    c.node(good).kill9();
+    let out = ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x3c 0 1M"]).arg(&uri));
+    assert!(!out.contains("fail"), "the bad copy was not repaired: {out}");
+    let log = std::fs::read_to_string(c.dir.path().join(format!("node{bad}.log"))).unwrap();
+    assert!(log.contains("repaired corrupt blocks"), "{log}");
+}
