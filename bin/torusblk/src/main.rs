@@ -32,6 +32,9 @@ enum Cmd {
         /// TTL in seconds of the writer's lease: how long after a crash the volume stays locked.
         #[arg(long = "lease-ttl", default_value_t = 10)]
         lease_ttl: u64,
+        /// Seconds writes are held while the writer's lease cannot be confirmed (etcd away) before they fail.
+        #[arg(long = "io-hold", default_value_t = 60)]
+        io_hold: u64,
         /// Connections to each storage node.
         #[arg(long = "node-connections", default_value_t = 2)]
         node_connections: usize,
@@ -40,7 +43,7 @@ enum Cmd {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Nbdserve { listen, read_only, lease_ttl, node_connections } => {
+        Cmd::Nbdserve { listen, read_only, lease_ttl, io_hold, node_connections } => {
             if !(1..=60).contains(&lease_ttl) {
                 bail!("--lease-ttl must be between 1 and 60 seconds");
             }
@@ -57,6 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 lease_ttl: Duration::from_secs(lease_ttl),
                 holder: format!("torusblk on {} (pid {}, nbd://{addr})", host.trim(), std::process::id()),
                 conns_per_node: node_connections,
+                io_hold: Duration::from_secs(io_hold),
                 ..Default::default()
             };
             let manager = Arc::new(VolumeManager::new(cluster, opts));

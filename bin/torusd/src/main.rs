@@ -122,9 +122,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics: metrics.clone(),
     };
     let reb_task = tokio::spawn(rebalancer.run());
-    let reg = Registration { cluster, info, store: store.clone(), ttl: Duration::from_secs(args.lease_ttl) };
+    let liveness = Arc::new(torus_node::liveness::Liveness::default());
+    let reg = Registration {
+        liveness: liveness.clone(),
+        cluster,
+        info,
+        store: store.clone(),
+        ttl: Duration::from_secs(args.lease_ttl),
+    };
     let reg_task = tokio::spawn(reg.run());
-    let srv_task = tokio::spawn(server::serve(listener, store.clone(), metrics));
+    let srv_task = tokio::spawn(server::serve(listener, store.clone(), metrics, liveness));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing SIGTERM handler")?;

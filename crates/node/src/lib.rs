@@ -4,6 +4,7 @@
 //! - [`server`]: the peer-protocol server in front of the local store.
 //! - [`registration`]: the node's entry in the metadata store, on a lease,
 //!   refreshed by heartbeats.
+//! - [`liveness`]: writes are accepted only while the node's own lease is provably alive.
 //! - [`rebalance`]: this node's part in moving data when the ring changes.
 //! - [`http`] and [`metrics`]: `/status` (JSON) and `/metrics` (Prometheus text).
 //!
@@ -12,6 +13,7 @@
 
 pub mod http;
 pub mod identity;
+pub mod liveness;
 pub mod metrics;
 pub mod rebalance;
 pub mod registration;

@@ -12,6 +12,7 @@ use torus_meta::{LeaseId, MetaError};
 use torus_store::Store;
 
 pub struct Registration {
+    pub liveness: Arc<crate::liveness::Liveness>,
     pub cluster: Cluster,
     pub info: PeerInfo,
     pub store: Arc<Store>,
@@ -33,10 +34,13 @@ impl Registration {
         let mut state = State::Granting;
         let mut unreachable = false;
         loop {
+            let sent = std::time::Instant::now();
             let step = match state {
                 State::Granting => match self.cluster.store().grant_lease(self.ttl).await {
                     Ok(lease) => match self.cluster.register_peer(&self.current(), lease.id).await {
                         Ok(()) => {
+                            // Conservative: the grant was sent before the registration that just succeeded.
+                            self.liveness.confirmed(sent, self.ttl);
                             tracing::info!(node = %self.info.id, address = %self.info.address, "registered in the metadata store");
                             Ok(State::Registered(lease.id))
                         }
@@ -46,9 +50,13 @@ impl Registration {
                 },
                 State::Registered(lease) => {
                     tokio::time::sleep(self.ttl / 3).await;
+                    let sent = std::time::Instant::now();
                     match self.cluster.store().keep_alive(lease).await {
                         Ok(_) => match self.cluster.register_peer(&self.current(), lease).await {
-                            Ok(()) => Ok(State::Registered(lease)),
+                            Ok(()) => {
+                                self.liveness.confirmed(sent, self.ttl);
+                                Ok(State::Registered(lease))
+                            }
                             Err(e) => Err(e.to_string()),
                         },
                         Err(MetaError::LeaseNotFound { .. }) => {

@@ -2,6 +2,7 @@
 //! them against the local store and queues replies to a writer task, so that
 //! replies go out as they complete (flushes don't hold up reads).
 
+use crate::liveness::Liveness;
 use crate::metrics::NodeMetrics;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -14,14 +15,14 @@ use torus_store::{Store, StoreError};
 type Reply = (ReplyHeader, Bytes);
 
 /// Serves the peer protocol on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, store: Arc<Store>, metrics: Arc<NodeMetrics>) {
+pub async fn serve(listener: TcpListener, store: Arc<Store>, metrics: Arc<NodeMetrics>, liveness: Arc<Liveness>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let (store, metrics) = (store.clone(), metrics.clone());
+                let (store, metrics, liveness) = (store.clone(), metrics.clone(), liveness.clone());
                 tokio::spawn(async move {
-                    if let Err(reason) = connection(stream, store, metrics).await {
+                    if let Err(reason) = connection(stream, store, metrics, liveness).await {
                         tracing::debug!(%peer, %reason, "peer connection closed");
                     }
                 });
@@ -79,7 +80,12 @@ fn reply_of(id: u64, res: Result<Bytes, StoreError>, metrics: &NodeMetrics) -> R
     }
 }
 
-async fn connection(stream: TcpStream, store: Arc<Store>, metrics: Arc<NodeMetrics>) -> Result<(), String> {
+async fn connection(
+    stream: TcpStream,
+    store: Arc<Store>,
+    metrics: Arc<NodeMetrics>,
+    liveness: Arc<Liveness>,
+) -> Result<(), String> {
     let (mut rd, wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(async move {
@@ -109,7 +115,14 @@ async fn connection(stream: TcpStream, store: Arc<Store>, metrics: Arc<NodeMetri
         if let Err(e) = rd.read_exact(&mut payload).await {
             break Err(e.to_string());
         }
-        let reply = handle(h, payload, &store, &metrics, &tx);
+        let reply =
+            if liveness.is_isolated() && matches!(h.op, Op::Write | Op::Zero | Op::Fill | Op::Repair | Op::Fence) {
+                NodeMetrics::inc(&metrics.errors, 1);
+                let msg = Bytes::from_static(b"node is cut off from the metadata store; retry");
+                Some((ReplyHeader { status: Status::Isolated, id: h.id, len: msg.len() as u32 }, msg))
+            } else {
+                handle(h, payload, &store, &metrics, &tx)
+            };
         if let Some(r) = reply {
             if tx.send(r).is_err() {
                 break Err("reply writer stopped".into());

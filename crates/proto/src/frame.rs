@@ -88,6 +88,9 @@ pub enum Status {
     Failed = 7,
     /// A PRESENT_ONLY read found blocks the node has not received.
     Absent = 8,
+    /// The node has been cut off from the metadata store for longer than its
+    /// lease and refuses writes until it is back (retry later).
+    Isolated = 9,
 }
 
 impl Status {
@@ -102,6 +105,7 @@ impl Status {
             6 => Status::Invalid,
             7 => Status::Failed,
             8 => Status::Absent,
+            9 => Status::Isolated,
             _ => return None,
         })
     }

@@ -184,6 +184,8 @@ pub struct Etcd {
     pub endpoint: String,
     proc: Option<Proc>,
     _dir: Option<tempfile::TempDir>,
+    /// How to start it again (private etcd only).
+    restart: Option<(PathBuf, u16, u16)>,
 }
 
 impl Etcd {
@@ -191,7 +193,7 @@ impl Etcd {
     pub fn start() -> Etcd {
         if let Ok(ep) = std::env::var("TORUS_TEST_ETCD") {
             if !ep.is_empty() {
-                return Etcd { endpoint: ep, proc: None, _dir: None };
+                return Etcd { endpoint: ep, proc: None, _dir: None, restart: None };
             }
         }
         Self::start_private()
@@ -202,12 +204,20 @@ impl Etcd {
         crate::require("etcd");
         let dir = tempfile::tempdir().expect("temp dir");
         let (cp, pp) = (free_port(), free_port());
-        let endpoint = format!("127.0.0.1:{cp}");
+        let path = dir.path().to_path_buf();
+        let mut e =
+            Etcd { endpoint: format!("127.0.0.1:{cp}"), proc: None, _dir: Some(dir), restart: Some((path, cp, pp)) };
+        e.launch();
+        e
+    }
+
+    fn launch(&mut self) {
+        let (dir, cp, pp) = self.restart.clone().expect("a private etcd");
         let mut cmd = Command::new("etcd");
         cmd.arg("--name")
             .arg("test")
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(dir.join("data"))
             .arg("--listen-client-urls")
             .arg(format!("http://127.0.0.1:{cp}"))
             .arg("--advertise-client-urls")
@@ -220,10 +230,20 @@ impl Etcd {
             .arg(format!("test=http://127.0.0.1:{pp}"))
             .arg("--log-level")
             .arg("warn");
-        let proc = Proc::spawn("etcd", cmd, dir.path().join("etcd.log"));
-        let e = Etcd { endpoint: endpoint.clone(), proc: Some(proc), _dir: Some(dir) };
+        self.proc = Some(Proc::spawn("etcd", cmd, dir.join("etcd.log")));
+        let endpoint = self.endpoint.clone();
         wait_until(Duration::from_secs(30), "etcd to become healthy", || etcd_healthy(&endpoint));
-        e
+    }
+
+    /// Stops a private etcd (SIGTERM); `restart` brings it back with its data.
+    pub fn stop(&mut self) {
+        if let Some(p) = &mut self.proc {
+            p.terminate();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.launch();
     }
 
     pub fn proc(&mut self) -> Option<&mut Proc> {

@@ -12,6 +12,7 @@
 
 pub mod device;
 mod error;
+pub mod lease;
 pub mod manager;
 pub mod pool;
 pub mod volume;

@@ -9,12 +9,12 @@
 //! whole TTL), the volume refuses writes from then on: a newer writer may
 //! exist.
 
+use crate::lease::LeaseState;
 use crate::pool::PeerPool;
 use crate::volume::Placement;
 use crate::{Volume, VolumeError};
 use futures_util::future::join_all;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use torus_meta::cluster::{Cluster, PeerInfo, RingDoc, RingMember, VolumeInfo};
@@ -30,6 +30,8 @@ pub struct ManagerOptions {
     pub conns_per_node: usize,
     /// How long a node may take to answer one request.
     pub request_timeout: Duration,
+    /// How long writes are held while the lease cannot be confirmed before they fail.
+    pub io_hold: Duration,
 }
 
 impl Default for ManagerOptions {
@@ -39,6 +41,7 @@ impl Default for ManagerOptions {
             holder: format!("pid {}", std::process::id()),
             conns_per_node: 2,
             request_timeout: Duration::from_secs(30),
+            io_hold: Duration::from_secs(60),
         }
     }
 }
@@ -140,10 +143,11 @@ impl VolumeManager {
         let info = self.cluster.volume(name).await?;
         let doc = self.refresh_peers().await?;
         if !writable {
-            let lost = Arc::new(AtomicBool::new(false));
-            return Ok(Volume::new(info, Default::default(), placement_of(&doc), self.pool.clone(), true, lost, None));
+            let none = Arc::new(LeaseState::none());
+            return Ok(Volume::new(info, Default::default(), placement_of(&doc), self.pool.clone(), true, none, None));
         }
         let store = self.cluster.store();
+        let granted_at = Instant::now();
         let lease = store.grant_lease(self.opts.lease_ttl).await.map_err(torus_meta::cluster::ClusterError::from)?;
         let epoch = match self.cluster.lock_volume(&info, &self.opts.holder, lease.id, doc.version).await {
             Ok(e) => e,
@@ -181,10 +185,10 @@ impl VolumeManager {
                 tracing::warn!(%node, error = %e, "could not announce the writer's epoch to a node");
             }
         }
-        let lost = Arc::new(AtomicBool::new(false));
-        let keeper = tokio::spawn(keep_alive(self.cluster.clone(), lease.id, self.opts.lease_ttl, lost.clone()));
+        let state = Arc::new(LeaseState::new(granted_at, self.opts.lease_ttl, self.opts.io_hold));
+        let keeper = tokio::spawn(keep_alive(self.cluster.clone(), lease.id, self.opts.lease_ttl, state.clone()));
         let guard = LockGuard { cluster: self.cluster.clone(), lease: lease.id, keeper };
-        Ok(Volume::new(info, epoch, placement_of(&doc), self.pool.clone(), false, lost, Some(guard)))
+        Ok(Volume::new(info, epoch, placement_of(&doc), self.pool.clone(), false, state, Some(guard)))
     }
 
     /// Follows ring changes: every open volume switches to the new placement
@@ -230,27 +234,35 @@ impl VolumeManager {
     }
 }
 
-/// Keeps the writer's lease alive; marks it lost when it expires or cannot be
-/// confirmed for a whole TTL.
-async fn keep_alive(cluster: Cluster, lease: LeaseId, ttl: Duration, lost: Arc<AtomicBool>) {
-    let mut last_ok = Instant::now();
+/// Keeps the writer's lease alive: each success extends how long writes may
+/// go ahead; an expired lease is lost for good (see `lease`).
+async fn keep_alive(cluster: Cluster, lease: LeaseId, ttl: Duration, state: Arc<LeaseState>) {
+    let mut failing = false;
     loop {
         tokio::time::sleep(ttl / 3).await;
+        let sent = Instant::now();
         match cluster.store().keep_alive(lease).await {
-            Ok(_) => last_ok = Instant::now(),
+            Ok(_) => {
+                state.confirmed(sent, ttl);
+                if failing {
+                    tracing::info!("the volume's lease is confirmed again");
+                    failing = false;
+                }
+            }
             Err(MetaError::LeaseNotFound { .. }) => {
                 tracing::error!(lease, "the volume's lease expired; refusing further writes");
-                lost.store(true, Ordering::SeqCst);
+                state.lose();
                 return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not renew the volume's lease");
-                if last_ok.elapsed() >= ttl {
-                    tracing::error!("lease unconfirmed for a whole TTL; refusing further writes");
-                    lost.store(true, Ordering::SeqCst);
-                    return;
+                if !failing {
+                    tracing::warn!(error = %e, "could not renew the volume's lease; retrying");
+                    failing = true;
                 }
             }
+        }
+        if state.is_lost() {
+            return;
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::VolumeError;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use torus_meta::cluster::VolumeInfo;
 use torus_proto::PeerError;
@@ -67,7 +67,7 @@ pub struct Volume {
     pool: Arc<PeerPool>,
     read_only: bool,
     /// Set when the writer's lease is gone: writes are refused from then on.
-    lease_lost: Arc<AtomicBool>,
+    lease: Arc<crate::lease::LeaseState>,
     /// Nodes written since their last flush, with a counter bumped per write.
     dirty: Mutex<HashMap<NodeId, u64>>,
     writes: AtomicU64,
@@ -91,7 +91,7 @@ impl Volume {
         placement: Placement,
         pool: Arc<PeerPool>,
         read_only: bool,
-        lease_lost: Arc<AtomicBool>,
+        lease: Arc<crate::lease::LeaseState>,
         guard: Option<crate::manager::LockGuard>,
     ) -> Self {
         Volume {
@@ -100,7 +100,7 @@ impl Volume {
             placement: tokio::sync::RwLock::new(Arc::new(placement)),
             pool,
             read_only,
-            lease_lost,
+            lease,
             dirty: Mutex::new(HashMap::new()),
             writes: AtomicU64::new(0),
             guard,
@@ -131,7 +131,7 @@ impl Volume {
 
     /// Stops writing and releases the writer's lock now (before the last handle is dropped).
     pub async fn release(&self) {
-        self.lease_lost.store(true, Ordering::SeqCst);
+        self.lease.lose();
         if let Some(g) = &self.guard {
             g.release().await;
         }
@@ -144,14 +144,12 @@ impl Volume {
         }
     }
 
-    fn check_writable(&self) -> Result<(), VolumeError> {
+    /// Refuses writes on a read-only open; holds them while the lease is unconfirmed.
+    async fn check_writable(&self) -> Result<(), VolumeError> {
         if self.read_only {
             return Err(VolumeError::ReadOnly);
         }
-        if self.lease_lost.load(Ordering::SeqCst) {
-            return Err(VolumeError::LeaseLost);
-        }
-        Ok(())
+        self.lease.wait_valid().await
     }
 
     fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
@@ -228,8 +226,19 @@ impl Volume {
         let results = join_all(nodes.iter().map(|n| {
             let op = &op;
             async move {
-                let client = self.pool.get(*n).await?;
-                op(client).await
+                // A node cut off from etcd refuses writes until it is back: hold and retry.
+                let deadline = std::time::Instant::now() + self.lease.hold();
+                loop {
+                    let client = self.pool.get(*n).await?;
+                    match op(client).await {
+                        Err(PeerError::Remote { status: torus_proto::Status::Isolated, .. })
+                            if std::time::Instant::now() < deadline && !self.lease.is_lost() =>
+                        {
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        }
+                        r => return r,
+                    }
+                }
             }
         }))
         .await;
@@ -313,7 +322,7 @@ impl BlockDevice for Volume {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
         self.check(offset, data.len() as u64)?;
-        self.check_writable()?;
+        self.check_writable().await?;
         let pieces = self.pieces(offset, data.len() as u64);
         let epoch = self.epoch;
         let placement = self.placement.read().await;
@@ -330,7 +339,7 @@ impl BlockDevice for Volume {
 
     async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
         self.check(offset, len)?;
-        self.check_writable()?;
+        self.check_writable().await?;
         let pieces = self.pieces(offset, len);
         let epoch = self.epoch;
         let placement = self.placement.read().await;

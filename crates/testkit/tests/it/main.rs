@@ -5,6 +5,7 @@
 mod bad_input;
 mod cluster;
 mod durability;
+mod failures;
 mod filesystem;
 mod nbd_clients;
 
