@@ -42,6 +42,12 @@ struct Args {
     /// Most bytes per second this node copies when data moves between nodes.
     #[arg(long = "rebalance-rate", value_parser = parse_size, default_value = "128MiB")]
     rebalance_rate: u64,
+    /// Most bytes per second the background scrubber reads (0 turns it off).
+    #[arg(long = "scrub-rate", value_parser = parse_size, default_value = "16MiB", env = "TORUS_SCRUB_RATE")]
+    scrub_rate: u64,
+    /// Seconds between scrub passes.
+    #[arg(long = "scrub-interval", default_value_t = 3600, env = "TORUS_SCRUB_INTERVAL")]
+    scrub_interval: u64,
     /// Seconds of silence after which etcd forgets this node.
     #[arg(long = "lease-ttl", default_value_t = 10)]
     lease_ttl: u64,
@@ -122,6 +128,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics: metrics.clone(),
     };
     let reb_task = tokio::spawn(rebalancer.run());
+    let scrubber = torus_node::scrub::Scrubber {
+        cluster: cluster.clone(),
+        store: store.clone(),
+        me: id,
+        rate: args.scrub_rate,
+        interval: Duration::from_secs(args.scrub_interval.max(1)),
+        metrics: metrics.clone(),
+    };
+    let scrub_task = tokio::spawn(scrubber.run());
     let liveness = Arc::new(torus_node::liveness::Liveness::default());
     let reg = Registration {
         liveness: liveness.clone(),
@@ -142,6 +157,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     srv_task.abort();
     reg_task.abort();
     reb_task.abort();
+    scrub_task.abort();
     store.flush().await.context("final flush")?;
     Ok(())
 }

@@ -6,6 +6,7 @@
 //!   refreshed by heartbeats.
 //! - [`liveness`]: writes are accepted only while the node's own lease is provably alive.
 //! - [`rebalance`]: this node's part in moving data when the ring changes.
+//! - [`scrub`]: the background verification of every stored block, with repair from replicas.
 //! - [`http`] and [`metrics`]: `/status` (JSON) and `/metrics` (Prometheus text).
 //!
 //! Depends on types, meta, store and proto. Never on volume or nbd: a node
@@ -17,4 +18,5 @@ pub mod liveness;
 pub mod metrics;
 pub mod rebalance;
 pub mod registration;
+pub mod scrub;
 pub mod server;

@@ -16,6 +16,7 @@ pub struct NodeMetrics {
     pub fenced_writes: AtomicU64,
     pub errors: AtomicU64,
     pub repaired_blocks: AtomicU64,
+    pub scrubbed_blocks: AtomicU64,
     pub rebalance_extents_total: AtomicU64,
     pub rebalance_extents_done: AtomicU64,
     pub rebalance_bytes: AtomicU64,
@@ -49,6 +50,7 @@ impl NodeMetrics {
             "Corrupt blocks replaced with a replica's copy.",
             &self.repaired_blocks,
         );
+        counter("torus_scrub_verified_blocks_total", "Blocks the scrubber read and verified.", &self.scrubbed_blocks);
         counter("torus_rebalance_copied_bytes_total", "Bytes this node copied to new replicas.", &self.rebalance_bytes);
         let mut gauge = |name: &str, help: &str, v: &AtomicU64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Ordering::Relaxed));

@@ -284,6 +284,8 @@ impl Blk {
 
 /// etcd + storage nodes + an NBD server, under one unique prefix.
 pub struct Cluster {
+    /// Extra environment for every process started from now on.
+    pub env: Vec<(String, String)>,
     pub etcd: Etcd,
     pub prefix: String,
     pub dir: tempfile::TempDir,
@@ -298,8 +300,13 @@ impl Cluster {
     }
 
     pub fn start_with(etcd: Etcd, n: usize, replication: u32, size: &str) -> Cluster {
-        let mut c =
-            Cluster { etcd, prefix: unique_prefix(), dir: tempfile::tempdir().expect("temp dir"), nodes: Vec::new() };
+        let mut c = Cluster {
+            env: Vec::new(),
+            etcd,
+            prefix: unique_prefix(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            nodes: Vec::new(),
+        };
         c.ctl_ok(&["init", "--replication", &replication.to_string()]);
         for i in 0..n {
             c.add_node(size);
@@ -312,6 +319,7 @@ impl Cluster {
 
     fn env(&self, cmd: &mut Command) {
         cmd.env("TORUS_ETCD", &self.etcd.endpoint).env("TORUS_ETCD_PREFIX", &self.prefix).env("RUST_LOG", "info");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
     }
 
     /// A command for one of our binaries, pointed at this cluster's etcd and prefix.

@@ -193,3 +193,33 @@ fn a_corrupt_copy_is_read_around_and_repaired_from_the_other_replica() {
     let log = std::fs::read_to_string(c.dir.path().join(format!("node{bad}.log"))).unwrap();
     assert!(log.contains("repaired corrupt blocks"), "{log}");
 }
+
+#[test]
+fn the_scrubber_finds_and_repairs_a_corrupt_block_nobody_reads() {
+    let mut c = Cluster::start(2, 2);
+    c.ctl_ok(&["volume", "create-block", "sc", "8MiB"]);
+    let blk = c.start_blk(&[]);
+    let uri = blk.uri("sc");
+    ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5c 0 1M", "-c", "flush"]).arg(&uri));
+    let vol: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
+    let vol_id = vol[0]["id"].as_u64().unwrap();
+    assert!(c.node(0).terminate());
+    let dat = c.nodes[0].data_dir.join(format!("store/extents/{vol_id}/0.dat"));
+    let mut f = std::fs::OpenOptions::new().write(true).open(&dat).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(200 * 4096 + 1)).unwrap();
+    std::io::Write::write_all(&mut f, &[0x11, 0x22]).unwrap();
+    drop(f);
+    // This node scrubs every second.
+    c.env.push(("TORUS_SCRUB_INTERVAL".into(), "1".into()));
+    c.start_node(0);
+    let log = c.dir.path().join("node0.log");
+    wait_until(Duration::from_secs(60), "the scrubber to repair the block", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("repaired corrupt blocks")
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("scrub found a corrupt block"), "{text}");
+    // The repaired copy alone serves the right data.
+    c.node(1).kill9();
+    let out = ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x5c 0 1M"]).arg(&uri));
+    assert!(!out.contains("fail"), "{out}");
+}
