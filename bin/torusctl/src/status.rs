@@ -18,7 +18,7 @@ pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
 
     let health = if !down.is_empty() {
         "DEGRADED"
-    } else if ring.moving() {
+    } else if ring.moving() || !ring.collecting.is_empty() {
         "REBALANCING"
     } else if ring.members.is_empty() {
         "EMPTY"
@@ -77,6 +77,8 @@ pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
             format_size(bytes),
             members.len()
         );
+    } else if !ring.collecting.is_empty() {
+        println!("rebalance:   finishing: {} node(s) deleting copies that moved away", ring.collecting.len());
     } else {
         println!("rebalance:   none in progress");
     }

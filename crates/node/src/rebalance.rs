@@ -8,8 +8,11 @@
 //!   overwrites a block a writer has written there), throttled; flush the
 //!   targets; report `done` in `rebalance/<uuid>`. When every node of the old
 //!   and the new ring reports done, any node clears `previous` (CAS).
-//! - `Stable(v)` right after a move this node took part in: wait until every
-//!   writer uses v, then delete the extents that are no longer ours.
+//! - `Stable(v)` with this node in the ring's `collecting` list (right after a
+//!   move): wait until every writer uses v, delete the extents that are no
+//!   longer ours, and take this node off the list. The next membership change
+//!   waits for the list to empty, so no node ever becomes a replica again
+//!   while holding an outdated copy, and no deletion races a later move's copy.
 //!
 //! Throughout, readers find every block: they read the old replicas first
 //! until the move is over, and old copies are deleted only after that.
@@ -63,7 +66,6 @@ impl Rebalancer {
     /// Runs forever (until the task is dropped).
     pub async fn run(self) {
         let mut moved: Option<u64> = None;
-        let mut collected: Option<u64> = None;
         let mut clients = HashMap::new();
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -84,7 +86,7 @@ impl Rebalancer {
                 } else if let Err(e) = self.try_finish(&doc).await {
                     tracing::warn!(error = %e, "could not finish the rebalance");
                 }
-            } else if moved.is_some_and(|v| v < doc.version) && collected != Some(doc.version) {
+            } else if doc.collecting.contains(&self.me) {
                 match self.collect(&doc).await {
                     Ok(n) => {
                         tracing::info!(
@@ -92,7 +94,9 @@ impl Rebalancer {
                             deleted = n,
                             "rebalance over: deleted extents that moved away"
                         );
-                        collected = Some(doc.version);
+                        if let Err(e) = self.cluster.collected(self.me).await {
+                            tracing::warn!(error = %e, "could not report the clean-up; will retry");
+                        }
                     }
                     Err(e) => tracing::warn!(error = %e, "deleting moved extents failed; will retry"),
                 }

@@ -52,6 +52,11 @@ pub struct RingDoc {
     /// While data moves: the members it moves from.
     #[serde(default)]
     pub previous: Option<Vec<RingMember>>,
+    /// After a move: the nodes still deleting the copies that moved away. The
+    /// next change waits for them, so that no node ever becomes a replica
+    /// again while it still holds an outdated copy.
+    #[serde(default)]
+    pub collecting: Vec<NodeId>,
 }
 
 impl RingDoc {
@@ -62,6 +67,21 @@ impl RingDoc {
     /// Whether a rebalance is under way.
     pub fn moving(&self) -> bool {
         self.previous.is_some()
+    }
+
+    /// Why a membership change must wait, if it must.
+    fn busy(&self) -> Option<String> {
+        if self.moving() {
+            return Some("a rebalance is in progress; wait for it to finish (torusctl status)".into());
+        }
+        if !self.collecting.is_empty() {
+            let ids: Vec<String> = self.collecting.iter().map(|n| n.to_string()).collect();
+            return Some(format!(
+                "the last rebalance is still deleting moved copies on {}; wait for it (torusctl status)",
+                ids.join(", ")
+            ));
+        }
+        None
     }
 
     /// Every node that is in the ring or being drained out of it.
@@ -153,10 +173,8 @@ impl Cluster {
                 if fresh.is_empty() {
                     return Ok(false);
                 }
-                if ring.moving() {
-                    return Err(ClusterError::Refused {
-                        reason: "a rebalance is in progress; wait for it to finish (torusctl status)".into(),
-                    });
+                if let Some(reason) = ring.busy() {
+                    return Err(ClusterError::Refused { reason });
                 }
                 let old = ring.members.clone();
                 for p in fresh {
@@ -182,10 +200,8 @@ impl Cluster {
             if !ring.contains(id) {
                 return Err(ClusterError::Refused { reason: format!("node {id} is not in the ring") });
             }
-            if ring.moving() {
-                return Err(ClusterError::Refused {
-                    reason: "a rebalance is in progress; wait for it to finish (torusctl status)".into(),
-                });
+            if let Some(reason) = ring.busy() {
+                return Err(ClusterError::Refused { reason });
             }
             let left = ring.members.len() - 1;
             if left == 0 {
@@ -216,12 +232,24 @@ impl Cluster {
             if ring.version != version || !ring.moving() {
                 return Ok(false);
             }
+            ring.collecting = ring.all_members().iter().map(|m| m.id).collect();
             ring.previous = None;
             finished = true;
             Ok(true)
         })
         .await?;
         Ok(finished)
+    }
+
+    /// A node has deleted its moved-away copies after a rebalance.
+    pub async fn collected(&self, node: NodeId) -> Result<()> {
+        self.update_ring(|ring| {
+            let before = ring.collecting.len();
+            ring.collecting.retain(|n| *n != node);
+            Ok(ring.collecting.len() != before)
+        })
+        .await?;
+        Ok(())
     }
 
     pub async fn put_progress(&self, node: NodeId, p: &RebalanceProgress) -> Result<()> {
