@@ -25,7 +25,7 @@ use torus_meta::cluster::{Cluster, RebalanceProgress, RingDoc, RingMember};
 use torus_proto::PeerClient;
 use torus_ring::Ring;
 use torus_store::{BlockState, Store};
-use torus_types::{ExtentId, NodeId, BLOCK_SIZE};
+use torus_types::{ExtentId, NodeId, VolumeId, BLOCK_SIZE};
 
 pub struct Rebalancer {
     pub cluster: Cluster,
@@ -135,18 +135,17 @@ impl Rebalancer {
         Ok(c)
     }
 
+    /// Each volume's replication, by id.
+    async fn replication_by_volume(&self) -> Result<HashMap<VolumeId, usize>, String> {
+        let vols = self.cluster.volumes().await.map_err(|e| e.to_string())?;
+        Ok(vols.into_iter().map(|v| (v.id, v.replication as usize)).collect())
+    }
+
     async fn move_data(&self, doc: &RingDoc, clients: &mut HashMap<NodeId, Arc<PeerClient>>) -> Result<(), String> {
         self.wait_writers(doc.version).await?;
         let prev = ring_of(doc.version, doc.previous.as_deref().unwrap_or_default());
         let next = ring_of(doc.version, &doc.members);
-        let volumes: HashMap<_, _> = self
-            .cluster
-            .volumes()
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|v| (v.id, v.replication as usize))
-            .collect();
+        let volumes = self.replication_by_volume().await?;
         let addrs: HashMap<NodeId, String> =
             self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| (p.id, p.address)).collect();
         let mut plan: Vec<(ExtentId, Vec<NodeId>)> = Vec::new();
@@ -262,14 +261,7 @@ impl Rebalancer {
         let ring = ring_of(doc.version, &doc.members);
         // Every id below next-id is allocated: one not listed was deleted.
         let next_id = self.cluster.next_volume_id().await.map_err(|e| e.to_string())?;
-        let volumes: HashMap<_, _> = self
-            .cluster
-            .volumes()
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|v| (v.id, v.replication as usize))
-            .collect();
+        let volumes = self.replication_by_volume().await?;
         let mut deleted = 0;
         for stat in self.store.extents().map_err(|e| e.to_string())? {
             let keep = match volumes.get(&stat.id.volume) {

@@ -16,6 +16,33 @@ fn node_id(c: &Cluster, i: usize) -> NodeId {
     NodeId::parse(v["id"].as_str().unwrap()).unwrap()
 }
 
+/// The ring as `torusctl ring get` reports it (labels do not matter here).
+fn ring_of(c: &Cluster) -> Ring {
+    let ring_json: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["ring", "get", "-o", "json"])).unwrap();
+    let empty = BTreeMap::new();
+    let members: Vec<(NodeId, u64)> = ring_json["ring"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (NodeId::parse(m["id"].as_str().unwrap()).unwrap(), m["weight"].as_u64().unwrap()))
+        .collect();
+    Ring::from_labeled(0, members.iter().map(|(id, w)| (*id, *w, &empty)))
+}
+
+/// The id of the cluster's only volume.
+fn volume_id(c: &Cluster) -> u64 {
+    let vol: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
+    vol[0]["id"].as_u64().unwrap()
+}
+
+/// Overwrites bytes of extent 0 on node `i`'s disk (the node must be stopped).
+fn corrupt(c: &Cluster, i: usize, vol_id: u64, offset: u64, bytes: &[u8]) {
+    let dat = c.nodes[i].data_dir.join(format!("store/extents/{vol_id}/0.dat"));
+    let mut f = std::fs::OpenOptions::new().write(true).open(&dat).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).unwrap();
+    std::io::Write::write_all(&mut f, bytes).unwrap();
+}
+
 fn wait_rebalanced(c: &Cluster) {
     wait_until(Duration::from_secs(180), "the rebalance to finish", || {
         c.ctl_ok(&["status"]).contains("none in progress")
@@ -85,18 +112,9 @@ fn nodes_join_and_leave_under_io_and_every_extent_ends_with_r_copies() {
     assert!(got[..256 << 20] == data[..], "data changed across the ring changes");
 
     // On disk: every extent on exactly the R nodes the ring names.
-    let ring_json: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["ring", "get", "-o", "json"])).unwrap();
-    let empty = BTreeMap::new();
-    let members: Vec<(NodeId, u64)> = ring_json["ring"]["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (NodeId::parse(m["id"].as_str().unwrap()).unwrap(), m["weight"].as_u64().unwrap()))
-        .collect();
-    assert_eq!(members.len(), 3);
-    let ring = Ring::from_labeled(0, members.iter().map(|(id, w)| (*id, *w, &empty)));
-    let vol: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
-    let vol_id = vol[0]["id"].as_u64().unwrap();
+    let ring = ring_of(&c);
+    assert_eq!(ring.len(), 3);
+    let vol_id = volume_id(&c);
     let mut holders: BTreeMap<String, BTreeSet<NodeId>> = BTreeMap::new();
     for i in 0..c.nodes.len() {
         for e in c.extents_on_disk(i) {
@@ -160,26 +178,13 @@ fn a_corrupt_copy_is_read_around_and_repaired_from_the_other_replica() {
     let uri = blk.uri("rep");
     ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x3c 0 1M", "-c", "flush"]).arg(&uri));
     // The replica read first (ring order: loads are equal) is the one to damage.
-    let ring_json: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["ring", "get", "-o", "json"])).unwrap();
-    let empty = BTreeMap::new();
-    let members: Vec<(NodeId, u64)> = ring_json["ring"]["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (NodeId::parse(m["id"].as_str().unwrap()).unwrap(), m["weight"].as_u64().unwrap()))
-        .collect();
-    let ring = Ring::from_labeled(0, members.iter().map(|(id, w)| (*id, *w, &empty)));
-    let vol: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
-    let vol_id = vol[0]["id"].as_u64().unwrap();
+    let ring = ring_of(&c);
+    let vol_id = volume_id(&c);
     let first = ring.replicas(ExtentId::new(VolumeId(vol_id), 0), 2)[0];
     let bad = (0..2).find(|i| node_id(&c, *i) == first).unwrap();
     let good = 1 - bad;
     assert!(c.node(bad).terminate());
-    let dat = c.nodes[bad].data_dir.join(format!("store/extents/{vol_id}/0.dat"));
-    let mut f = std::fs::OpenOptions::new().write(true).open(&dat).unwrap();
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(3 * 4096 + 7)).unwrap();
-    std::io::Write::write_all(&mut f, &[0xee]).unwrap();
-    drop(f);
+    corrupt(&c, bad, vol_id, 3 * 4096 + 7, &[0xee]);
     c.start_node(bad);
     c.wait_peers(2);
 
@@ -201,14 +206,9 @@ fn the_scrubber_finds_and_repairs_a_corrupt_block_nobody_reads() {
     let blk = c.start_blk(&[]);
     let uri = blk.uri("sc");
     ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5c 0 1M", "-c", "flush"]).arg(&uri));
-    let vol: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
-    let vol_id = vol[0]["id"].as_u64().unwrap();
+    let vol_id = volume_id(&c);
     assert!(c.node(0).terminate());
-    let dat = c.nodes[0].data_dir.join(format!("store/extents/{vol_id}/0.dat"));
-    let mut f = std::fs::OpenOptions::new().write(true).open(&dat).unwrap();
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(200 * 4096 + 1)).unwrap();
-    std::io::Write::write_all(&mut f, &[0x11, 0x22]).unwrap();
-    drop(f);
+    corrupt(&c, 0, vol_id, 200 * 4096 + 1, &[0x11, 0x22]);
     // This node scrubs every second.
     c.env.push(("TORUS_SCRUB_INTERVAL".into(), "1".into()));
     c.start_node(0);
