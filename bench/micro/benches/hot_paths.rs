@@ -70,3 +70,19 @@ fn store_read_verified(bencher: Bencher, len: usize) {
         store.read(ExtentId::new(VolumeId(1), n % 16), off, &mut buf).expect("read")
     });
 }
+
+#[divan::bench(args = [4096, 65536])]
+fn store_overwrite(bencher: Bencher, len: usize) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path(), StoreOptions::default()).expect("open store");
+    let data = vec![0xa5u8; 4 << 20];
+    for e in 0..16 {
+        store.write(ExtentId::new(VolumeId(1), e), 0, &data, Epoch(0)).expect("fill");
+    }
+    let mut n = 0u64;
+    bencher.counter(divan::counter::BytesCount::new(len)).bench_local(|| {
+        n += 1;
+        let off = (n * len as u64) % (4 << 20);
+        store.write(ExtentId::new(VolumeId(1), n % 16), off, &data[..len], Epoch(0)).expect("write")
+    });
+}
