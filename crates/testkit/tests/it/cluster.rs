@@ -62,7 +62,15 @@ fn nodes_join_and_leave_under_io_and_every_extent_ends_with_r_copies() {
 
     // fio keeps writing and verifying the other half throughout.
     let mut fio = Command::new("fio")
-        .args(["--name=bg", "--ioengine=nbd", "--offset=256m", "--size=256m", "--rw=randwrite", "--bsrange=4k-64k"])
+        .args([
+            "--name=bg",
+            "--verify_state_save=0",
+            "--ioengine=nbd",
+            "--offset=256m",
+            "--size=256m",
+            "--rw=randwrite",
+            "--bsrange=4k-64k",
+        ])
         .args([
             "--iodepth=8",
             "--time_based",

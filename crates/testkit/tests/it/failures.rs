@@ -18,7 +18,15 @@ fn etcd_stopped_for_20s_during_writes_holds_io_and_loses_nothing() {
     c.ctl_ok(&["volume", "create-block", "e", "256MiB"]);
     let blk = c.start_blk(&[]);
     let fio = Command::new("fio")
-        .args(["--name=outage", "--ioengine=nbd", "--size=128m", "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=8"])
+        .args([
+            "--name=outage",
+            "--verify_state_save=0",
+            "--ioengine=nbd",
+            "--size=128m",
+            "--rw=randwrite",
+            "--bsrange=4k-64k",
+            "--iodepth=8",
+        ])
         .args(["--time_based", "--runtime=40", "--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1"])
         .args(["--output-format=json"])
         .arg(format!("--uri={}", blk.uri("e")))

@@ -113,6 +113,7 @@ fn fio_nbd_engine_verifies_crc32c() {
         let out = ok(Command::new("fio")
             .args([
                 "--name=verify",
+                "--verify_state_save=0",
                 "--ioengine=nbd",
                 "--size=48m",
                 "--verify=crc32c",
