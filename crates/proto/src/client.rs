@@ -63,6 +63,8 @@ pub struct PeerClient {
     tx: mpsc::UnboundedSender<([u8; frame::REQUEST_HEADER_LEN], Option<Bytes>)>,
     next_id: AtomicU64,
     timeout: Duration,
+    /// The node runs on this host (the connection's two ends share an IP address).
+    local: bool,
 }
 
 impl PeerClient {
@@ -74,6 +76,7 @@ impl PeerClient {
             .map_err(|_| conn_err("connection timed out".into()))?
             .map_err(|e| conn_err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
+        let local = matches!((stream.local_addr(), stream.peer_addr()), (Ok(a), Ok(b)) if a.ip() == b.ip());
         let (mut rd, wr) = stream.into_split();
         let shared =
             Arc::new(Shared { addr: addr.to_string(), pending: Mutex::new(HashMap::new()), dead: Mutex::new(None) });
@@ -128,7 +131,7 @@ impl PeerClient {
             sh.fail_all(reason);
         });
 
-        Ok(PeerClient { shared, tx, next_id: AtomicU64::new(1), timeout })
+        Ok(PeerClient { shared, tx, next_id: AtomicU64::new(1), timeout, local })
     }
 
     pub fn addr(&self) -> &str {
@@ -274,6 +277,11 @@ impl PeerClient {
         let h = RequestHeader::new(Op::Repair, extent, offset, data.len() as u32, Epoch(0));
         let body = self.call(h, Some(data)).await?;
         Ok(body.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).unwrap_or(0))
+    }
+
+    /// Whether the node runs on this host.
+    pub fn is_local(&self) -> bool {
+        self.local
     }
 
     /// Requests this client is waiting for (a load signal for picking replicas).

@@ -44,10 +44,17 @@ impl PeerPool {
         self.addrs.lock().expect("pool lock poisoned").get(&node).cloned()
     }
 
-    /// Requests in flight to `node` over all its connections.
-    pub fn load(&self, node: NodeId) -> usize {
+    /// How to rank `node` for a read: (not on this host, requests in flight).
+    /// Lower is better; a node never connected to ranks as remote and idle.
+    pub fn read_rank(&self, node: NodeId) -> (bool, usize) {
         let conns = self.conns.lock().expect("pool lock poisoned");
-        conns.get(&node).map(|v| v.iter().flatten().map(|c| c.in_flight()).sum()).unwrap_or(0)
+        match conns.get(&node) {
+            Some(v) => {
+                let local = v.iter().flatten().any(|c| c.is_local());
+                (!local, v.iter().flatten().map(|c| c.in_flight()).sum())
+            }
+            None => (true, 0),
+        }
     }
 
     /// A live connection to `node`, connecting if needed.

@@ -281,8 +281,8 @@ impl BlockDevice for Volume {
                 return Err(VolumeError::NoNodes);
             }
             if placement.previous.is_none() {
-                // Stable ring: any replica will do; take the least busy one first.
-                nodes.sort_by_key(|(n, _)| self.pool.load(*n));
+                // Stable ring: any replica will do; prefer one on this host, then the least busy.
+                nodes.sort_by_key(|(n, _)| self.pool.read_rank(*n));
             }
             let mut last = String::new();
             let mut corrupt = Vec::new();
