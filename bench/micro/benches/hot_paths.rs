@@ -41,6 +41,17 @@ fn placement_replicas_r2(bencher: Bencher, nodes: u64) {
     });
 }
 
+/// A store whose 16 extents (volume 1, 4 MiB each) are fully written.
+fn filled_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path(), StoreOptions::default()).expect("open store");
+    let data = vec![0xa5u8; 4 << 20];
+    for e in 0..16 {
+        store.write(ExtentId::new(VolumeId(1), e), 0, &data, Epoch(0)).expect("fill");
+    }
+    (dir, store)
+}
+
 #[divan::bench(args = [4096, 65536])]
 fn store_write(bencher: Bencher, len: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -56,12 +67,7 @@ fn store_write(bencher: Bencher, len: usize) {
 
 #[divan::bench(args = [4096, 65536])]
 fn store_read_verified(bencher: Bencher, len: usize) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path(), StoreOptions::default()).expect("open store");
-    let data = vec![0xa5u8; 4 << 20];
-    for e in 0..16 {
-        store.write(ExtentId::new(VolumeId(1), e), 0, &data, Epoch(0)).expect("fill");
-    }
+    let (_dir, store) = filled_store();
     let mut buf = vec![0u8; len];
     let mut n = 0u64;
     bencher.counter(divan::counter::BytesCount::new(len)).bench_local(|| {
@@ -73,16 +79,12 @@ fn store_read_verified(bencher: Bencher, len: usize) {
 
 #[divan::bench(args = [4096, 65536])]
 fn store_overwrite(bencher: Bencher, len: usize) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path(), StoreOptions::default()).expect("open store");
-    let data = vec![0xa5u8; 4 << 20];
-    for e in 0..16 {
-        store.write(ExtentId::new(VolumeId(1), e), 0, &data, Epoch(0)).expect("fill");
-    }
+    let (_dir, store) = filled_store();
+    let data = vec![0xa5u8; len];
     let mut n = 0u64;
     bencher.counter(divan::counter::BytesCount::new(len)).bench_local(|| {
         n += 1;
         let off = (n * len as u64) % (4 << 20);
-        store.write(ExtentId::new(VolumeId(1), n % 16), off, &data[..len], Epoch(0)).expect("write")
+        store.write(ExtentId::new(VolumeId(1), n % 16), off, &data, Epoch(0)).expect("write")
     });
 }

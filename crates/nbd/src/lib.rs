@@ -16,4 +16,4 @@ pub mod handshake;
 pub mod server;
 pub mod transmission;
 
-pub use server::{serve, ExportError, ExportInfo, Exports, ServerOptions};
+pub use server::{serve, ExportError, ExportInfo, Exports};

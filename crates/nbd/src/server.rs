@@ -37,11 +37,8 @@ pub trait Exports: Send + Sync + 'static {
     fn open(&self, name: &str) -> impl Future<Output = Result<Arc<Self::Device>, ExportError>> + Send;
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct ServerOptions {}
-
 /// Accepts NBD clients on `listener` forever.
-pub async fn serve<E: Exports>(listener: TcpListener, exports: Arc<E>, _opts: ServerOptions) {
+pub async fn serve<E: Exports>(listener: TcpListener, exports: Arc<E>) {
     loop {
         let (mut stream, peer) = match listener.accept().await {
             Ok(x) => x,

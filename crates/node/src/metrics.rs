@@ -29,44 +29,61 @@ impl NodeMetrics {
 
     pub fn render(&self, used: u64, capacity: u64) -> String {
         let mut out = String::new();
-        let mut counter = |name: &str, help: &str, v: &AtomicU64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        let mut put = |kind: &str, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        counter("torus_node_reads_total", "Read requests served.", &self.reads);
-        counter("torus_node_writes_total", "Write requests served.", &self.writes);
-        counter("torus_node_zero_total", "Trim and write-zeroes requests served.", &self.zeroes);
-        counter("torus_node_flushes_total", "Flush requests served.", &self.flushes);
-        counter("torus_node_read_bytes_total", "Bytes read.", &self.read_bytes);
-        counter("torus_node_written_bytes_total", "Bytes written.", &self.written_bytes);
-        counter(
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        put("counter", "torus_node_reads_total", "Read requests served.", load(&self.reads));
+        put("counter", "torus_node_writes_total", "Write requests served.", load(&self.writes));
+        put("counter", "torus_node_zero_total", "Trim and write-zeroes requests served.", load(&self.zeroes));
+        put("counter", "torus_node_flushes_total", "Flush requests served.", load(&self.flushes));
+        put("counter", "torus_node_read_bytes_total", "Bytes read.", load(&self.read_bytes));
+        put("counter", "torus_node_written_bytes_total", "Bytes written.", load(&self.written_bytes));
+        put(
+            "counter",
             "torus_store_checksum_errors_total",
             "Blocks whose data did not match its checksum on read.",
-            &self.checksum_errors,
+            load(&self.checksum_errors),
         );
-        counter("torus_node_fenced_writes_total", "Writes refused for carrying a stale epoch.", &self.fenced_writes);
-        counter("torus_node_errors_total", "Requests that failed.", &self.errors);
-        counter(
+        put(
+            "counter",
+            "torus_node_fenced_writes_total",
+            "Writes refused for carrying a stale epoch.",
+            load(&self.fenced_writes),
+        );
+        put("counter", "torus_node_errors_total", "Requests that failed.", load(&self.errors));
+        put(
+            "counter",
             "torus_store_repaired_blocks_total",
             "Corrupt blocks replaced with a replica's copy.",
-            &self.repaired_blocks,
+            load(&self.repaired_blocks),
         );
-        counter("torus_scrub_verified_blocks_total", "Blocks the scrubber read and verified.", &self.scrubbed_blocks);
-        counter("torus_rebalance_copied_bytes_total", "Bytes this node copied to new replicas.", &self.rebalance_bytes);
-        let mut gauge = |name: &str, help: &str, v: &AtomicU64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Ordering::Relaxed));
-        };
-        gauge(
+        put(
+            "counter",
+            "torus_scrub_verified_blocks_total",
+            "Blocks the scrubber read and verified.",
+            load(&self.scrubbed_blocks),
+        );
+        put(
+            "counter",
+            "torus_rebalance_copied_bytes_total",
+            "Bytes this node copied to new replicas.",
+            load(&self.rebalance_bytes),
+        );
+        put(
+            "gauge",
             "torus_rebalance_extents_total",
             "Extents this node must copy in the current rebalance.",
-            &self.rebalance_extents_total,
+            load(&self.rebalance_extents_total),
         );
-        gauge(
+        put(
+            "gauge",
             "torus_rebalance_extents_done",
             "Extents this node has copied in the current rebalance.",
-            &self.rebalance_extents_done,
+            load(&self.rebalance_extents_done),
         );
-        let _ = writeln!(out, "# HELP torus_store_used_bytes Bytes of data stored.\n# TYPE torus_store_used_bytes gauge\ntorus_store_used_bytes {used}");
-        let _ = writeln!(out, "# HELP torus_store_capacity_bytes Bytes offered.\n# TYPE torus_store_capacity_bytes gauge\ntorus_store_capacity_bytes {capacity}");
+        put("gauge", "torus_store_used_bytes", "Bytes of data stored.", used);
+        put("gauge", "torus_store_capacity_bytes", "Bytes offered.", capacity);
         out
     }
 }

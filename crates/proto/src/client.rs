@@ -248,12 +248,6 @@ impl PeerClient {
         self.call(RequestHeader::new(Op::DeleteVolume, ExtentId::new(volume, 0), 0, 0, Epoch(0)), None).await.map(drop)
     }
 
-    pub async fn list_extents(&self) -> Result<Vec<(ExtentId, u64)>, PeerError> {
-        let body =
-            self.call(RequestHeader::new(Op::ListExtents, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)), None).await?;
-        Ok(frame::decode_extent_list(&body))
-    }
-
     /// Copies blocks in without overwriting any already written there; `None` zero-fills.
     pub async fn fill(&self, extent: ExtentId, offset: u32, len: u32, data: Option<Bytes>) -> Result<(), PeerError> {
         let mut h = RequestHeader::new(Op::Fill, extent, offset, len, Epoch(0));
@@ -287,9 +281,5 @@ impl PeerClient {
     /// Requests this client is waiting for (a load signal for picking replicas).
     pub fn in_flight(&self) -> usize {
         self.shared.pending.lock().expect("client lock poisoned").len()
-    }
-
-    pub async fn ping(&self) -> Result<(), PeerError> {
-        self.call(RequestHeader::new(Op::Ping, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)), None).await.map(drop)
     }
 }

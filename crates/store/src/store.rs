@@ -144,6 +144,13 @@ impl Store {
         Ok(Some(ext))
     }
 
+    /// Registers a changed extent for the next flush. Called after the change
+    /// (even a failed one may have written part of it): the flush that removes
+    /// it checks the extent's generation under this map's lock.
+    fn mark_dirty(&self, id: ExtentId, ext: &Arc<Extent>) {
+        self.dirty.lock().expect("dirty map poisoned").insert(id, ext.clone());
+    }
+
     fn check_range(offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= MAX_EXTENT_SIZE => Ok(()),
@@ -216,9 +223,7 @@ impl Store {
             }
             let ext = self.extent(id, true)?.expect("extent created on demand");
             let res = f(&ext);
-            // Registered after the change (even a failed one may have written part):
-            // the flush that removes it checks the generation under this map's lock.
-            self.dirty.lock().expect("dirty map poisoned").insert(id, ext.clone());
+            self.mark_dirty(id, &ext);
             self.account(res?);
             return Ok(());
         }
@@ -256,7 +261,7 @@ impl Store {
         self.check_failed()?;
         let ext = self.extent(id, true)?.expect("extent created on demand");
         let res = ext.fill_absent(offset, len, data, &|b| self.reserve(b));
-        self.dirty.lock().expect("dirty map poisoned").insert(id, ext.clone());
+        self.mark_dirty(id, &ext);
         self.account(res?);
         Ok(())
     }
@@ -272,7 +277,7 @@ impl Store {
         self.check_failed()?;
         let Some(ext) = self.extent(id, false)? else { return Ok(0) };
         let fixed = ext.repair(offset, data);
-        self.dirty.lock().expect("dirty map poisoned").insert(id, ext.clone());
+        self.mark_dirty(id, &ext);
         let fixed = fixed?;
         if fixed > 0 {
             tracing::warn!(extent = %id, blocks = fixed, "repaired corrupt blocks from a replica");
