@@ -59,6 +59,9 @@ impl Compare {
     pub fn mod_revision(key: impl Into<String>, rev: Revision) -> Self {
         Compare { key: key.into(), target: CompareTarget::ModRevision(rev) }
     }
+    pub fn create_revision(key: impl Into<String>, rev: Revision) -> Self {
+        Compare { key: key.into(), target: CompareTarget::CreateRevision(rev) }
+    }
     pub fn value(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
         Compare { key: key.into(), target: CompareTarget::Value(value.into()) }
     }

@@ -36,6 +36,11 @@ pub struct Rebalancer {
     pub metrics: Arc<crate::metrics::NodeMetrics>,
 }
 
+/// Members of the ring data moves from.
+fn prev_members(doc: &RingDoc) -> Vec<NodeId> {
+    doc.previous.as_deref().unwrap_or_default().iter().map(|m| m.id).collect()
+}
+
 fn ring_of(version: u64, members: &[RingMember]) -> Ring {
     Ring::from_labeled(version, members.iter().map(|m| (m.id, m.weight, &m.labels)))
 }
@@ -77,6 +82,13 @@ impl Rebalancer {
                 }
             };
             if doc.moving() {
+                if moved == Some(doc.version) && self.must_cover_more(&doc).await {
+                    tracing::warn!(
+                        version = doc.version,
+                        "an old replica went down during the move: copying its share"
+                    );
+                    moved = None;
+                }
                 if moved != Some(doc.version) {
                     tracing::info!(version = doc.version, "ring changed: moving data");
                     match self.move_data(&doc, &mut clients).await {
@@ -148,12 +160,15 @@ impl Rebalancer {
         let volumes = self.replication_by_volume().await?;
         let addrs: HashMap<NodeId, String> =
             self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| (p.id, p.address)).collect();
+        // Copies that missed writes (their writer records them) are never copied from.
+        let states = self.cluster.replica_states().await.map_err(|e| e.to_string())?;
+        let missing = |n: NodeId, e: ExtentId| states.get(&e.volume).is_some_and(|s| s.is_missing(n, e.index));
         let mut plan: Vec<(ExtentId, Vec<NodeId>)> = Vec::new();
         for stat in self.store.extents().map_err(|e| e.to_string())? {
             let Some(r) = volumes.get(&stat.id.volume) else { continue };
             let old = prev.replicas(stat.id, *r);
-            // One copier per extent: the first old replica that is up.
-            if old.iter().find(|n| addrs.contains_key(*n)) != Some(&self.me) {
+            // One copier per extent: the first old replica that is up and whole.
+            if old.iter().find(|n| addrs.contains_key(*n) && !missing(**n, stat.id)) != Some(&self.me) {
                 continue;
             }
             let targets: Vec<NodeId> = next.replicas(stat.id, *r).into_iter().filter(|n| !old.contains(n)).collect();
@@ -161,8 +176,13 @@ impl Rebalancer {
                 plan.push((stat.id, targets));
             }
         }
-        let mut progress =
-            RebalanceProgress { ring_version: doc.version, extents_total: plan.len() as u64, ..Default::default() };
+        let assumed_down = prev_members(doc).into_iter().filter(|n| !addrs.contains_key(n)).collect();
+        let mut progress = RebalanceProgress {
+            ring_version: doc.version,
+            extents_total: plan.len() as u64,
+            assumed_down,
+            ..Default::default()
+        };
         self.cluster.put_progress(self.me, &progress).await.map_err(|e| e.to_string())?;
         let mut throttle = Throttle { rate: self.rate, start: Instant::now(), bytes: 0 };
         let mut touched = HashSet::new();
@@ -235,21 +255,53 @@ impl Rebalancer {
         Ok(copied)
     }
 
-    /// Clears `previous` once every node of the old and the new ring has moved its share.
+    /// Whether an old replica this node counted on to copy its share is now
+    /// down without having done so (then this node copies it too).
+    async fn must_cover_more(&self, doc: &RingDoc) -> bool {
+        let (Ok(progress), Ok(peers)) = (self.cluster.progress().await, self.cluster.peers().await) else {
+            return false;
+        };
+        let progress: HashMap<_, _> = progress.into_iter().collect();
+        let alive: HashSet<NodeId> = peers.into_iter().map(|p| p.id).collect();
+        let Some(mine) = progress.get(&self.me).filter(|p| p.ring_version == doc.version) else { return false };
+        prev_members(doc).into_iter().any(|n| {
+            let done = progress.get(&n).is_some_and(|p| p.ring_version == doc.version && p.done);
+            !done && !alive.contains(&n) && !mine.assumed_down.contains(&n)
+        })
+    }
+
+    /// Clears `previous` once every node of the old and the new ring has moved
+    /// its share. A node removed from the ring while down for good is not
+    /// waited for once every other node copied its share in its place.
     async fn try_finish(&self, doc: &RingDoc) -> Result<(), String> {
         let progress: HashMap<_, _> = self.cluster.progress().await.map_err(|e| e.to_string())?.into_iter().collect();
         let alive: HashSet<NodeId> =
             self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| p.id).collect();
+        let done = |n: NodeId| progress.get(&n).filter(|p| p.ring_version == doc.version && p.done);
+        let mut gone = Vec::new();
         for m in doc.all_members() {
-            let done = progress.get(&m.id).is_some_and(|p| p.ring_version == doc.version && p.done);
-            if !done {
-                if !alive.contains(&m.id) {
-                    tracing::debug!(node = %m.id, "waiting for a node that is down to come back");
-                }
-                return Ok(());
+            if done(m.id).is_some() {
+                continue;
             }
+            let removed = !doc.contains(m.id);
+            let covered = doc
+                .all_members()
+                .iter()
+                .filter(|o| o.id != m.id && alive.contains(&o.id))
+                .all(|o| done(o.id).is_some_and(|p| p.assumed_down.contains(&m.id)));
+            if removed && !alive.contains(&m.id) && covered {
+                gone.push(m.id);
+                continue;
+            }
+            if !alive.contains(&m.id) {
+                tracing::debug!(node = %m.id, "waiting for a node that is down to come back");
+            }
+            return Ok(());
         }
-        if self.cluster.finish_rebalance(doc.version).await.map_err(|e| e.to_string())? {
+        if !gone.is_empty() {
+            tracing::warn!(nodes = ?gone, "finishing without removed nodes that are down: their shares were copied from the other replicas");
+        }
+        if self.cluster.finish_rebalance(doc.version, &gone).await.map_err(|e| e.to_string())? {
             tracing::info!(version = doc.version, "every node has moved its data: rebalance finished");
         }
         Ok(())

@@ -184,9 +184,7 @@ fn handle(
             let data = (h.flags & frame::FLAG_ZERO_FILL == 0).then_some(&payload[..]);
             store.fill(h.extent, off, h.len as u64, data).map(|()| Bytes::new())
         }
-        Op::BlockStates => store
-            .block_states(h.extent)
-            .map(|s| Bytes::from(s.unwrap_or_default().into_iter().map(|b| b as u8).collect::<Vec<u8>>())),
+        Op::BlockSums => store.block_sums(h.extent).map(|t| Bytes::from(t.unwrap_or_default())),
         Op::DeleteExtent => store.delete_extent(h.extent).map(|()| Bytes::new()),
         Op::Repair => store.repair(h.extent, off, &payload).map(|n| {
             NodeMetrics::inc(&metrics.repaired_blocks, n);

@@ -257,9 +257,16 @@ impl PeerClient {
         self.call(h, data).await.map(drop)
     }
 
-    /// Block states of an extent on the node (0 absent, 1 data, 2 zero); empty if it holds none.
-    pub async fn block_states(&self, extent: ExtentId) -> Result<Vec<u8>, PeerError> {
-        self.call(RequestHeader::new(Op::BlockStates, extent, 0, 0, Epoch(0)), None).await
+    /// The checksum table of an extent on the node: per block `(crc32c, state)`
+    /// with state 0 absent, 1 data, 2 zero; empty if it holds none.
+    pub async fn block_sums(&self, extent: ExtentId) -> Result<Vec<(u32, u8)>, PeerError> {
+        let body = self.call(RequestHeader::new(Op::BlockSums, extent, 0, 0, Epoch(0)), None).await?;
+        Ok(body.chunks_exact(8).map(|c| (u32::from_le_bytes([c[0], c[1], c[2], c[3]]), c[4])).collect())
+    }
+
+    /// Checks that the node answers.
+    pub async fn ping(&self) -> Result<(), PeerError> {
+        self.call(RequestHeader::new(Op::Ping, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)), None).await.map(drop)
     }
 
     pub async fn delete_extent(&self, extent: ExtentId) -> Result<(), PeerError> {

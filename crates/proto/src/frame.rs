@@ -43,9 +43,9 @@ pub enum Op {
     /// Copy blocks in without overwriting any written here (rebalance, repair).
     /// Payload: the data, unless FLAG_ZERO_FILL (then absent blocks become zero).
     Fill = 9,
-    /// The state of each block of an extent: one byte per block (0 absent, 1 data, 2 zero);
-    /// empty if the node holds none of it.
-    BlockStates = 10,
+    /// The checksum table of an extent: per block, crc32c u32 LE, state u8
+    /// (0 absent, 1 data, 2 zero), 3 zero bytes; empty if the node holds none of it.
+    BlockSums = 10,
     /// Delete one extent replica.
     DeleteExtent = 11,
     /// Replace the corrupt blocks of an aligned range with the payload (a good
@@ -65,7 +65,7 @@ impl Op {
             7 => Op::ListExtents,
             8 => Op::Ping,
             9 => Op::Fill,
-            10 => Op::BlockStates,
+            10 => Op::BlockSums,
             11 => Op::DeleteExtent,
             12 => Op::Repair,
             _ => return None,

@@ -319,6 +319,16 @@ impl Extent {
         self.state.read().expect("extent lock poisoned").table.iter().map(|e| e.state).collect()
     }
 
+    /// The block table, encoded as on disk.
+    pub fn encoded_table(&self) -> Vec<u8> {
+        let st = self.state.read().expect("extent lock poisoned");
+        let mut out = vec![0u8; st.table.len() * crate::layout::ENTRY_SIZE];
+        for (e, chunk) in st.table.iter().zip(out.chunks_exact_mut(crate::layout::ENTRY_SIZE)) {
+            e.encode(chunk);
+        }
+        out
+    }
+
     /// Copies in blocks that are Absent here, leaving every other block as it
     /// is: `data` (block-aligned) for Data, or `None` to mark them Zero. A
     /// rebalance uses this, so that a copy never overwrites a newer write.

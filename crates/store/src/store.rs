@@ -249,6 +249,12 @@ impl Store {
         Ok(self.extent(id, false)?.map(|e| e.states()))
     }
 
+    /// The checksum table of an extent as stored (8 bytes per block, see
+    /// `layout::Entry`), or `None` if this node holds none of it.
+    pub fn block_sums(&self, id: ExtentId) -> Result<Option<Vec<u8>>> {
+        Ok(self.extent(id, false)?.map(|e| e.encoded_table()))
+    }
+
     /// Copies blocks in from another replica without overwriting any block
     /// written here (rebalance and repair). `offset` and the length must be
     /// block-aligned; `data: None` marks the range's absent blocks as zero.

@@ -4,6 +4,8 @@
 //! - [`pool`]: connections to storage nodes, by node id.
 //! - [`volume`]: `Volume`, which maps byte ranges to extents, extents to
 //!   replica nodes through the ring, and sends reads and replicated writes.
+//! - [`tracker`]: the writer's write intent and the copies that missed
+//!   writes, kept in etcd; [`resync`] makes replicas agree again from it.
 //! - [`manager`]: opening volumes by name: metadata, the writer's lock on a
 //!   lease, the epoch it yields, keep-alive, and sharing one open volume
 //!   between connections of one process.
@@ -15,6 +17,8 @@ mod error;
 pub mod lease;
 pub mod manager;
 pub mod pool;
+mod resync;
+pub mod tracker;
 pub mod volume;
 
 pub use device::BlockDevice;

@@ -11,13 +11,14 @@
 
 use crate::lease::LeaseState;
 use crate::pool::PeerPool;
+use crate::tracker::Tracker;
 use crate::volume::Placement;
 use crate::{Volume, VolumeError};
 use futures_util::future::join_all;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
-use torus_meta::cluster::{Cluster, PeerInfo, RingDoc, RingMember, VolumeInfo};
+use torus_meta::cluster::{Cluster, PeerInfo, ReplicaState, RingDoc, RingMember, VolumeInfo};
 use torus_meta::{LeaseId, MetaError};
 use torus_ring::Ring;
 
@@ -123,7 +124,7 @@ impl VolumeManager {
         if let Some(v) = open.get(&key).and_then(Weak::upgrade) {
             return Ok(v);
         }
-        let v = Arc::new(self.open_new(name, writable).await?);
+        let v = self.open_new(name, writable).await?;
         open.retain(|_, w| w.strong_count() > 0);
         open.insert(key, Arc::downgrade(&v));
         Ok(v)
@@ -139,12 +140,24 @@ impl VolumeManager {
         Ok(doc)
     }
 
-    async fn open_new(&self, name: &str, writable: bool) -> Result<Volume, VolumeError> {
+    async fn open_new(&self, name: &str, writable: bool) -> Result<Arc<Volume>, VolumeError> {
         let info = self.cluster.volume(name).await?;
         let doc = self.refresh_peers().await?;
         if !writable {
             let none = Arc::new(LeaseState::none());
-            return Ok(Volume::new(info, Default::default(), placement_of(&doc), self.pool.clone(), true, none, None));
+            let state = self.cluster.replica_state(info.id).await?;
+            let tracker = Arc::new(Tracker::new(self.cluster.clone(), info.id, state, none.clone()));
+            let p = placement_of(&doc);
+            return Ok(Arc::new(Volume::new(
+                info,
+                Default::default(),
+                p,
+                self.pool.clone(),
+                true,
+                none,
+                tracker,
+                None,
+            )));
         }
         let store = self.cluster.store();
         let granted_at = Instant::now();
@@ -188,7 +201,16 @@ impl VolumeManager {
         let state = Arc::new(LeaseState::new(granted_at, self.opts.lease_ttl, self.opts.io_hold));
         let keeper = tokio::spawn(keep_alive(self.cluster.clone(), lease.id, self.opts.lease_ttl, state.clone()));
         let guard = LockGuard { cluster: self.cluster.clone(), lease: lease.id, keeper };
-        Ok(Volume::new(info, epoch, placement_of(&doc), self.pool.clone(), false, state, Some(guard)))
+        // What the previous writer left: extents it may have been writing, copies to catch up.
+        let previous = self.cluster.replica_state(info.id).await?;
+        let mine = ReplicaState { epoch, ..previous.clone() };
+        let tracker = Arc::new(Tracker::new(self.cluster.clone(), info.id, mine, state.clone()));
+        tokio::spawn(Tracker::run_commits(Arc::downgrade(&tracker)));
+        let p = placement_of(&doc);
+        let v = Arc::new(Volume::new(info, epoch, p, self.pool.clone(), false, state, tracker, Some(guard)));
+        v.recover(&previous).await?;
+        tokio::spawn(Volume::catch_up(Arc::downgrade(&v)));
+        Ok(v)
     }
 
     /// Follows ring changes: every open volume switches to the new placement
@@ -205,15 +227,21 @@ impl VolumeManager {
                     continue;
                 }
             };
-            if doc.version == seen {
-                continue;
-            }
             if let Ok(peers) = self.cluster.peers().await {
                 self.pool.set_addresses(peers.into_iter().map(|p| (p.id, p.address)).collect());
             } else {
                 continue;
             }
             let open: Vec<Arc<Volume>> = self.open.lock().await.values().filter_map(Weak::upgrade).collect();
+            // Readers follow the writer's record of copies that missed writes.
+            for v in open.iter().filter(|v| v.lease().is_none()) {
+                if let Ok(state) = self.cluster.replica_state(v.info().id).await {
+                    v.tracker.follow(state);
+                }
+            }
+            if doc.version == seen {
+                continue;
+            }
             let mut ok = true;
             for v in open {
                 if v.placement_version().await < doc.version {

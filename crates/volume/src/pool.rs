@@ -15,7 +15,13 @@ pub struct PeerPool {
     per_node: usize,
     next: AtomicUsize,
     timeout: Duration,
+    /// When a connection to a node last failed: for a moment after, callers
+    /// fail at once instead of each waiting for its own connect to fail.
+    failed: Mutex<HashMap<NodeId, (std::time::Instant, PeerError)>>,
 }
+
+/// How long a failed connect is remembered.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
 
 impl PeerPool {
     pub fn new(per_node: usize, timeout: Duration) -> Self {
@@ -25,6 +31,7 @@ impl PeerPool {
             per_node: per_node.max(1),
             next: AtomicUsize::new(0),
             timeout,
+            failed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -72,7 +79,19 @@ impl PeerPool {
             addr: node.to_string(),
             reason: "node is not registered (down, or its lease expired)".into(),
         })?;
-        let client = Arc::new(PeerClient::connect(&addr, self.timeout).await?);
+        if let Some((at, e)) = self.failed.lock().expect("pool lock poisoned").get(&node) {
+            if at.elapsed() < RETRY_AFTER {
+                return Err(e.clone());
+            }
+        }
+        let client = match PeerClient::connect(&addr, self.timeout).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                self.failed.lock().expect("pool lock poisoned").insert(node, (std::time::Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
+        self.failed.lock().expect("pool lock poisoned").remove(&node);
         let mut conns = self.conns.lock().expect("pool lock poisoned");
         let v = conns.entry(node).or_insert_with(|| vec![None; self.per_node]);
         v[slot] = Some(client.clone());

@@ -9,10 +9,11 @@
 
 use crate::device::BlockDevice;
 use crate::pool::PeerPool;
+use crate::tracker::Tracker;
 use crate::VolumeError;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use torus_meta::cluster::VolumeInfo;
@@ -60,19 +61,27 @@ impl Placement {
 }
 
 pub struct Volume {
-    info: VolumeInfo,
-    epoch: Epoch,
+    pub(crate) info: VolumeInfo,
+    pub(crate) epoch: Epoch,
     /// Held for reading by every request; swapped (after in-flight requests drain) on ring changes.
-    placement: tokio::sync::RwLock<Arc<Placement>>,
-    pool: Arc<PeerPool>,
+    pub(crate) placement: tokio::sync::RwLock<Arc<Placement>>,
+    pub(crate) pool: Arc<PeerPool>,
     read_only: bool,
     /// Set when the writer's lease is gone: writes are refused from then on.
-    lease: Arc<crate::lease::LeaseState>,
-    /// Nodes written since their last flush, with a counter bumped per write.
-    dirty: Mutex<HashMap<NodeId, u64>>,
+    pub(crate) lease: Arc<crate::lease::LeaseState>,
+    /// Write intent, copies that missed writes, per-extent exclusion.
+    pub(crate) tracker: Arc<Tracker>,
+    /// Per node: extents written there since its last flush, and a counter bumped per write.
+    dirty: Mutex<HashMap<NodeId, Dirty>>,
     writes: AtomicU64,
     /// The writer's lock, released when the volume is dropped or closed.
     guard: Option<crate::manager::LockGuard>,
+}
+
+#[derive(Default)]
+struct Dirty {
+    generation: u64,
+    extents: HashSet<u64>,
 }
 
 /// A piece of a request that falls in one extent.
@@ -85,6 +94,7 @@ struct Piece {
 }
 
 impl Volume {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         info: VolumeInfo,
         epoch: Epoch,
@@ -92,6 +102,7 @@ impl Volume {
         pool: Arc<PeerPool>,
         read_only: bool,
         lease: Arc<crate::lease::LeaseState>,
+        tracker: Arc<Tracker>,
         guard: Option<crate::manager::LockGuard>,
     ) -> Self {
         Volume {
@@ -101,6 +112,7 @@ impl Volume {
             pool,
             read_only,
             lease,
+            tracker,
             dirty: Mutex::new(HashMap::new()),
             writes: AtomicU64::new(0),
             guard,
@@ -129,8 +141,18 @@ impl Volume {
         self.guard.as_ref().map(|g| g.lease)
     }
 
+    /// Copies on some node that lack writes, per node (empty when every copy is whole).
+    pub fn missing(&self) -> std::collections::BTreeMap<NodeId, torus_meta::cluster::ExtentSet> {
+        self.tracker.missing()
+    }
+
     /// Stops writing and releases the writer's lock now (before the last handle is dropped).
     pub async fn release(&self) {
+        if self.guard.is_some() && !self.lease.is_lost() {
+            if let Err(e) = self.tracker.settle().await {
+                tracing::warn!(error = %e, "could not record a clean close; the next writer will resync");
+            }
+        }
         self.lease.lose();
         if let Some(g) = &self.guard {
             g.release().await;
@@ -198,7 +220,7 @@ impl Volume {
         }
     }
 
-    fn r(&self) -> usize {
+    pub(crate) fn r(&self) -> usize {
         self.info.replication as usize
     }
 
@@ -213,15 +235,48 @@ impl Volume {
         }
     }
 
-    /// Sends one mutation to every replica of a piece; all must succeed.
+    /// Notes that `extent` was written on `nodes` (flush must reach them).
+    pub(crate) fn note_written(&self, nodes: &[NodeId], extent: u64) {
+        let gen = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut dirty = self.dirty.lock().expect("dirty lock poisoned");
+        for n in nodes {
+            let d = dirty.entry(*n).or_default();
+            d.generation = gen;
+            d.extents.insert(extent);
+        }
+    }
+
+    /// What to mark missing when `node` fails: `extent`, and every extent
+    /// written there since its last flush (a node that restarted may have
+    /// lost those).
+    fn failure_marks(&self, node: NodeId, extent: Option<u64>) -> Vec<(NodeId, u64)> {
+        let mut dirty = self.dirty.lock().expect("dirty lock poisoned");
+        let mut marks: Vec<(NodeId, u64)> = extent.into_iter().map(|e| (node, e)).collect();
+        if let Some(d) = dirty.remove(&node) {
+            marks.extend(d.extents.into_iter().map(|e| (node, e)));
+        }
+        marks
+    }
+
+    /// Sends one mutation to every replica of a piece. Replicas that cannot be
+    /// reached are recorded as missing the extent (durably, before this
+    /// returns) and the write succeeds on the others; if none took it, it fails.
     async fn replicate<F, Fut>(&self, p: &Placement, extent: ExtentId, op: F) -> Result<(), VolumeError>
     where
         F: Fn(Arc<torus_proto::PeerClient>) -> Fut,
         Fut: std::future::Future<Output = Result<(), PeerError>>,
     {
-        let nodes = p.write_set(extent, self.r());
-        if nodes.is_empty() {
+        let _writing = self.tracker.begin_write(extent.index).await?;
+        let all = p.write_set(extent, self.r());
+        if all.is_empty() {
             return Err(VolumeError::NoNodes);
+        }
+        let nodes: Vec<NodeId> = all.iter().copied().filter(|n| !self.tracker.is_missing(*n, extent.index)).collect();
+        if nodes.is_empty() {
+            return Err(VolumeError::Unavailable {
+                extent,
+                reason: "no replica holds every acknowledged write (waiting for a node to catch up)".into(),
+            });
         }
         let results = join_all(nodes.iter().map(|n| {
             let op = &op;
@@ -242,17 +297,35 @@ impl Volume {
             }
         }))
         .await;
-        let gen = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
-        {
-            let mut dirty = self.dirty.lock().expect("dirty lock poisoned");
-            for n in &nodes {
-                dirty.insert(*n, gen);
+        let mut ok = Vec::new();
+        let mut unreachable = Vec::new();
+        let mut refused = None;
+        for (n, r) in nodes.iter().zip(results) {
+            match r {
+                Ok(()) => ok.push(*n),
+                Err(e) if e.is_unreachable() => unreachable.push((*n, e)),
+                Err(e) => {
+                    refused.get_or_insert(Self::write_error(extent, e));
+                }
             }
         }
-        for r in results {
-            r.map_err(|e| Self::write_error(extent, e))?;
+        self.note_written(&ok, extent.index);
+        if let Some(e) = refused {
+            return Err(e);
         }
-        Ok(())
+        if unreachable.is_empty() {
+            return Ok(());
+        }
+        if ok.is_empty() {
+            let (_, e) = unreachable.swap_remove(0);
+            return Err(Self::write_error(extent, e));
+        }
+        let mut marks = Vec::new();
+        for (n, e) in &unreachable {
+            tracing::warn!(%extent, node = %n, error = %e, "a replica is unreachable: writing on without it; it will catch up");
+            marks.extend(self.failure_marks(*n, Some(extent.index)));
+        }
+        self.tracker.mark_missing(&marks).await
     }
 }
 
@@ -280,11 +353,13 @@ impl BlockDevice for Volume {
             if nodes.is_empty() {
                 return Err(VolumeError::NoNodes);
             }
+            // A copy that missed writes is never read before it caught up.
+            nodes.retain(|(n, _)| !self.tracker.is_missing(*n, p.extent.index));
             if placement.previous.is_none() {
                 // Stable ring: any replica will do; prefer one on this host, then the least busy.
                 nodes.sort_by_key(|(n, _)| self.pool.read_rank(*n));
             }
-            let mut last = String::new();
+            let mut last = String::from("every copy lacks acknowledged writes (waiting for a node to catch up)");
             let mut corrupt = Vec::new();
             for (n, present_only) in nodes {
                 let res = match self.pool.get(n).await {
@@ -353,25 +428,56 @@ impl BlockDevice for Volume {
         results.into_iter().collect()
     }
 
+    /// Flushes every node written since its last flush. A node that cannot be
+    /// reached is recorded as missing what it was sent, provided another
+    /// replica of each of those extents flushed; otherwise the flush fails.
     async fn flush(&self) -> Result<(), VolumeError> {
         let snapshot: Vec<(NodeId, u64)> =
-            self.dirty.lock().expect("dirty lock poisoned").iter().map(|(n, g)| (*n, *g)).collect();
+            self.dirty.lock().expect("dirty lock poisoned").iter().map(|(n, d)| (*n, d.generation)).collect();
         let results = join_all(snapshot.iter().map(|(n, _)| async move {
             let c = self.pool.get(*n).await?;
             c.flush().await
         }))
         .await;
-        for ((n, _), r) in snapshot.iter().zip(&results) {
-            if let Err(e) = r {
-                return Err(VolumeError::Unavailable {
-                    extent: ExtentId::new(self.info.id, 0),
-                    reason: format!("flush on node {n} failed: {e}"),
-                });
+        let mut failed = Vec::new();
+        for ((n, _), r) in snapshot.iter().zip(results) {
+            match r {
+                Ok(()) => {}
+                Err(e) if e.is_unreachable() && !self.read_only => failed.push((*n, e)),
+                Err(e) => {
+                    return Err(VolumeError::Unavailable {
+                        extent: ExtentId::new(self.info.id, 0),
+                        reason: format!("flush on node {n} failed: {e}"),
+                    })
+                }
             }
+        }
+        if !failed.is_empty() {
+            let down: HashSet<NodeId> = failed.iter().map(|(n, _)| *n).collect();
+            let placement = self.placement.read().await.clone();
+            let mut marks = Vec::new();
+            for (n, e) in &failed {
+                tracing::warn!(node = %n, error = %e, "flush could not reach a replica; it will catch up");
+                marks.extend(self.failure_marks(*n, None));
+            }
+            for (_, index) in &marks {
+                let extent = ExtentId::new(self.info.id, *index);
+                let whole = placement
+                    .write_set(extent, self.r())
+                    .into_iter()
+                    .any(|m| !down.contains(&m) && !self.tracker.is_missing(m, *index));
+                if !whole {
+                    return Err(VolumeError::Unavailable {
+                        extent,
+                        reason: "flush reached no replica that holds every write".into(),
+                    });
+                }
+            }
+            self.tracker.mark_missing(&marks).await?;
         }
         let mut dirty = self.dirty.lock().expect("dirty lock poisoned");
         for (n, g) in snapshot {
-            if dirty.get(&n) == Some(&g) {
+            if dirty.get(&n).is_some_and(|d| d.generation == g) {
                 dirty.remove(&n);
             }
         }

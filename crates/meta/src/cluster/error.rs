@@ -26,6 +26,8 @@ pub enum ClusterError {
     VolumeLocked { name: String, volume: VolumeId, holder: String },
     #[error("peer {peer:?} is not known: no registered node has that address or UUID")]
     UnknownPeer { peer: String },
+    #[error("volume {volume}: the writer of epoch {epoch} no longer holds its lock")]
+    LockLost { volume: VolumeId, epoch: torus_types::Epoch },
     #[error("the ring changed concurrently too many times; try again")]
     Contended,
     #[error("{reason}")]

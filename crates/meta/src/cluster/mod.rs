@@ -10,15 +10,19 @@
 //! | `volumes/by-name/<n>`  | [`VolumeInfo`] | until `volume delete`              |
 //! | `locks/<volume id>`    | [`VolumeLock`] | on the writer's lease              |
 //! | `rebalance/<node uuid>`| [`RebalanceProgress`] | rewritten per ring version  |
+//! | `vstate/<volume id>`   | [`ReplicaState`] | by the writer: write intent, copies to catch up |
 //!
-//! Nothing here is per extent or per I/O: metadata grows with nodes and volumes only.
+//! Nothing here is per extent or per I/O: metadata grows with nodes and volumes
+//! only (`vstate` holds extent ranges, but only those recently written or missed).
 
 mod error;
 mod peers;
+mod replicas;
 mod volumes;
 
 pub use error::ClusterError;
 pub use peers::{PeerInfo, RebalanceProgress, RingDoc, RingMember};
+pub use replicas::{ExtentSet, ReplicaState};
 pub use volumes::{validate_volume_name, VolumeInfo, VolumeLock};
 
 use crate::{MetaError, MetadataStore};

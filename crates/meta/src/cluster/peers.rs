@@ -104,6 +104,10 @@ pub struct RebalanceProgress {
     pub extents_done: u64,
     pub bytes_copied: u64,
     pub done: bool,
+    /// Old replicas that were down when this node planned its share: it
+    /// copied what they would have.
+    #[serde(default)]
+    pub assumed_down: Vec<NodeId>,
 }
 
 fn peer_key(id: NodeId) -> String {
@@ -224,15 +228,16 @@ impl Cluster {
     }
 
     /// Ends a rebalance of ring `version` (every node has moved its data):
-    /// clears `previous`. Returns false if the ring moved on meanwhile.
-    pub async fn finish_rebalance(&self, version: u64) -> Result<bool> {
+    /// clears `previous`. `gone` are removed nodes that are down for good:
+    /// they have nothing to clean up. Returns false if the ring moved on meanwhile.
+    pub async fn finish_rebalance(&self, version: u64, gone: &[NodeId]) -> Result<bool> {
         let mut finished = false;
         self.update_ring(|ring| {
             finished = false;
             if ring.version != version || !ring.moving() {
                 return Ok(false);
             }
-            ring.collecting = ring.all_members().iter().map(|m| m.id).collect();
+            ring.collecting = ring.all_members().iter().map(|m| m.id).filter(|id| !gone.contains(id)).collect();
             ring.previous = None;
             finished = true;
             Ok(true)

@@ -65,7 +65,7 @@ fn name_key(name: &str) -> String {
     format!("volumes/by-name/{name}")
 }
 
-fn lock_key(id: VolumeId) -> String {
+pub(super) fn lock_key(id: VolumeId) -> String {
     format!("locks/{id}")
 }
 
@@ -166,7 +166,7 @@ impl Cluster {
             Compare::mod_revision(name_key(name), kv.mod_revision),
             Compare::exists(lock_key(info.id), false),
         ])
-        .and_then(vec![TxnOp::delete(name_key(name))]);
+        .and_then(vec![TxnOp::delete(name_key(name)), TxnOp::delete(super::replicas::state_key(info.id))]);
         if self.store.txn(txn).await?.succeeded {
             return Ok(info);
         }

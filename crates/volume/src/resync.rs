@@ -1,0 +1,186 @@
+//! Making replicas agree again, as the volume's writer:
+//!
+//! - [`Volume::recover`] at open: the extents the previous writer may have
+//!   been writing (its write intent) are resynced from one replica to the
+//!   others before the volume is served, so reads never flip between old and
+//!   new data depending on which replica answers.
+//! - [`Volume::catch_up`] in the background: copies that missed writes while
+//!   their node was unreachable are brought up to date once it answers again.
+//!
+//! Both compare checksum tables and copy only the blocks that differ, with
+//! the writer's epoch (so a stale writer cannot do it), under the extent's
+//! exclusive lock (so no write to it runs meanwhile).
+
+use crate::{Volume, VolumeError};
+use bytes::Bytes;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use torus_meta::cluster::ReplicaState;
+use torus_proto::{PeerClient, PeerError};
+use torus_types::{ExtentId, NodeId, BLOCK_SIZE};
+
+/// Largest piece copied in one request.
+const CHUNK: usize = 1 << 20;
+
+/// Whether two checksum-table entries read the same: equal data, or zeroes on both sides.
+fn same(a: Option<&(u32, u8)>, b: Option<&(u32, u8)>) -> bool {
+    const DATA: u8 = 1;
+    let a = a.copied().unwrap_or((0, 0));
+    let b = b.copied().unwrap_or((0, 0));
+    match (a.1 == DATA, b.1 == DATA) {
+        (true, true) => a.0 == b.0,
+        (false, false) => true,
+        _ => false,
+    }
+}
+
+/// Makes `target`'s copy of an extent read like `source`'s; returns bytes copied.
+async fn copy_differing(
+    extent: ExtentId,
+    extent_size: u64,
+    epoch: torus_types::Epoch,
+    source: &PeerClient,
+    target: &PeerClient,
+) -> Result<u64, PeerError> {
+    let src = source.block_sums(extent).await?;
+    let dst = target.block_sums(extent).await?;
+    let blocks = (extent_size as usize).div_ceil(BLOCK_SIZE);
+    let mut copied = 0;
+    let mut b = 0;
+    while b < blocks {
+        if same(src.get(b), dst.get(b)) {
+            b += 1;
+            continue;
+        }
+        let data = src.get(b).is_some_and(|e| e.1 == 1);
+        let mut end = b + 1;
+        while end < blocks
+            && !same(src.get(end), dst.get(end))
+            && src.get(end).is_some_and(|e| e.1 == 1) == data
+            && (end - b) * BLOCK_SIZE < CHUNK
+        {
+            end += 1;
+        }
+        let (off, len) = ((b * BLOCK_SIZE) as u32, ((end - b) * BLOCK_SIZE) as u32);
+        if data {
+            let bytes = source.read(extent, off, len, false).await?;
+            target.write(extent, off, Bytes::from(bytes), epoch, false).await?;
+            copied += len as u64;
+        } else {
+            target.zero(extent, off, len, epoch, false).await?;
+        }
+        b = end;
+    }
+    Ok(copied)
+}
+
+impl Volume {
+    /// Copies extent `index` from `source` to `targets`; the caller holds the extent alone.
+    async fn resync_one(&self, index: u64, source: NodeId, targets: &[NodeId]) -> Result<u64, PeerError> {
+        let extent = ExtentId::new(self.info.id, index);
+        let src = self.pool.get(source).await?;
+        let mut copied = 0;
+        for t in targets {
+            let dst = self.pool.get(*t).await?;
+            copied += copy_differing(extent, self.info.extent_size, self.epoch, &src, &dst).await?;
+        }
+        self.note_written(targets, index);
+        Ok(copied)
+    }
+
+    /// Resyncs the extents the previous writer may have left half-written,
+    /// then records this writer's clean start. Called once at open, before
+    /// the volume is served. Replicas that cannot be reached are recorded as
+    /// missing those extents, to be caught up later.
+    pub(crate) async fn recover(&self, previous: &ReplicaState) -> Result<(), VolumeError> {
+        let placement = self.placement.read().await.clone();
+        let mut marks = Vec::new();
+        let (mut extents, mut bytes) = (0u64, 0u64);
+        for &index in &previous.intent.0 {
+            if index >= self.info.extent_count() {
+                continue;
+            }
+            let extent = ExtentId::new(self.info.id, index);
+            let _alone = self.tracker.exclusive(index).await;
+            let mut reachable = Vec::new();
+            // Old replicas first: while data moves, a new replica may not hold every block yet.
+            for (n, filling) in placement.read_order(extent, self.r()) {
+                if previous.is_missing(n, index) {
+                    continue;
+                }
+                match self.pool.get(n).await {
+                    Ok(c) if c.ping().await.is_ok() => reachable.push((n, filling)),
+                    _ => marks.push((n, index)),
+                }
+            }
+            let Some(&(source, false)) = reachable.first() else {
+                return Err(VolumeError::Unavailable {
+                    extent,
+                    reason: "no complete replica is reachable to resync what the previous writer left".into(),
+                });
+            };
+            let targets: Vec<NodeId> = reachable[1..].iter().map(|(n, _)| *n).collect();
+            match self.resync_one(index, source, &targets).await {
+                Ok(n) => bytes += n,
+                Err(e) => return Err(VolumeError::Unavailable { extent, reason: format!("resync failed: {e}") }),
+            }
+            extents += 1;
+        }
+        if !previous.intent.is_empty() {
+            tracing::warn!(
+                volume = %self.info.name,
+                previous_epoch = %previous.epoch,
+                extents,
+                bytes,
+                unreachable = marks.len(),
+                "the previous writer did not close cleanly: resynced the extents it was writing"
+            );
+        }
+        self.tracker.mark_missing(&marks).await?;
+        self.tracker.settle().await?;
+        crate::BlockDevice::flush(self).await
+    }
+
+    /// Catches up copies that missed writes, whenever their node answers,
+    /// until the volume is closed.
+    pub(crate) async fn catch_up(weak: Weak<Volume>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(v) = weak.upgrade() else { return };
+            if v.lease.is_lost() {
+                return;
+            }
+            for (node, extents) in v.missing() {
+                if let Err(e) = v.catch_up_node(node, extents.0.into_iter().collect()).await {
+                    tracing::debug!(%node, error = %e, "cannot catch up this node yet");
+                }
+            }
+        }
+    }
+
+    async fn catch_up_node(self: &Arc<Self>, node: NodeId, extents: Vec<u64>) -> Result<(), PeerError> {
+        self.pool.get(node).await?.ping().await?;
+        let (mut done, mut bytes) = (0usize, 0u64);
+        for index in &extents {
+            let placement = self.placement.read().await.clone();
+            let extent = ExtentId::new(self.info.id, *index);
+            let order = placement.read_order(extent, self.r());
+            if !order.iter().any(|(n, _)| *n == node) {
+                // No longer a replica there: nothing to catch up.
+                self.tracker.caught_up(node, *index);
+                continue;
+            }
+            let _alone = self.tracker.exclusive(*index).await;
+            let source =
+                order.iter().find(|(n, filling)| *n != node && !filling && !self.tracker.is_missing(*n, *index));
+            let Some(&(source, _)) = source else { continue };
+            bytes += self.resync_one(*index, source, &[node]).await?;
+            self.tracker.caught_up(node, *index);
+            done += 1;
+        }
+        if done > 0 {
+            tracing::info!(%node, extents = done, bytes, left = extents.len() - done, "a replica caught up");
+        }
+        Ok(())
+    }
+}
