@@ -13,11 +13,15 @@ pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
     let up: HashSet<NodeId> = peers.iter().map(|p| p.id).collect();
     let members = ring.all_members();
     let down: Vec<_> = members.iter().filter(|m| !up.contains(&m.id)).collect();
+    let states = cluster.replica_states().await?;
+    let to_catch_up: usize = states.values().map(|s| s.missing_count()).sum();
     let (cap, used) =
         peers.iter().filter(|p| ring.contains(p.id)).fold((0u64, 0u64), |(c, u), p| (c + p.capacity, u + p.used));
 
     let health = if !down.is_empty() {
         "DEGRADED"
+    } else if to_catch_up > 0 {
+        "CATCHING UP"
     } else if ring.moving() || !ring.collecting.is_empty() {
         "REBALANCING"
     } else if ring.members.is_empty() {
@@ -58,6 +62,12 @@ pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
         n
     };
     println!("extents:     {degraded} with a replica on a down node");
+    let behind: HashSet<NodeId> = states.values().flat_map(|s| s.missing.keys().copied()).collect();
+    let active: usize = states.values().map(|s| s.intent.len()).sum();
+    println!(
+        "replicas:    {to_catch_up} extent copies to catch up (on {} node(s)); {active} extents being written",
+        behind.len()
+    );
     println!(
         "capacity:    {} used of {} ({} free)",
         format_size(used),

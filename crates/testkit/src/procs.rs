@@ -412,6 +412,27 @@ impl Cluster {
         Blk { proc, addr }
     }
 
+    /// What extent `rel` (`<vol>/<index>`) reads as on node `i`'s disk: its
+    /// data blocks from the data file, zeroes for absent or zeroed blocks
+    /// (per the checksum table; see docs/format.md), `extent_size` bytes.
+    pub fn extent_bytes(&self, i: usize, rel: &str, extent_size: usize) -> Vec<u8> {
+        const BS: usize = 4096;
+        let base = self.nodes[i].data_dir.join("store/extents").join(rel);
+        let sum = std::fs::read(base.with_extension("sum")).unwrap_or_default();
+        let dat = std::fs::read(base.with_extension("dat")).unwrap_or_default();
+        let mut out = vec![0u8; extent_size];
+        for (b, entry) in sum.get(BS..).unwrap_or_default().chunks_exact(8).enumerate() {
+            let at = b * BS;
+            if entry[4] == 1 && at + BS <= extent_size {
+                let end = (at + BS).min(dat.len());
+                if at < end {
+                    out[at..end].copy_from_slice(&dat[at..end]);
+                }
+            }
+        }
+        out
+    }
+
     /// Every extent file pair held by node `i`, as relative paths (`<vol>/<index>`).
     pub fn extents_on_disk(&self, i: usize) -> Vec<String> {
         let root = self.nodes[i].data_dir.join("store/extents");

@@ -159,14 +159,27 @@ impl Volume {
     }
 
     async fn catch_up_node(self: &Arc<Self>, node: NodeId, extents: Vec<u64>) -> Result<(), PeerError> {
+        // Copies on a node that is no longer a replica (removed from the ring) are simply forgotten.
+        let placement = self.placement.read().await.clone();
+        let mut todo = Vec::new();
+        for index in extents {
+            let extent = ExtentId::new(self.info.id, index);
+            if placement.read_order(extent, self.r()).iter().any(|(n, _)| *n == node) {
+                todo.push(index);
+            } else {
+                self.tracker.caught_up(node, index);
+            }
+        }
+        if todo.is_empty() {
+            return Ok(());
+        }
         self.pool.get(node).await?.ping().await?;
         let (mut done, mut bytes) = (0usize, 0u64);
-        for index in &extents {
+        for index in &todo {
             let placement = self.placement.read().await.clone();
             let extent = ExtentId::new(self.info.id, *index);
             let order = placement.read_order(extent, self.r());
             if !order.iter().any(|(n, _)| *n == node) {
-                // No longer a replica there: nothing to catch up.
                 self.tracker.caught_up(node, *index);
                 continue;
             }
@@ -179,7 +192,7 @@ impl Volume {
             done += 1;
         }
         if done > 0 {
-            tracing::info!(%node, extents = done, bytes, left = extents.len() - done, "a replica caught up");
+            tracing::info!(%node, extents = done, bytes, left = todo.len() - done, "a replica caught up");
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ mod durability;
 mod failures;
 mod filesystem;
 mod nbd_clients;
+mod node_loss;
 
 use std::process::{Command, Output};
 use std::time::Duration;
