@@ -9,16 +9,16 @@ use std::time::Duration;
 use torus_testkit::{random_bytes, wait_until, Cluster, Proc};
 
 /// An attached export: nbdfuse + loop device + mount point, torn down in order on drop.
-struct Attached {
-    fuse: Option<Proc>,
+pub(crate) struct Attached {
+    pub fuse: Option<Proc>,
     fuse_dir: PathBuf,
     loopdev: Option<String>,
-    mnt: PathBuf,
+    pub mnt: PathBuf,
     mounted: bool,
 }
 
 impl Attached {
-    fn new(uri: &str, dir: &Path, tag: &str) -> Attached {
+    pub fn new(uri: &str, dir: &Path, tag: &str) -> Attached {
         let fuse_dir = dir.join(format!("fuse-{tag}"));
         let mnt = dir.join(format!("mnt-{tag}"));
         std::fs::create_dir_all(&fuse_dir).unwrap();
@@ -36,23 +36,23 @@ impl Attached {
         a
     }
 
-    fn dev(&self) -> &str {
+    pub fn dev(&self) -> &str {
         self.loopdev.as_deref().expect("attached")
     }
 
-    fn mount(&mut self) {
+    pub fn mount(&mut self) {
         ok(Command::new("mount").arg(self.dev()).arg(&self.mnt));
         self.mounted = true;
     }
 
-    fn umount(&mut self) {
+    pub fn umount(&mut self) {
         if self.mounted {
             ok(Command::new("umount").arg(&self.mnt));
             self.mounted = false;
         }
     }
 
-    fn detach(&mut self) {
+    pub fn detach(&mut self) {
         self.umount();
         if let Some(dev) = self.loopdev.take() {
             ok(Command::new("losetup").arg("-d").arg(&dev));
