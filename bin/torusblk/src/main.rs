@@ -38,14 +38,21 @@ enum Cmd {
         /// Connections to each storage node.
         #[arg(long = "node-connections", default_value_t = 2)]
         node_connections: usize,
+        /// Seconds a storage node may take to answer one request before it
+        /// counts as unreachable (writes then go on without it; it catches up later).
+        #[arg(long = "node-timeout", default_value_t = 10)]
+        node_timeout: u64,
     },
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Nbdserve { listen, read_only, lease_ttl, io_hold, node_connections } => {
+        Cmd::Nbdserve { listen, read_only, lease_ttl, io_hold, node_connections, node_timeout } => {
             if !(1..=60).contains(&lease_ttl) {
                 bail!("--lease-ttl must be between 1 and 60 seconds");
+            }
+            if !(1..=600).contains(&node_timeout) {
+                bail!("--node-timeout must be between 1 and 600 seconds");
             }
             if !(1..=64).contains(&node_connections) {
                 bail!("--node-connections must be between 1 and 64");
@@ -61,7 +68,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 holder: format!("torusblk on {} (pid {}, nbd://{addr})", host.trim(), std::process::id()),
                 conns_per_node: node_connections,
                 io_hold: Duration::from_secs(io_hold),
-                ..Default::default()
+                request_timeout: Duration::from_secs(node_timeout),
             };
             let manager = Arc::new(VolumeManager::new(cluster, opts));
             let exports = Arc::new(exports::VolumeExports { manager: manager.clone(), read_only });

@@ -6,13 +6,16 @@
 //!   loopback ports with its own temp dir, under a unique etcd prefix so that
 //!   tests run in parallel against one etcd. Processes are killed by PID when
 //!   the cluster is dropped.
+//! - [`Netns`]: a network namespace on a veth pair, to cut links.
 //! - [`nbd`]: a raw NBD client for sending malformed input on purpose.
 //!
 //! A dev-dependency only: nothing in the product depends on it.
 
 pub mod nbd;
+mod netns;
 mod procs;
 
+pub use netns::Netns;
 pub use procs::{bin, free_port, run, unique_prefix, wait_until, Blk, Cluster, Etcd, Node, Proc};
 
 /// Deterministic pseudo-random bytes (xorshift), so failures are reproducible.

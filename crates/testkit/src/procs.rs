@@ -89,11 +89,26 @@ fn signal(pid: u32, sig: i32) {
 }
 
 impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
+    pub fn spawn(name: &str, cmd: Command, log: PathBuf) -> Proc {
+        Self::spawn_with(name, cmd, log, Stdio::null())
+    }
+
+    /// Like `spawn`, with a pipe to its standard input (see `input`).
+    pub fn spawn_piped(name: &str, cmd: Command, log: PathBuf) -> Proc {
+        Self::spawn_with(name, cmd, log, Stdio::piped())
+    }
+
+    /// Writes a line to the standard input of a process started with `spawn_piped`.
+    pub fn input(&mut self, line: &str) {
+        let stdin = self.child.as_mut().and_then(|c| c.stdin.as_mut()).expect("a running process with piped stdin");
+        std::io::Write::write_all(stdin, format!("{line}\n").as_bytes()).expect("write to stdin");
+    }
+
+    fn spawn_with(name: &str, mut cmd: Command, log: PathBuf, stdin: Stdio) -> Proc {
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open log file");
         let f2 = f.try_clone().expect("clone log file");
         let child = cmd
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::from(f))
             .stderr(Stdio::from(f2))
             .spawn()
@@ -184,8 +199,8 @@ pub struct Etcd {
     pub endpoint: String,
     proc: Option<Proc>,
     _dir: Option<tempfile::TempDir>,
-    /// How to start it again (private etcd only).
-    restart: Option<(PathBuf, u16, u16)>,
+    /// How to start it again (private etcd only): data dir, host, client and peer ports.
+    restart: Option<(PathBuf, String, u16, u16)>,
 }
 
 impl Etcd {
@@ -201,33 +216,42 @@ impl Etcd {
 
     /// A private etcd on free ports, for tests that stop and restart it.
     pub fn start_private() -> Etcd {
+        Self::start_private_on("127.0.0.1")
+    }
+
+    /// A private etcd listening on `host` (an address of this machine).
+    pub fn start_private_on(host: &str) -> Etcd {
         crate::require("etcd");
         let dir = tempfile::tempdir().expect("temp dir");
         let (cp, pp) = (free_port(), free_port());
         let path = dir.path().to_path_buf();
-        let mut e =
-            Etcd { endpoint: format!("127.0.0.1:{cp}"), proc: None, _dir: Some(dir), restart: Some((path, cp, pp)) };
+        let mut e = Etcd {
+            endpoint: format!("{host}:{cp}"),
+            proc: None,
+            _dir: Some(dir),
+            restart: Some((path, host.to_string(), cp, pp)),
+        };
         e.launch();
         e
     }
 
     fn launch(&mut self) {
-        let (dir, cp, pp) = self.restart.clone().expect("a private etcd");
+        let (dir, host, cp, pp) = self.restart.clone().expect("a private etcd");
         let mut cmd = Command::new("etcd");
         cmd.arg("--name")
             .arg("test")
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--listen-client-urls")
-            .arg(format!("http://127.0.0.1:{cp}"))
+            .arg(format!("http://{host}:{cp}"))
             .arg("--advertise-client-urls")
-            .arg(format!("http://127.0.0.1:{cp}"))
+            .arg(format!("http://{host}:{cp}"))
             .arg("--listen-peer-urls")
-            .arg(format!("http://127.0.0.1:{pp}"))
+            .arg(format!("http://{host}:{pp}"))
             .arg("--initial-advertise-peer-urls")
-            .arg(format!("http://127.0.0.1:{pp}"))
+            .arg(format!("http://{host}:{pp}"))
             .arg("--initial-cluster")
-            .arg(format!("test=http://127.0.0.1:{pp}"))
+            .arg(format!("test=http://{host}:{pp}"))
             .arg("--log-level")
             .arg("warn");
         self.proc = Some(Proc::spawn("etcd", cmd, dir.join("etcd.log")));
@@ -263,6 +287,8 @@ pub fn unique_prefix() -> String {
 /// One torusd under test.
 pub struct Node {
     pub proc: Option<Proc>,
+    /// The network namespace it runs in, if not this one.
+    pub netns: Option<String>,
     pub data_dir: PathBuf,
     pub peer_addr: String,
     pub http_port: u16,
@@ -300,7 +326,19 @@ impl Cluster {
     }
 
     pub fn start_with(etcd: Etcd, n: usize, replication: u32, size: &str) -> Cluster {
-        let mut c = Cluster {
+        let mut c = Self::init(etcd, replication);
+        for i in 0..n {
+            c.add_node(size);
+            c.start_node(i);
+        }
+        c.wait_peers(n);
+        c.ctl_ok(&["peer", "add", "--all-peers"]);
+        c
+    }
+
+    /// An initialised cluster with no nodes yet.
+    pub fn init(etcd: Etcd, replication: u32) -> Cluster {
+        let c = Cluster {
             env: Vec::new(),
             etcd,
             prefix: unique_prefix(),
@@ -308,12 +346,6 @@ impl Cluster {
             nodes: Vec::new(),
         };
         c.ctl_ok(&["init", "--replication", &replication.to_string()]);
-        for i in 0..n {
-            c.add_node(size);
-            c.start_node(i);
-        }
-        c.wait_peers(n);
-        c.ctl_ok(&["peer", "add", "--all-peers"]);
         c
     }
 
@@ -325,6 +357,15 @@ impl Cluster {
     /// A command for one of our binaries, pointed at this cluster's etcd and prefix.
     pub fn cmd(&self, binary: &str) -> Command {
         let mut cmd = Command::new(bin(binary));
+        self.env(&mut cmd);
+        cmd
+    }
+
+    /// The same, run inside network namespace `netns` (if any).
+    pub fn cmd_in(&self, netns: Option<&str>, binary: &str) -> Command {
+        let Some(ns) = netns else { return self.cmd(binary) };
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(bin(binary));
         self.env(&mut cmd);
         cmd
     }
@@ -347,12 +388,18 @@ impl Cluster {
     }
 
     pub fn add_node(&mut self, size: &str) -> usize {
+        self.add_node_at(size, "127.0.0.1", None)
+    }
+
+    /// A node whose peer address is on `ip`, run inside `netns` if given.
+    pub fn add_node_at(&mut self, size: &str, ip: &str, netns: Option<&str>) -> usize {
         let i = self.nodes.len();
         let data_dir = self.dir.path().join(format!("node{i}"));
         self.nodes.push(Node {
             proc: None,
+            netns: netns.map(str::to_string),
             data_dir,
-            peer_addr: format!("127.0.0.1:{}", free_port()),
+            peer_addr: format!("{ip}:{}", free_port()),
             http_port: free_port(),
             size: size.to_string(),
             log: self.dir.path().join(format!("node{i}.log")),
@@ -362,7 +409,7 @@ impl Cluster {
 
     pub fn start_node(&mut self, i: usize) {
         let n = &self.nodes[i];
-        let mut cmd = self.cmd("torusd");
+        let mut cmd = self.cmd_in(n.netns.as_deref(), "torusd");
         cmd.arg("--data-dir")
             .arg(&n.data_dir)
             .arg("--size")
@@ -401,8 +448,13 @@ impl Cluster {
 
     /// Starts `torusblk nbdserve` on a free port with extra flags.
     pub fn start_blk(&self, extra: &[&str]) -> Blk {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut cmd = self.cmd("torusblk");
+        self.start_blk_at("127.0.0.1", None, extra)
+    }
+
+    /// Starts `torusblk nbdserve` listening on `ip`, inside `netns` if given.
+    pub fn start_blk_at(&self, ip: &str, netns: Option<&str>, extra: &[&str]) -> Blk {
+        let addr = format!("{ip}:{}", free_port());
+        let mut cmd = self.cmd_in(netns, "torusblk");
         cmd.arg("nbdserve").arg("--listen").arg(&addr).args(extra);
         let log = self.dir.path().join(format!("blk-{}.log", addr.replace(':', "_")));
         let proc = Proc::spawn("torusblk", cmd, log.clone());

@@ -41,7 +41,7 @@ impl Default for ManagerOptions {
             lease_ttl: Duration::from_secs(10),
             holder: format!("pid {}", std::process::id()),
             conns_per_node: 2,
-            request_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
             io_hold: Duration::from_secs(60),
         }
     }

@@ -173,7 +173,8 @@ impl Volume {
         if todo.is_empty() {
             return Ok(());
         }
-        self.pool.get(node).await?.ping().await?;
+        // Tell it about this writer first: a stale writer that reaches it now is refused.
+        self.pool.get(node).await?.fence(self.info.id, self.epoch).await?;
         let (mut done, mut bytes) = (0usize, 0u64);
         for index in &todo {
             let placement = self.placement.read().await.clone();

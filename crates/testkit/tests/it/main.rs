@@ -9,6 +9,7 @@ mod failures;
 mod filesystem;
 mod nbd_clients;
 mod node_loss;
+mod partition;
 mod writer_crash;
 
 use std::process::{Command, Output};
