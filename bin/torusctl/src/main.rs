@@ -57,7 +57,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let cluster = cli.etcd.connect().await?;
     match cli.cmd {
         Cmd::Init { extent_size, replication } => {
-            let config = ClusterConfig { extent_size, replication, format: 1 };
+            let config = ClusterConfig {
+                extent_size,
+                replication,
+                format: 1,
+                down_out_secs: torus_meta::cluster::DEFAULT_DOWN_OUT_SECS,
+            };
             cluster.init(&config).await?;
             println!(
                 "initialised the cluster at {} (extent size {}, replication {replication})",

@@ -37,6 +37,25 @@ pub enum RingCmd {
     },
     /// Set the default replication of new volumes.
     SetReplication { replication: u32 },
+    /// Set how long a node may be down before it is taken out of the ring and
+    /// its extents are copied back up to R (e.g. 600, 10m, 1h; 0 = never).
+    SetDownOut { duration: String },
+}
+
+/// Parses `600`, `90s`, `10m` or `1h` into seconds.
+fn parse_duration(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        _ => (s, 1),
+    };
+    let n: u64 =
+        num.parse().map_err(|_| anyhow::anyhow!("invalid duration {s:?}: use seconds, or a number with s, m or h"))?;
+    n.checked_mul(mult)
+        .filter(|v| *v <= 30 * 24 * 3600)
+        .ok_or_else(|| anyhow::anyhow!("duration {s:?} is longer than 30 days"))
 }
 
 fn ago(secs: u64) -> String {
@@ -158,6 +177,16 @@ pub async fn run_ring(cluster: &Cluster, cmd: RingCmd) -> anyhow::Result<()> {
             println!("new volumes get replication {replication} (existing volumes keep theirs)");
             Ok(())
         }
+        RingCmd::SetDownOut { duration } => {
+            let secs = parse_duration(&duration)?;
+            cluster.set_down_out(secs).await?;
+            if secs == 0 {
+                println!("nodes that are down stay in the ring until `torusctl peer remove`");
+            } else {
+                println!("a node down for {secs} s is taken out of the ring and its extents are copied back up to R");
+            }
+            Ok(())
+        }
         RingCmd::Get { output } => {
             let (ring, _) = cluster.ring().await?;
             let config = cluster.config().await?;
@@ -165,14 +194,18 @@ pub async fn run_ring(cluster: &Cluster, cmd: RingCmd) -> anyhow::Result<()> {
                 Output::Json => println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &serde_json::json!({"ring": ring, "replication": config.replication})
+                        &serde_json::json!({"ring": ring, "replication": config.replication, "down_out_secs": config.down_out_secs})
                     )?
                 ),
                 Output::Table => {
                     println!(
-                        "version: {}\nreplication: {}\nmembers: {}",
+                        "version: {}\nreplication: {}\ndown-out: {}\nmembers: {}",
                         ring.version,
                         config.replication,
+                        match config.down_out_secs {
+                            0 => "never".to_string(),
+                            s => format!("after {s} s down"),
+                        },
                         ring.members.len()
                     );
                     for m in &ring.members {

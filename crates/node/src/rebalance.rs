@@ -72,6 +72,7 @@ impl Rebalancer {
     pub async fn run(self) {
         let mut moved: Option<u64> = None;
         let mut clients = HashMap::new();
+        let mut down_since = HashMap::new();
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let doc = match self.cluster.ring().await {
@@ -81,6 +82,16 @@ impl Rebalancer {
                     continue;
                 }
             };
+            let member = doc.all_members().iter().any(|m| m.id == self.me) || doc.collecting.contains(&self.me);
+            if !member {
+                if let Err(e) = self.forget_stale(&doc).await {
+                    tracing::warn!(error = %e, "could not delete copies left from an earlier membership");
+                }
+                continue;
+            }
+            if let Err(e) = self.down_out(&doc, &mut down_since).await {
+                tracing::warn!(error = %e, "could not take a node that is down out of the ring");
+            }
             if doc.moving() {
                 if moved == Some(doc.version) && self.must_cover_more(&doc).await {
                     tracing::warn!(
@@ -112,6 +123,68 @@ impl Rebalancer {
                     }
                     Err(e) => tracing::warn!(error = %e, "deleting moved extents failed; will retry"),
                 }
+            }
+        }
+    }
+
+    /// On a node outside the ring: deletes extent copies left from an earlier
+    /// membership (it was taken out while down, and its extents were copied
+    /// back up to R elsewhere), so that it never serves or keeps an outdated
+    /// copy if it is added again.
+    async fn forget_stale(&self, doc: &RingDoc) -> Result<(), String> {
+        if doc.version == 0 || doc.members.is_empty() {
+            return Ok(());
+        }
+        let held = self.store.extents().map_err(|e| e.to_string())?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        // Only if the ring has not changed meanwhile (it could have taken this node in).
+        let (now, _) = self.cluster.ring().await.map_err(|e| e.to_string())?;
+        if now.version != doc.version {
+            return Ok(());
+        }
+        tracing::warn!(
+            extents = held.len(),
+            "this node is not in the ring: deleting the copies left from when it was (they were re-replicated)"
+        );
+        for stat in held {
+            self.store.delete_extent(stat.id).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Takes ring members that have been down longer than the cluster's
+    /// down-out time out of the ring (their extents are then copied back up
+    /// to R from the other replicas). The live member with the lowest id acts.
+    async fn down_out(&self, doc: &RingDoc, down_since: &mut HashMap<NodeId, Instant>) -> Result<(), String> {
+        let limit = self.cluster.config().await.map_err(|e| e.to_string())?.down_out_secs;
+        let alive: HashSet<NodeId> =
+            self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| p.id).collect();
+        down_since.retain(|n, _| doc.contains(*n) && !alive.contains(n));
+        for m in &doc.members {
+            if !alive.contains(&m.id) {
+                down_since.entry(m.id).or_insert_with(Instant::now);
+            }
+        }
+        let leader = doc.members.iter().map(|m| m.id).filter(|n| alive.contains(n)).min();
+        if limit == 0 || leader != Some(self.me) || doc.busy().is_some() {
+            return Ok(());
+        }
+        let Some((&node, &since)) = down_since.iter().find(|(_, t)| t.elapsed() >= Duration::from_secs(limit)) else {
+            return Ok(());
+        };
+        match self.cluster.remove_from_ring(node, false).await {
+            Ok(ring) => {
+                tracing::warn!(%node, down_secs = since.elapsed().as_secs(), version = ring.version,
+                    "a node has been down past the down-out time: took it out of the ring; its extents are being re-replicated");
+                down_since.remove(&node);
+                Ok(())
+            }
+            Err(e) => {
+                // Try again after another down-out period, not every half second.
+                down_since.insert(node, Instant::now());
+                Err(format!("node {node} is down past the down-out time but cannot be taken out: {e}"))
             }
         }
     }

@@ -293,7 +293,7 @@ pub struct Node {
     pub peer_addr: String,
     pub http_port: u16,
     pub size: String,
-    log: PathBuf,
+    pub log: PathBuf,
 }
 
 /// One torusblk nbdserve under test.

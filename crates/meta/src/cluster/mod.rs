@@ -43,6 +43,16 @@ pub struct ClusterConfig {
     pub replication: u32,
     /// Format version of the metadata layout.
     pub format: u32,
+    /// Seconds a ring member may be down before it is taken out of the ring
+    /// and its extents are copied back up to R from the other replicas (0: never).
+    #[serde(default = "default_down_out")]
+    pub down_out_secs: u64,
+}
+
+pub const DEFAULT_DOWN_OUT_SECS: u64 = 600;
+
+fn default_down_out() -> u64 {
+    DEFAULT_DOWN_OUT_SECS
 }
 
 impl ClusterConfig {
@@ -98,6 +108,15 @@ impl Cluster {
 
     /// Sets the default replication of new volumes.
     pub async fn set_replication(&self, replication: u32) -> Result<ClusterConfig> {
+        self.update_config(|c| c.replication = replication).await
+    }
+
+    /// Sets how long a ring member may be down before it is taken out (0: never).
+    pub async fn set_down_out(&self, secs: u64) -> Result<ClusterConfig> {
+        self.update_config(|c| c.down_out_secs = secs).await
+    }
+
+    async fn update_config(&self, change: impl Fn(&mut ClusterConfig)) -> Result<ClusterConfig> {
         loop {
             let kv = self
                 .store
@@ -105,7 +124,7 @@ impl Cluster {
                 .await?
                 .ok_or_else(|| ClusterError::NotInitialized { endpoint: self.store.endpoint() })?;
             let mut config: ClusterConfig = decode(&kv.key, &kv.value)?;
-            config.replication = replication;
+            change(&mut config);
             config.validate()?;
             let txn = crate::Txn::when(vec![crate::Compare::mod_revision("cluster/config", kv.mod_revision)])
                 .and_then(vec![crate::TxnOp::put("cluster/config", encode(&config))]);

@@ -70,7 +70,7 @@ impl RingDoc {
     }
 
     /// Why a membership change must wait, if it must.
-    fn busy(&self) -> Option<String> {
+    pub fn busy(&self) -> Option<String> {
         if self.moving() {
             return Some("a rebalance is in progress; wait for it to finish (torusctl status)".into());
         }

@@ -7,17 +7,36 @@ use torus_meta::{MemStore, MetadataStore};
 
 async fn cluster() -> Cluster {
     let c = Cluster::new(Arc::new(MemStore::new()) as Arc<dyn MetadataStore>);
-    c.init(&ClusterConfig { extent_size: 4 << 20, replication: 2, format: 1 }).await.unwrap();
+    c.init(&ClusterConfig {
+        extent_size: 4 << 20,
+        replication: 2,
+        format: 1,
+        down_out_secs: torus_meta::cluster::DEFAULT_DOWN_OUT_SECS,
+    })
+    .await
+    .unwrap();
     c
 }
 
 #[tokio::test]
 async fn init_twice_is_refused() {
     let c = cluster().await;
-    let again = c.init(&ClusterConfig { extent_size: 4 << 20, replication: 2, format: 1 }).await;
+    let again = c
+        .init(&ClusterConfig {
+            extent_size: 4 << 20,
+            replication: 2,
+            format: 1,
+            down_out_secs: torus_meta::cluster::DEFAULT_DOWN_OUT_SECS,
+        })
+        .await;
     assert!(matches!(again, Err(ClusterError::AlreadyInitialized { .. })));
     let bad = Cluster::new(Arc::new(MemStore::new()) as Arc<dyn MetadataStore>)
-        .init(&ClusterConfig { extent_size: 1000, replication: 2, format: 1 })
+        .init(&ClusterConfig {
+            extent_size: 1000,
+            replication: 2,
+            format: 1,
+            down_out_secs: torus_meta::cluster::DEFAULT_DOWN_OUT_SECS,
+        })
         .await;
     assert!(matches!(bad, Err(ClusterError::InvalidConfig { .. })));
 }

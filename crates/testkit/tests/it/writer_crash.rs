@@ -96,7 +96,7 @@ fn a_write_that_reached_one_replica_before_the_writer_died_is_resynced_at_the_ne
 fn ext4_after_the_nbd_server_is_killed_mid_write_passes_e2fsck_and_replicas_agree() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a filesystem and needs root (CI runs as root)");
-    let mut c = Cluster::start(3, 2);
+    let c = Cluster::start(3, 2);
     c.ctl_ok(&["volume", "create-block", "fs", "256MiB"]);
     let vol = volume_id(&c);
     let mut blk = c.start_blk(&["--lease-ttl", "3"]);
