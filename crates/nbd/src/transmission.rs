@@ -128,11 +128,10 @@ where
                 tracing::warn!(len = r.len, "write larger than the advertised maximum; closing the connection");
                 break Ok(());
             }
-            let mut buf = BytesMut::zeroed(r.len as usize);
-            if let Err(e) = rd.read_exact(&mut buf).await {
-                break Err(e);
+            match read_payload(&mut rd, r.len as usize).await {
+                Ok(buf) => buf.freeze(),
+                Err(e) => break Err(e),
             }
-            buf.freeze()
         } else {
             Bytes::new()
         };
@@ -190,4 +189,17 @@ async fn write_zeroes_allocated<D: BlockDevice>(d: &D, offset: u64, len: u64, fu
         pos += n;
     }
     Ok(Bytes::new())
+}
+
+/// Reads exactly `len` bytes into a new buffer, straight into its spare
+/// capacity (no zeroing of up to 32 MiB first).
+async fn read_payload<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, len: usize) -> std::io::Result<BytesMut> {
+    let mut buf = BytesMut::with_capacity(len);
+    let mut rest = rd.take(len as u64);
+    while buf.len() < len {
+        if rest.read_buf(&mut buf).await? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-request"));
+        }
+    }
+    Ok(buf)
 }

@@ -111,9 +111,12 @@ async fn connection(
             // The stream cannot be resynchronised after a bad header: drop the connection.
             Err(e) => break Err(format!("bad request: {e}")),
         };
-        let mut payload = vec![0u8; h.payload_len()];
-        if let Err(e) = rd.read_exact(&mut payload).await {
-            break Err(e.to_string());
+        // Read into spare capacity (no zeroing of the buffer first).
+        let mut payload = Vec::with_capacity(h.payload_len());
+        match (&mut rd).take(h.payload_len() as u64).read_to_end(&mut payload).await {
+            Ok(n) if n == h.payload_len() => {}
+            Ok(_) => break Err("connection closed mid-request".to_string()),
+            Err(e) => break Err(e.to_string()),
         }
         let reply =
             if liveness.is_isolated() && matches!(h.op, Op::Write | Op::Zero | Op::Fill | Op::Repair | Op::Fence) {

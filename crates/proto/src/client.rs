@@ -119,9 +119,12 @@ impl PeerClient {
                     Ok(h) => h,
                     Err(e) => break format!("bad reply: {e}"),
                 };
-                let mut payload = vec![0u8; h.len as usize];
-                if let Err(e) = rd.read_exact(&mut payload).await {
-                    break e.to_string();
+                // Read into spare capacity (no zeroing of the buffer first).
+                let mut payload = Vec::with_capacity(h.len as usize);
+                match (&mut rd).take(h.len as u64).read_to_end(&mut payload).await {
+                    Ok(n) if n == h.len as usize => {}
+                    Ok(_) => break "connection closed mid-reply".to_string(),
+                    Err(e) => break e.to_string(),
                 }
                 let waiter = sh.pending.lock().expect("client lock poisoned").remove(&h.id);
                 if let Some(w) = waiter {

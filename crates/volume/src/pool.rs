@@ -15,13 +15,15 @@ pub struct PeerPool {
     per_node: usize,
     next: AtomicUsize,
     timeout: Duration,
-    /// When a connection to a node last failed: for a moment after, callers
-    /// fail at once instead of each waiting for its own connect to fail.
+    /// When a slow connect to a node last failed: for a moment after, callers
+    /// fail at once instead of each waiting for its own connect to time out.
     failed: Mutex<HashMap<NodeId, (std::time::Instant, PeerError)>>,
 }
 
 /// How long a failed connect is remembered.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// A connect that fails after this long is one worth remembering.
+const SLOW_CONNECT: Duration = Duration::from_millis(200);
 
 impl PeerPool {
     pub fn new(per_node: usize, timeout: Duration) -> Self {
@@ -84,10 +86,18 @@ impl PeerPool {
                 return Err(e.clone());
             }
         }
+        let started = std::time::Instant::now();
         let client = match PeerClient::connect(&addr, self.timeout).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
-                self.failed.lock().expect("pool lock poisoned").insert(node, (std::time::Instant::now(), e.clone()));
+                // Only slow failures (no answer at all) are remembered: a refused
+                // connection costs nothing to retry, and the node may be back already.
+                if started.elapsed() >= SLOW_CONNECT {
+                    self.failed
+                        .lock()
+                        .expect("pool lock poisoned")
+                        .insert(node, (std::time::Instant::now(), e.clone()));
+                }
                 return Err(e);
             }
         };

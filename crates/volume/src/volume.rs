@@ -329,6 +329,27 @@ impl Volume {
     }
 }
 
+impl Drop for Volume {
+    /// The last handle is gone (its last connection closed): end the write
+    /// intent, so that the next writer has nothing to resync, then release the lock.
+    fn drop(&mut self) {
+        let Some(guard) = self.guard.take() else { return };
+        if self.lease.is_lost() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let tracker = self.tracker.clone();
+        rt.spawn(async move {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), tracker.settle()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not record a clean close; the next writer will resync"),
+                Err(_) => tracing::warn!("recording a clean close timed out; the next writer will resync"),
+            }
+            drop(guard);
+        });
+    }
+}
+
 impl BlockDevice for Volume {
     fn size(&self) -> u64 {
         self.info.size

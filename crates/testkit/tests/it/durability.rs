@@ -49,7 +49,8 @@ fn flushed_writes_survive_kill_9_and_a_crash_mid_write_leaves_blocks_readable() 
     fio.kill9();
     c.start_node(0);
     std::fs::remove_file(&out).unwrap();
-    ok(Command::new("nbdcopy").arg(blk.uri("d")).arg(&out));
+    let copy = run(Command::new("nbdcopy").arg(blk.uri("d")).arg(&out));
+    assert!(copy.status.success(), "reading back after the crash: {}\n{}", text(&copy), blk.proc.log_text());
     let node_log = std::fs::read_to_string(c.dir.path().join("node0.log")).unwrap_or_default();
     assert!(!node_log.contains("checksum mismatch"), "a crash mid-write left an unreadable block:\n{node_log}");
 }
