@@ -45,6 +45,9 @@ fn ring_of(version: u64, members: &[RingMember]) -> Ring {
     Ring::from_labeled(version, members.iter().map(|m| (m.id, m.weight, &m.labels)))
 }
 
+/// How often the live members look for members down past the down-out time.
+const DOWN_CHECK_EVERY: Duration = Duration::from_secs(2);
+
 /// Largest piece copied at once.
 const CHUNK_BLOCKS: usize = 256;
 
@@ -73,6 +76,7 @@ impl Rebalancer {
         let mut moved: Option<u64> = None;
         let mut clients = HashMap::new();
         let mut down_since = HashMap::new();
+        let mut last_down_check = Instant::now() - DOWN_CHECK_EVERY;
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let doc = match self.cluster.ring().await {
@@ -89,8 +93,12 @@ impl Rebalancer {
                 }
                 continue;
             }
-            if let Err(e) = self.down_out(&doc, &mut down_since).await {
-                tracing::warn!(error = %e, "could not take a node that is down out of the ring");
+            // Down-out works in minutes: look at the peer list every few seconds, not every loop.
+            if last_down_check.elapsed() >= DOWN_CHECK_EVERY {
+                last_down_check = Instant::now();
+                if let Err(e) = self.down_out(&doc, &mut down_since).await {
+                    tracing::warn!(error = %e, "could not take a node that is down out of the ring");
+                }
             }
             if doc.moving() {
                 if moved == Some(doc.version) && self.must_cover_more(&doc).await {

@@ -217,7 +217,9 @@ impl VolumeManager {
     /// (after its in-flight requests finish), then its writer records the new
     /// ring version in its lock, which tells nodes they may move data.
     pub async fn follow_ring(self: Arc<Self>) {
+        const PEERS_EVERY: Duration = Duration::from_secs(2);
         let mut seen = 0;
+        let mut peers_read = Instant::now();
         loop {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let doc = match self.cluster.ring().await {
@@ -227,16 +229,22 @@ impl VolumeManager {
                     continue;
                 }
             };
-            if let Ok(peers) = self.cluster.peers().await {
-                self.pool.set_addresses(peers.into_iter().map(|p| (p.id, p.address)).collect());
-            } else {
-                continue;
-            }
             let open: Vec<Arc<Volume>> = self.open.lock().await.values().filter_map(Weak::upgrade).collect();
             // Readers follow the writer's record of copies that missed writes.
             for v in open.iter().filter(|v| v.lease().is_none()) {
                 if let Ok(state) = self.cluster.replica_state(v.info().id).await {
                     v.tracker.follow(state);
+                }
+            }
+            // Peers come and go (a node whose lease lapsed registers again): refresh
+            // their addresses on every ring change and every few seconds.
+            if doc.version != seen || peers_read.elapsed() >= PEERS_EVERY {
+                match self.cluster.peers().await {
+                    Ok(peers) => {
+                        self.pool.set_addresses(peers.into_iter().map(|p| (p.id, p.address)).collect());
+                        peers_read = Instant::now();
+                    }
+                    Err(_) => continue,
                 }
             }
             if doc.version == seen {
