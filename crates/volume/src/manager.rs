@@ -52,6 +52,7 @@ pub struct VolumeManager {
     pool: Arc<PeerPool>,
     opts: ManagerOptions,
     open: tokio::sync::Mutex<HashMap<(String, bool), Weak<Volume>>>,
+    closing: Closing,
 }
 
 /// Builds the placement from the ring document.
@@ -61,17 +62,26 @@ pub fn placement_of(doc: &RingDoc) -> Placement {
     Placement { version: doc.version, ring: ring(&doc.members), previous: doc.previous.as_deref().map(ring) }
 }
 
+/// Clean-close tasks still running (a volume's last handle was dropped):
+/// `close_all` waits for them, so that a stopping process still releases its locks.
+pub(crate) type Closing = Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>;
+
 /// Holds the writer's lock: dropping it stops the keep-alive and revokes the lease.
 pub(crate) struct LockGuard {
     cluster: Cluster,
     pub(crate) lease: LeaseId,
     keeper: tokio::task::JoinHandle<()>,
+    pub(crate) closing: Closing,
+    released: std::sync::atomic::AtomicBool,
 }
 
 impl LockGuard {
     /// Revokes the lease now (the lock goes with it).
     pub(crate) async fn release(&self) {
         self.keeper.abort();
+        if self.released.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
         if let Err(e) = self.cluster.store().revoke_lease(self.lease).await {
             tracing::warn!(error = %e, "could not release the volume lock; it lapses with its lease");
         }
@@ -81,6 +91,9 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         self.keeper.abort();
+        if self.released.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let (cluster, lease) = (self.cluster.clone(), self.lease);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
@@ -95,7 +108,13 @@ impl Drop for LockGuard {
 impl VolumeManager {
     pub fn new(cluster: Cluster, opts: ManagerOptions) -> Self {
         let pool = Arc::new(PeerPool::new(opts.conns_per_node, opts.request_timeout));
-        VolumeManager { cluster, pool, opts, open: tokio::sync::Mutex::new(HashMap::new()) }
+        VolumeManager {
+            cluster,
+            pool,
+            opts,
+            open: tokio::sync::Mutex::new(HashMap::new()),
+            closing: Closing::default(),
+        }
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -110,6 +129,10 @@ impl VolumeManager {
                 tracing::error!(volume = %v.info().name, error = %e, "final flush failed");
             }
             v.release().await;
+        }
+        let pending: Vec<_> = self.closing.lock().expect("closing list poisoned").drain(..).collect();
+        for task in pending {
+            let _ = tokio::time::timeout(Duration::from_secs(6), task).await;
         }
     }
 
@@ -200,7 +223,13 @@ impl VolumeManager {
         }
         let state = Arc::new(LeaseState::new(granted_at, self.opts.lease_ttl, self.opts.io_hold));
         let keeper = tokio::spawn(keep_alive(self.cluster.clone(), lease.id, self.opts.lease_ttl, state.clone()));
-        let guard = LockGuard { cluster: self.cluster.clone(), lease: lease.id, keeper };
+        let guard = LockGuard {
+            cluster: self.cluster.clone(),
+            lease: lease.id,
+            keeper,
+            closing: self.closing.clone(),
+            released: Default::default(),
+        };
         // What the previous writer left: extents it may have been writing, copies to catch up.
         let previous = self.cluster.replica_state(info.id).await?;
         let mine = ReplicaState { epoch, ..previous.clone() };

@@ -339,14 +339,18 @@ impl Drop for Volume {
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         let tracker = self.tracker.clone();
-        rt.spawn(async move {
+        let closing = guard.closing.clone();
+        let task = rt.spawn(async move {
             match tokio::time::timeout(std::time::Duration::from_secs(5), tracker.settle()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not record a clean close; the next writer will resync"),
                 Err(_) => tracing::warn!("recording a clean close timed out; the next writer will resync"),
             }
-            drop(guard);
+            guard.release().await;
         });
+        let mut tasks = closing.lock().expect("closing list poisoned");
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
     }
 }
 
