@@ -40,9 +40,9 @@ async fn copy_differing(
     extent_size: u64,
     epoch: torus_types::Epoch,
     source: &PeerClient,
+    src: &[(u32, u8)],
     target: &PeerClient,
 ) -> Result<u64, PeerError> {
-    let src = source.block_sums(extent).await?;
     let dst = target.block_sums(extent).await?;
     let blocks = (extent_size as usize).div_ceil(BLOCK_SIZE);
     let mut copied = 0;
@@ -79,10 +79,11 @@ impl Volume {
     async fn resync_one(&self, index: u64, source: NodeId, targets: &[NodeId]) -> Result<u64, PeerError> {
         let extent = ExtentId::new(self.info.id, index);
         let src = self.pool.get(source).await?;
+        let sums = src.block_sums(extent).await?;
         let mut copied = 0;
         for t in targets {
             let dst = self.pool.get(*t).await?;
-            copied += copy_differing(extent, self.info.extent_size, self.epoch, &src, &dst).await?;
+            copied += copy_differing(extent, self.info.extent_size, self.epoch, &src, &sums, &dst).await?;
         }
         self.note_written(targets, index);
         Ok(copied)
@@ -96,6 +97,8 @@ impl Volume {
         let placement = self.placement.read().await.clone();
         let mut marks = Vec::new();
         let (mut extents, mut bytes) = (0u64, 0u64);
+        // Whether each node answers, asked once per node.
+        let mut answers: std::collections::HashMap<NodeId, bool> = std::collections::HashMap::new();
         for &index in &previous.intent.0 {
             if index >= self.info.extent_count() {
                 continue;
@@ -108,9 +111,20 @@ impl Volume {
                 if previous.is_missing(n, index) {
                     continue;
                 }
-                match self.pool.get(n).await {
-                    Ok(c) if c.ping().await.is_ok() => reachable.push((n, filling)),
-                    _ => marks.push((n, index)),
+                let up = match answers.get(&n) {
+                    Some(up) => *up,
+                    None => {
+                        let up = match self.pool.get(n).await {
+                            Ok(c) => c.ping().await.is_ok(),
+                            Err(_) => false,
+                        };
+                        *answers.entry(n).or_insert(up)
+                    }
+                };
+                if up {
+                    reachable.push((n, filling));
+                } else {
+                    marks.push((n, index));
                 }
             }
             let Some(&(source, false)) = reachable.first() else {
