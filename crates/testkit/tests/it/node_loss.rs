@@ -151,7 +151,7 @@ fn node_killed_and_restarted(nodes: usize, r: u32, kill: &[usize]) {
     let lost = got[..64 << 20].iter().zip(&known).filter(|(a, b)| a != b).count();
     let extents = assert_replicas_agree(&c, volume_id(&c), r as usize);
     eprintln!(
-        "kill -9 of {} node(s) of {nodes} (R={r}) during writes: {ops} writes, {} faults, {} bytes verified \
+        "kill -9 of {} node(s) of {nodes} (R={r}) during writes: {ops} writes, {} fault(s) (kill -9), {} bytes verified \
          by fio + 64 MiB read back, {extents} extents whose {r} copies agree on disk, {lost} bytes lost",
         kill.len(),
         kill.len(),
