@@ -2,38 +2,12 @@
 //! writing and verifying; afterwards every extent has exactly R copies, on
 //! the nodes the ring names (checked on the nodes' disks).
 
-use crate::ok;
+use crate::{node_id, ok, ring_of, volume_id};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use torus_ring::Ring;
 use torus_testkit::{random_bytes, wait_until, Cluster};
 use torus_types::{ExtentId, NodeId, VolumeId};
-
-fn node_id(c: &Cluster, i: usize) -> NodeId {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(c.nodes[i].data_dir.join("node.json")).unwrap()).unwrap();
-    NodeId::parse(v["id"].as_str().unwrap()).unwrap()
-}
-
-/// The ring as `torusctl ring get` reports it (labels do not matter here).
-fn ring_of(c: &Cluster) -> Ring {
-    let ring_json: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["ring", "get", "-o", "json"])).unwrap();
-    let empty = BTreeMap::new();
-    let members: Vec<(NodeId, u64)> = ring_json["ring"]["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (NodeId::parse(m["id"].as_str().unwrap()).unwrap(), m["weight"].as_u64().unwrap()))
-        .collect();
-    Ring::from_labeled(0, members.iter().map(|(id, w)| (*id, *w, &empty)))
-}
-
-/// The id of the cluster's only volume.
-fn volume_id(c: &Cluster) -> u64 {
-    let vol: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
-    vol[0]["id"].as_u64().unwrap()
-}
 
 /// Overwrites bytes of extent 0 on node `i`'s disk (the node must be stopped).
 fn corrupt(c: &Cluster, i: usize, vol_id: u64, offset: u64, bytes: &[u8]) {

@@ -83,18 +83,7 @@ fn a_paused_writer_whose_lease_expired_cannot_write_anything_that_lands() {
 
     old.proc.pause();
     let start = Instant::now();
-    let mut w2 = None;
-    wait_until(Duration::from_secs(30), "a second writer to take the volume", || {
-        let (mut r, _) = Raw::connect(&new.addr);
-        r.send(&3u32.to_be_bytes());
-        if r.go("f").is_ok() {
-            w2 = Some(r);
-            true
-        } else {
-            false
-        }
-    });
-    let mut w2 = w2.unwrap();
+    let mut w2 = crate::wait_open(&new.addr, "f", Duration::from_secs(30));
     eprintln!("second writer took the volume {:?} after the first was paused", start.elapsed());
     w2.request(0, 1, 3, 0, 4096, &b);
     assert_eq!(w2.reply(0).0, 0);

@@ -36,3 +36,46 @@ pub fn run(cmd: &mut Command) -> Output {
 pub fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
+
+/// A node's id, from its data directory.
+pub fn node_id(c: &torus_testkit::Cluster, i: usize) -> torus_types::NodeId {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(c.nodes[i].data_dir.join("node.json")).unwrap()).unwrap();
+    torus_types::NodeId::parse(v["id"].as_str().unwrap()).unwrap()
+}
+
+/// The ring as `torusctl ring get` reports it (labels do not matter here).
+pub fn ring_of(c: &torus_testkit::Cluster) -> torus_ring::Ring {
+    let ring_json: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["ring", "get", "-o", "json"])).unwrap();
+    let empty = std::collections::BTreeMap::new();
+    let members: Vec<(torus_types::NodeId, u64)> = ring_json["ring"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (torus_types::NodeId::parse(m["id"].as_str().unwrap()).unwrap(), m["weight"].as_u64().unwrap()))
+        .collect();
+    torus_ring::Ring::from_labeled(0, members.iter().map(|(id, w)| (*id, *w, &empty)))
+}
+
+/// The id of the cluster's only volume.
+pub fn volume_id(c: &torus_testkit::Cluster) -> u64 {
+    let vol: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
+    vol[0]["id"].as_u64().unwrap()
+}
+
+/// Waits until a writer can open `volume` on the NBD server at `addr` (an
+/// earlier writer's lease must lapse first); returns the open connection.
+pub fn wait_open(addr: &str, volume: &str, timeout: Duration) -> torus_testkit::nbd::Raw {
+    let mut w = None;
+    torus_testkit::wait_until(timeout, "a new writer to open the volume", || {
+        let (mut r, _) = torus_testkit::nbd::Raw::connect(addr);
+        r.send(&3u32.to_be_bytes());
+        if r.go(volume).is_ok() {
+            w = Some(r);
+            true
+        } else {
+            false
+        }
+    });
+    w.expect("opened")
+}

@@ -5,33 +5,14 @@
 //! the nodes' disks, and the data written before the fault reads back.
 //! Each scenario reports operations, faults, bytes verified and data lost.
 
-use crate::ok;
+use crate::{node_id, ok, ring_of, volume_id};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use torus_ring::Ring;
 use torus_testkit::{random_bytes, wait_until, Cluster};
 use torus_types::{ExtentId, NodeId, VolumeId};
 
 const EXTENT: usize = 4 << 20;
-
-pub fn node_id(c: &Cluster, i: usize) -> NodeId {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(c.nodes[i].data_dir.join("node.json")).unwrap()).unwrap();
-    NodeId::parse(v["id"].as_str().unwrap()).unwrap()
-}
-
-fn ring_of(c: &Cluster) -> Ring {
-    let ring_json: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["ring", "get", "-o", "json"])).unwrap();
-    let empty = BTreeMap::new();
-    let members: Vec<(NodeId, u64)> = ring_json["ring"]["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (NodeId::parse(m["id"].as_str().unwrap()).unwrap(), m["weight"].as_u64().unwrap()))
-        .collect();
-    Ring::from_labeled(0, members.iter().map(|(id, w)| (*id, *w, &empty)))
-}
 
 /// fio writing and verifying (crc32c) `size` at `offset` for `secs` seconds.
 pub fn start_fio(uri: &str, offset: &str, size: &str, secs: u32) -> Child {
@@ -105,11 +86,6 @@ pub fn assert_replicas_agree(c: &Cluster, vol_id: u64, r: usize) -> usize {
         }
     }
     holders.len()
-}
-
-fn volume_id(c: &Cluster) -> u64 {
-    let vol: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
-    vol[0]["id"].as_u64().unwrap()
 }
 
 /// `nodes` nodes with replication `r`; the nodes in `kill` are killed with

@@ -4,17 +4,11 @@
 //! writer wrote during the cut is visible, on any replica.
 
 use crate::node_loss::{assert_replicas_agree, wait_caught_up};
-use crate::ok;
+use crate::{ok, volume_id, wait_open};
 use std::process::Command;
 use std::time::Duration;
 use std::time::Instant;
-use torus_testkit::nbd::Raw;
 use torus_testkit::{wait_until, Cluster, Etcd, Netns, Proc};
-
-fn volume_id(c: &Cluster) -> u64 {
-    let vol: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
-    vol[0]["id"].as_u64().unwrap()
-}
 
 /// Reads through `uri` with qemu-io and checks the patterns; returns qemu-io's output.
 fn check_patterns(uri: &str) -> String {
@@ -62,17 +56,7 @@ fn a_writer_and_a_node_cut_off_cannot_make_anything_they_wrote_during_the_cut_vi
 
     // A new writer outside takes the volume once the old lease has lapsed.
     let new = c.start_blk_at(&ns.host_ip, None, &[]);
-    let mut hold = None;
-    wait_until(Duration::from_secs(60), "the new writer to take the volume", || {
-        let (mut r, _) = Raw::connect(&new.addr);
-        r.send(&3u32.to_be_bytes());
-        if r.go("v").is_ok() {
-            hold = Some(r);
-            true
-        } else {
-            false
-        }
-    });
+    let hold = wait_open(&new.addr, "v", Duration::from_secs(60));
     ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x22 0 16M", "-c", "flush"]).arg(new.uri("v")));
     check_patterns(&new.uri("v"));
     wait_until(Duration::from_secs(60), "the old writer's write during the cut to fail", || said("write failed", 1));

@@ -5,35 +5,14 @@
 
 use crate::filesystem::Attached;
 use crate::node_loss::assert_replicas_agree;
-use crate::{ok, run, text};
+use crate::{ok, run, text, volume_id, wait_open};
 use bytes::Bytes;
 use std::process::Command;
 use std::time::Duration;
 use torus_proto::PeerClient;
 use torus_testkit::nbd::Raw;
-use torus_testkit::{random_bytes, wait_until, Cluster, Proc};
+use torus_testkit::{random_bytes, Cluster, Proc};
 use torus_types::{Epoch, ExtentId, VolumeId};
-
-fn volume_id(c: &Cluster) -> u64 {
-    let vol: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
-    vol[0]["id"].as_u64().unwrap()
-}
-
-/// Waits until a new writer can open `volume` on `blk` (the crashed one's lease must lapse).
-fn wait_open(addr: &str, volume: &str) -> Raw {
-    let mut w = None;
-    wait_until(Duration::from_secs(60), "a new writer to open the volume", || {
-        let (mut r, _) = Raw::connect(addr);
-        r.send(&3u32.to_be_bytes());
-        if r.go(volume).is_ok() {
-            w = Some(r);
-            true
-        } else {
-            false
-        }
-    });
-    w.unwrap()
-}
 
 #[test]
 fn a_write_that_reached_one_replica_before_the_writer_died_is_resynced_at_the_next_open() {
@@ -71,7 +50,7 @@ fn a_write_that_reached_one_replica_before_the_writer_died_is_resynced_at_the_ne
 
     // The next writer opens the volume: the replicas agree before it serves anything.
     let new = c.start_blk(&[]);
-    let mut w2 = wait_open(&new.addr, "w");
+    let mut w2 = wait_open(&new.addr, "w", Duration::from_secs(60));
     assert_replicas_agree(&c, vol, 2);
     let log = new.proc.log_text();
     assert!(log.contains("did not close cleanly: resynced"), "{log}");
@@ -121,7 +100,7 @@ fn ext4_after_the_nbd_server_is_killed_mid_write_passes_e2fsck_and_replicas_agre
     // The client side is gone with the server: tear it down (the mount is lazily detached).
     drop(a);
     blk = c.start_blk(&["--lease-ttl", "3"]);
-    drop(wait_open(&blk.addr, "fs"));
+    drop(wait_open(&blk.addr, "fs", Duration::from_secs(60)));
     let extents = assert_replicas_agree(&c, vol, 2);
     let log = blk.proc.log_text();
     let resynced = log.contains("did not close cleanly: resynced");
