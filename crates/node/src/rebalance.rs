@@ -36,6 +36,12 @@ pub struct Rebalancer {
     pub metrics: Arc<crate::metrics::NodeMetrics>,
 }
 
+/// What a node sees of a move in progress.
+struct MoveView {
+    progress: HashMap<NodeId, RebalanceProgress>,
+    alive: HashSet<NodeId>,
+}
+
 /// Members of the ring data moves from.
 fn prev_members(doc: &RingDoc) -> Vec<NodeId> {
     doc.previous.as_deref().unwrap_or_default().iter().map(|m| m.id).collect()
@@ -101,12 +107,23 @@ impl Rebalancer {
                 }
             }
             if doc.moving() {
-                if moved == Some(doc.version) && self.must_cover_more(&doc).await {
-                    tracing::warn!(
-                        version = doc.version,
-                        "an old replica went down during the move: copying its share"
-                    );
-                    moved = None;
+                if moved == Some(doc.version) {
+                    // One read of everyone's progress and liveness serves both questions.
+                    match self.view().await {
+                        Ok(view) if self.must_cover_more(&doc, &view) => {
+                            tracing::warn!(
+                                version = doc.version,
+                                "an old replica went down during the move: copying its share"
+                            );
+                            moved = None;
+                        }
+                        Ok(view) => {
+                            if let Err(e) = self.try_finish(&doc, &view).await {
+                                tracing::warn!(error = %e, "could not finish the rebalance");
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "cannot read the rebalance progress"),
+                    }
                 }
                 if moved != Some(doc.version) {
                     tracing::info!(version = doc.version, "ring changed: moving data");
@@ -114,8 +131,6 @@ impl Rebalancer {
                         Ok(()) => moved = Some(doc.version),
                         Err(e) => tracing::warn!(error = %e, "moving data failed; will retry"),
                     }
-                } else if let Err(e) = self.try_finish(&doc).await {
-                    tracing::warn!(error = %e, "could not finish the rebalance");
                 }
             } else if doc.collecting.contains(&self.me) {
                 match self.collect(&doc).await {
@@ -336,14 +351,17 @@ impl Rebalancer {
         Ok(copied)
     }
 
+    /// Every node's progress and which nodes are registered, read once per loop.
+    async fn view(&self) -> Result<MoveView, String> {
+        let progress = self.cluster.progress().await.map_err(|e| e.to_string())?.into_iter().collect();
+        let alive = self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| p.id).collect();
+        Ok(MoveView { progress, alive })
+    }
+
     /// Whether an old replica this node counted on to copy its share is now
     /// down without having done so (then this node copies it too).
-    async fn must_cover_more(&self, doc: &RingDoc) -> bool {
-        let (Ok(progress), Ok(peers)) = (self.cluster.progress().await, self.cluster.peers().await) else {
-            return false;
-        };
-        let progress: HashMap<_, _> = progress.into_iter().collect();
-        let alive: HashSet<NodeId> = peers.into_iter().map(|p| p.id).collect();
+    fn must_cover_more(&self, doc: &RingDoc, view: &MoveView) -> bool {
+        let MoveView { progress, alive } = view;
         let Some(mine) = progress.get(&self.me).filter(|p| p.ring_version == doc.version) else { return false };
         prev_members(doc).into_iter().any(|n| {
             let done = progress.get(&n).is_some_and(|p| p.ring_version == doc.version && p.done);
@@ -354,10 +372,8 @@ impl Rebalancer {
     /// Clears `previous` once every node of the old and the new ring has moved
     /// its share. A node removed from the ring while down for good is not
     /// waited for once every other node copied its share in its place.
-    async fn try_finish(&self, doc: &RingDoc) -> Result<(), String> {
-        let progress: HashMap<_, _> = self.cluster.progress().await.map_err(|e| e.to_string())?.into_iter().collect();
-        let alive: HashSet<NodeId> =
-            self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| p.id).collect();
+    async fn try_finish(&self, doc: &RingDoc, view: &MoveView) -> Result<(), String> {
+        let MoveView { progress, alive } = view;
         let done = |n: NodeId| progress.get(&n).filter(|p| p.ring_version == doc.version && p.done);
         let mut gone = Vec::new();
         for m in doc.all_members() {

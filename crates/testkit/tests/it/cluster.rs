@@ -2,7 +2,7 @@
 //! writing and verifying; afterwards every extent has exactly R copies, on
 //! the nodes the ring names (checked on the nodes' disks).
 
-use crate::{node_id, ok, ring_of, volume_id};
+use crate::{node_id, ok, ring_of, volume_id, wait_rebalanced};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,12 +15,6 @@ fn corrupt(c: &Cluster, i: usize, vol_id: u64, offset: u64, bytes: &[u8]) {
     let mut f = std::fs::OpenOptions::new().write(true).open(&dat).unwrap();
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).unwrap();
     std::io::Write::write_all(&mut f, bytes).unwrap();
-}
-
-fn wait_rebalanced(c: &Cluster) {
-    wait_until(Duration::from_secs(180), "the rebalance to finish", || {
-        c.ctl_ok(&["status"]).contains("none in progress")
-    });
 }
 
 #[test]

@@ -79,3 +79,10 @@ pub fn wait_open(addr: &str, volume: &str, timeout: Duration) -> torus_testkit::
     });
     w.expect("opened")
 }
+
+/// Waits until no rebalance is in progress (per `torusctl status`).
+pub fn wait_rebalanced(c: &torus_testkit::Cluster) {
+    torus_testkit::wait_until(Duration::from_secs(180), "the rebalance to finish", || {
+        c.ctl_ok(&["status"]).contains("none in progress")
+    });
+}

@@ -5,7 +5,7 @@
 //! the nodes' disks, and the data written before the fault reads back.
 //! Each scenario reports operations, faults, bytes verified and data lost.
 
-use crate::{node_id, ok, ring_of, volume_id};
+use crate::{node_id, ok, ring_of, volume_id, wait_rebalanced};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -169,9 +169,7 @@ fn a_node_lost_for_good_is_removed_and_its_extents_are_copied_back_to_r() {
     // The operator declares it lost (by UUID: it no longer answers at its address).
     let started = Instant::now();
     c.ctl_ok(&["peer", "remove", &lost_id.to_string()]);
-    wait_until(Duration::from_secs(180), "re-replication to finish", || {
-        c.ctl_ok(&["status"]).contains("none in progress")
-    });
+    wait_rebalanced(&c);
     let took = started.elapsed();
     let (ops, verified) = finish_fio(fio, "node lost for good");
     wait_caught_up(&c);
@@ -228,9 +226,7 @@ fn a_node_down_past_the_down_out_time_is_replaced_automatically_and_may_return_e
     });
     c.wait_peers(3);
     c.ctl_ok(&["peer", "add", "--all-peers"]);
-    wait_until(Duration::from_secs(120), "the returned node to receive its share", || {
-        c.ctl_ok(&["status"]).contains("none in progress")
-    });
+    wait_rebalanced(&c);
     assert_eq!(assert_replicas_agree(&c, volume_id(&c), 2), 32);
     let back = c.dir.path().join("back.bin");
     ok(Command::new("nbdcopy").arg(&uri).arg(&back));
