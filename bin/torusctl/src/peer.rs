@@ -26,6 +26,15 @@ pub enum PeerCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Clear a node's full mark (set by the node when nearly full): the
+    /// extents that went to other nodes meanwhile move back to it.
+    ClearFull {
+        /// Node address (HOST:PORT) or UUID.
+        peer: String,
+        /// Clear it even if its share of every volume, fully written, would not fit.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -66,8 +75,10 @@ fn ago(secs: u64) -> String {
 /// A node's place in the ring, with its share of a rebalance in progress.
 fn peer_status(ring: &RingDoc, progress: &HashMap<NodeId, RebalanceProgress>, id: NodeId) -> String {
     let was = ring.previous.as_ref().is_some_and(|p| p.iter().any(|m| m.id == id));
+    let full = ring.members.iter().any(|m| m.id == id && m.full);
     let base = match (ring.contains(id), ring.moving(), was) {
         (true, true, false) => "Joining",
+        (true, _, _) if full => "Full",
         (true, _, _) => "OK",
         (false, _, true) => "Draining",
         (false, _, false) => "Avail",
@@ -163,6 +174,44 @@ pub async fn run(cluster: &Cluster, cmd: PeerCmd) -> anyhow::Result<()> {
             println!("its data is moving to the other nodes: follow it with `torusctl status`");
             Ok(())
         }
+        PeerCmd::ClearFull { peer, force } => {
+            let p = cluster.find_peer(&peer).await?;
+            let (ring, _) = cluster.ring().await?;
+            if !ring.members.iter().any(|m| m.id == p.id && m.full) {
+                bail!("node {} is not marked full", p.id);
+            }
+            // Its share of every volume as if fully written: an upper bound of what it would hold.
+            let placement = torus_ring::Ring::from_labeled(
+                ring.version,
+                ring.members.iter().map(|m| (m.id, m.weight, &m.labels, false)),
+            );
+            let mut share = 0u64;
+            for v in cluster.volumes().await? {
+                for i in 0..v.extent_count() {
+                    if placement.replicas(torus_types::ExtentId::new(v.id, i), v.replication as usize).contains(&p.id) {
+                        share += v.extent_size;
+                    }
+                }
+            }
+            if share > p.capacity && !force {
+                bail!(
+                    "node {} would be a replica of up to {} of data (every volume fully written) but offers {}: \
+                     the extents moving back could fill it mid-move. Add nodes or free space first, \
+                     or pass --force",
+                    p.id,
+                    format_size(share),
+                    format_size(p.capacity)
+                );
+            }
+            let ring = cluster.set_full(p.id, false).await?;
+            println!("cleared the full mark of {} (ring version {})", p.id, ring.version);
+            if ring.moving() {
+                println!(
+                    "extents placed elsewhere while it was full are moving back: follow it with `torusctl status`"
+                );
+            }
+            Ok(())
+        }
     }
 }
 
@@ -209,7 +258,8 @@ pub async fn run_ring(cluster: &Cluster, cmd: RingCmd) -> anyhow::Result<()> {
                         ring.members.len()
                     );
                     for m in &ring.members {
-                        println!("  {} weight {}", m.id, format_size(m.weight));
+                        let full = if m.full { " FULL (keeps what it holds; new extents go elsewhere)" } else { "" };
+                        println!("  {} weight {}{full}", m.id, format_size(m.weight));
                     }
                 }
             }

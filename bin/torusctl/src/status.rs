@@ -45,11 +45,14 @@ pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
     for m in &down {
         println!("             down: {}", m.id);
     }
+    for m in ring.members.iter().filter(|m| m.full) {
+        println!("             full: {} (keeps what it holds; new extents go to other nodes)", m.id);
+    }
     // Extents (of the volumes' whole address space) with a replica on a down node.
     let degraded = if down.is_empty() {
         0
     } else {
-        let now = Ring::from_labeled(ring.version, ring.members.iter().map(|m| (m.id, m.weight, &m.labels)));
+        let now = Ring::from_labeled(ring.version, ring.members.iter().map(|m| (m.id, m.weight, &m.labels, m.full)));
         let mut n = 0u64;
         for v in &volumes {
             for i in 0..v.extent_count() {

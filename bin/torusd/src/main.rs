@@ -24,6 +24,15 @@ struct Args {
     /// Storage offered to the cluster (e.g. 10GiB).
     #[arg(long, value_parser = parse_size)]
     size: u64,
+    /// Share of data relative to other nodes when it joins the ring (default:
+    /// --size). A node whose weight overstates what it can hold fills up
+    /// first; it is then marked full and new extents go elsewhere.
+    #[arg(long, value_parser = parse_size)]
+    weight: Option<u64>,
+    /// Mark this node full in the ring (it keeps its extents; new ones go to
+    /// other nodes) once this share of --size is used.
+    #[arg(long = "full-ratio", default_value_t = torus_node::capacity::DEFAULT_FULL_RATIO, value_parser = parse_ratio)]
+    full_ratio: f64,
     /// Address the peer protocol listens on and is advertised at (HOST:PORT).
     #[arg(long = "peer-address", default_value = "127.0.0.1:40000")]
     peer_address: String,
@@ -53,6 +62,13 @@ struct Args {
     lease_ttl: u64,
 }
 
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 1.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio between 0 and 1 (e.g. 0.9)")),
+    }
+}
+
 fn labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     raw.iter()
         .filter(|s| !s.is_empty())
@@ -66,6 +82,9 @@ fn labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.size < 1 << 20 {
         bail!("--size {} is too small: offer at least 1 MiB", args.size);
+    }
+    if args.weight == Some(0) {
+        bail!("--weight must be more than 0");
     }
     if !(1..=3600).contains(&args.lease_ttl) {
         bail!("--lease-ttl must be between 1 and 3600 seconds");
@@ -107,6 +126,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         address: address.clone(),
         http_address,
         capacity: args.size,
+        weight: args.weight,
         used: store.used(),
         labels,
         last_seen: 0,
@@ -126,6 +146,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         me: id,
         rate: args.rebalance_rate,
         metrics: metrics.clone(),
+        full_ratio: args.full_ratio,
     };
     let reb_task = tokio::spawn(rebalancer.run());
     let scrubber = torus_node::scrub::Scrubber {

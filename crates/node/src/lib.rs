@@ -5,6 +5,7 @@
 //! - [`registration`]: the node's entry in the metadata store, on a lease,
 //!   refreshed by heartbeats.
 //! - [`liveness`]: writes are accepted only while the node's own lease is provably alive.
+//! - [`capacity`]: the node marks itself full in the ring when nearly full.
 //! - [`rebalance`]: this node's part in moving data when the ring changes.
 //! - [`scrub`]: the background verification of every stored block, with repair from replicas.
 //! - [`http`] and [`metrics`]: `/status` (JSON) and `/metrics` (Prometheus text).
@@ -12,6 +13,7 @@
 //! Depends on types, meta, store and proto. Never on volume or nbd: a node
 //! serves extents and knows nothing of volumes' layout or of clients' protocols.
 
+pub mod capacity;
 pub mod http;
 pub mod identity;
 pub mod liveness;

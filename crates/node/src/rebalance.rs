@@ -34,6 +34,8 @@ pub struct Rebalancer {
     /// Bytes per second this node copies at most.
     pub rate: u64,
     pub metrics: Arc<crate::metrics::NodeMetrics>,
+    /// The share of its capacity at which this node marks itself full.
+    pub full_ratio: f64,
 }
 
 /// What a node sees of a move in progress.
@@ -48,7 +50,7 @@ fn prev_members(doc: &RingDoc) -> Vec<NodeId> {
 }
 
 fn ring_of(version: u64, members: &[RingMember]) -> Ring {
-    Ring::from_labeled(version, members.iter().map(|m| (m.id, m.weight, &m.labels)))
+    Ring::from_labeled(version, members.iter().map(|m| (m.id, m.weight, &m.labels, m.full)))
 }
 
 /// How often the live members look for members down past the down-out time.
@@ -98,6 +100,11 @@ impl Rebalancer {
                     tracing::warn!(error = %e, "could not delete copies left from an earlier membership");
                 }
                 continue;
+            }
+            if let Err(e) =
+                crate::capacity::update_mark(&self.cluster, &self.store, self.me, &doc, self.full_ratio).await
+            {
+                tracing::warn!(error = %e, "could not update this node's full mark; will retry");
             }
             // Down-out works in minutes: look at the peer list every few seconds, not every loop.
             if last_down_check.elapsed() >= DOWN_CHECK_EVERY {
@@ -243,6 +250,12 @@ impl Rebalancer {
         Ok(c)
     }
 
+    /// Every registered node's peer address.
+    async fn addresses(&self) -> Result<HashMap<NodeId, String>, String> {
+        let peers = self.cluster.peers().await.map_err(|e| e.to_string())?;
+        Ok(peers.into_iter().map(|p| (p.id, p.address)).collect())
+    }
+
     /// Each volume's replication, by id.
     async fn replication_by_volume(&self) -> Result<HashMap<VolumeId, usize>, String> {
         let vols = self.cluster.volumes().await.map_err(|e| e.to_string())?;
@@ -254,20 +267,20 @@ impl Rebalancer {
         let prev = ring_of(doc.version, doc.previous.as_deref().unwrap_or_default());
         let next = ring_of(doc.version, &doc.members);
         let volumes = self.replication_by_volume().await?;
-        let addrs: HashMap<NodeId, String> =
-            self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| (p.id, p.address)).collect();
+        let addrs = self.addresses().await?;
         // Copies that missed writes (their writer records them) are never copied from.
         let states = self.cluster.replica_states().await.map_err(|e| e.to_string())?;
         let missing = |n: NodeId, e: ExtentId| states.get(&e.volume).is_some_and(|s| s.is_missing(n, e.index));
         let mut plan: Vec<(ExtentId, Vec<NodeId>)> = Vec::new();
+        let mut held = HashMap::new();
         for stat in self.store.extents().map_err(|e| e.to_string())? {
             let Some(r) = volumes.get(&stat.id.volume) else { continue };
-            let old = prev.replicas(stat.id, *r);
+            let (old, new) = self.moving_sets(&prev, &next, stat.id, *r, clients, &addrs, &mut held).await?;
             // One copier per extent: the first old replica that is up and whole.
             if old.iter().find(|n| addrs.contains_key(*n) && !missing(**n, stat.id)) != Some(&self.me) {
                 continue;
             }
-            let targets: Vec<NodeId> = next.replicas(stat.id, *r).into_iter().filter(|n| !old.contains(n)).collect();
+            let targets: Vec<NodeId> = new.into_iter().filter(|n| !old.contains(n)).collect();
             if !targets.is_empty() {
                 plan.push((stat.id, targets));
             }
@@ -309,6 +322,35 @@ impl Rebalancer {
             "moved this node's share"
         );
         Ok(())
+    }
+
+    /// `(old, new)` replicas of an extent this node holds, while data moves
+    /// from `prev` to `next` (pass one ring twice for a stable one), asking
+    /// full nodes whether they hold it (see `torus_ring::moving_replicas`).
+    #[allow(clippy::too_many_arguments)]
+    async fn moving_sets(
+        &self,
+        prev: &Ring,
+        next: &Ring,
+        extent: ExtentId,
+        r: usize,
+        clients: &mut HashMap<NodeId, Arc<PeerClient>>,
+        addrs: &HashMap<NodeId, String>,
+        held: &mut HashMap<(NodeId, ExtentId), bool>,
+    ) -> Result<(Vec<NodeId>, Vec<NodeId>), String> {
+        loop {
+            let known = |n: NodeId| if n == self.me { Some(true) } else { held.get(&(n, extent)).copied() };
+            let ask = match torus_ring::moving_replicas(prev, next, extent, r, known) {
+                Ok(sets) => return Ok(sets),
+                Err(n) => n,
+            };
+            let c = self.client(clients, addrs, ask).await?;
+            let holds = c
+                .holds(extent)
+                .await
+                .map_err(|e| format!("cannot ask full node {ask} whether it holds {extent}: {e}"))?;
+            held.insert((ask, extent), holds);
+        }
     }
 
     /// Copies one extent's written blocks to the targets; returns bytes copied.
@@ -411,10 +453,15 @@ impl Rebalancer {
         // Every id below next-id is allocated: one not listed was deleted.
         let next_id = self.cluster.next_volume_id().await.map_err(|e| e.to_string())?;
         let volumes = self.replication_by_volume().await?;
+        let addrs = self.addresses().await?;
+        let (mut clients, mut held) = (HashMap::new(), HashMap::new());
         let mut deleted = 0;
         for stat in self.store.extents().map_err(|e| e.to_string())? {
             let keep = match volumes.get(&stat.id.volume) {
-                Some(r) => ring.replicas(stat.id, *r).contains(&self.me),
+                Some(r) => {
+                    let sets = self.moving_sets(&ring, &ring, stat.id, *r, &mut clients, &addrs, &mut held).await?;
+                    sets.1.contains(&self.me)
+                }
                 None => stat.id.volume.0 >= next_id,
             };
             if !keep {

@@ -102,8 +102,9 @@ impl Scrubber {
             self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| (p.id, p.address)).collect();
         let mut candidates = Vec::new();
         for members in std::iter::once(&doc.members).chain(doc.previous.iter()) {
-            let ring = Ring::from_labeled(doc.version, members.iter().map(|m| (m.id, m.weight, &m.labels)));
-            for n in ring.replicas(extent, vol.replication as usize) {
+            let ring = Ring::from_labeled(doc.version, members.iter().map(|m| (m.id, m.weight, &m.labels, m.full)));
+            // Every node that may hold it (full nodes keep what they hold; others stand in for them).
+            for n in ring.candidates(extent, vol.replication as usize) {
                 if n != self.me && !candidates.contains(&n) {
                     candidates.push(n);
                 }

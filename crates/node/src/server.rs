@@ -188,6 +188,7 @@ fn handle(
             store.fill(h.extent, off, h.len as u64, data).map(|()| Bytes::new())
         }
         Op::BlockSums => store.block_sums(h.extent).map(|t| Bytes::from(t.unwrap_or_default())),
+        Op::Holds => store.holds(h.extent).map(|held| Bytes::copy_from_slice(&[held as u8])),
         Op::DeleteExtent => store.delete_extent(h.extent).map(|()| Bytes::new()),
         Op::Repair => store.repair(h.extent, off, &payload).map(|n| {
             NodeMetrics::inc(&metrics.repaired_blocks, n);

@@ -267,6 +267,13 @@ impl PeerClient {
         Ok(body.chunks_exact(8).map(|c| (u32::from_le_bytes([c[0], c[1], c[2], c[3]]), c[4])).collect())
     }
 
+    /// Whether the node holds a copy of the extent (asked of full nodes,
+    /// which are replicas only of the extents they hold).
+    pub async fn holds(&self, extent: ExtentId) -> Result<bool, PeerError> {
+        let body = self.call(RequestHeader::new(Op::Holds, extent, 0, 0, Epoch(0)), None).await?;
+        Ok(body.first() == Some(&1))
+    }
+
     /// Checks that the node answers.
     pub async fn ping(&self) -> Result<(), PeerError> {
         self.call(RequestHeader::new(Op::Ping, ExtentId::new(VolumeId(0), 0), 0, 0, Epoch(0)), None).await.map(drop)

@@ -51,6 +51,8 @@ pub enum Op {
     /// Replace the corrupt blocks of an aligned range with the payload (a good
     /// replica's copy); blocks that verify are left alone. Reply: u64 blocks replaced.
     Repair = 12,
+    /// Whether the node holds a copy of the extent: reply u8 1 or 0.
+    Holds = 13,
 }
 
 impl Op {
@@ -68,6 +70,7 @@ impl Op {
             10 => Op::BlockSums,
             11 => Op::DeleteExtent,
             12 => Op::Repair,
+            13 => Op::Holds,
             _ => return None,
         })
     }

@@ -7,6 +7,11 @@
 //! each node's share is proportional to its weight. Where nodes carry a
 //! failure-domain label, replicas are chosen from distinct domains first.
 //!
+//! A member may be marked *full*: it stays a replica of the extents it
+//! already holds, and new extents skip it for the next node in their
+//! ranking. Which extents a full node holds is not part of the ring, so
+//! [`Ring::replicas_held`] asks the caller (who asks the node).
+//!
 //! Depends on torus-types only.
 
 use std::collections::HashSet;
@@ -26,6 +31,8 @@ pub struct Member {
 pub struct Ring {
     pub version: u64,
     members: Vec<(Member, u64)>,
+    /// Members that take no new extents.
+    full: HashSet<NodeId>,
 }
 
 impl Ring {
@@ -39,26 +46,40 @@ impl Ring {
             })
             .collect();
         members.sort_by(|a, b| a.0.id.cmp(&b.0.id));
-        Ring { version, members }
+        Ring { version, members, full: HashSet::new() }
     }
 
-    /// Builds a ring from (id, weight, labels); the failure domain is the
-    /// `zone` label, else the `rack` label, else the node itself.
+    /// Marks members as full (see [`Ring::replicas_held`]).
+    pub fn with_full(mut self, full: impl IntoIterator<Item = NodeId>) -> Ring {
+        self.full = full.into_iter().filter(|n| self.members.iter().any(|(m, _)| m.id == *n)).collect();
+        self
+    }
+
+    pub fn is_full(&self, id: NodeId) -> bool {
+        self.full.contains(&id)
+    }
+
+    pub fn has_full(&self) -> bool {
+        !self.full.is_empty()
+    }
+
+    /// Builds a ring from (id, weight, labels, full); the failure domain is
+    /// the `zone` label, else the `rack` label, else the node itself.
     pub fn from_labeled<'a>(
         version: u64,
-        members: impl IntoIterator<Item = (NodeId, u64, &'a std::collections::BTreeMap<String, String>)>,
+        members: impl IntoIterator<Item = (NodeId, u64, &'a std::collections::BTreeMap<String, String>, bool)>,
     ) -> Ring {
-        Ring::new(
-            version,
-            members
-                .into_iter()
-                .map(|(id, weight, labels)| Member {
-                    id,
-                    weight: weight as f64,
-                    domain: labels.get("zone").or_else(|| labels.get("rack")).cloned(),
-                })
-                .collect(),
-        )
+        let mut full = Vec::new();
+        let members = members
+            .into_iter()
+            .map(|(id, weight, labels, is_full)| {
+                if is_full {
+                    full.push(id);
+                }
+                Member { id, weight: weight as f64, domain: labels.get("zone").or_else(|| labels.get("rack")).cloned() }
+            })
+            .collect();
+        Ring::new(version, members).with_full(full)
     }
 
     pub fn len(&self) -> usize {
@@ -73,13 +94,68 @@ impl Ring {
         self.members.iter().map(|(m, _)| m)
     }
 
-    /// The ordered replica set of an extent: up to `r` distinct nodes, the
-    /// first being the preferred one.
+    /// The ordered replica set of an extent ignoring full marks: up to `r`
+    /// distinct nodes, the first being the preferred one. Where no member is
+    /// full, these are the replicas.
     pub fn replicas(&self, extent: ExtentId, r: usize) -> Vec<NodeId> {
+        self.replicas_skipping(extent, r, &[])
+    }
+
+    /// The replicas of an extent when members may be full: a full member is a
+    /// replica only if it holds the extent (it takes no new ones), and the next
+    /// node in the extent's ranking stands in for it otherwise. `holds(n)`
+    /// tells, for a full member `n`, whether it holds the extent; where it
+    /// returns `None`, this returns `Err(n)`: find out and ask again.
+    pub fn replicas_held(
+        &self,
+        extent: ExtentId,
+        r: usize,
+        holds: impl Fn(NodeId) -> Option<bool>,
+    ) -> Result<Vec<NodeId>, NodeId> {
+        let mut skip = Vec::new();
+        'again: loop {
+            let set = self.replicas_skipping(extent, r, &skip);
+            if self.full.is_empty() {
+                return Ok(set);
+            }
+            for n in &set {
+                if self.full.contains(n) {
+                    match holds(*n) {
+                        Some(true) => {}
+                        Some(false) => {
+                            skip.push(*n);
+                            continue 'again;
+                        }
+                        None => return Err(*n),
+                    }
+                }
+            }
+            return Ok(set);
+        }
+    }
+
+    /// Every node that may hold a replica of the extent, whatever the full
+    /// members hold: the replicas ignoring full marks, then those skipping
+    /// every full member. For readers that ask for present blocks only.
+    pub fn candidates(&self, extent: ExtentId, r: usize) -> Vec<NodeId> {
+        let mut out = self.replicas(extent, r);
+        if !self.full.is_empty() {
+            let full: Vec<NodeId> = self.full.iter().copied().collect();
+            for n in self.replicas_skipping(extent, r, &full) {
+                if !out.contains(&n) {
+                    out.push(n);
+                }
+            }
+        }
+        out
+    }
+
+    fn replicas_skipping(&self, extent: ExtentId, r: usize, skip: &[NodeId]) -> Vec<NodeId> {
         let key = extent.placement_key();
         let mut scored: Vec<(f64, &Member)> = self
             .members
             .iter()
+            .filter(|(m, _)| !skip.contains(&m.id))
             .map(|(m, seed)| {
                 let h = splitmix64(key ^ seed);
                 // Uniform in (0, 1): never exactly 0 or 1.
@@ -136,6 +212,32 @@ impl Ring {
         }
         out
     }
+}
+
+/// Where an extent lives while data moves from ring `prev` to ring `next`:
+/// `(old, new)` replicas. A member that is full in `next` and does not hold
+/// the extent is left out of `old` as well: it has nothing to give, and
+/// must not be handed the extent by writes meant for the old replicas.
+pub fn moving_replicas(
+    prev: &Ring,
+    next: &Ring,
+    extent: ExtentId,
+    r: usize,
+    holds: impl Fn(NodeId) -> Option<bool>,
+) -> Result<(Vec<NodeId>, Vec<NodeId>), NodeId> {
+    let new = next.replicas_held(extent, r, &holds)?;
+    let mut old = Vec::new();
+    for n in prev.replicas_held(extent, r, &holds)? {
+        if next.is_full(n) {
+            match holds(n) {
+                Some(false) => continue,
+                Some(true) => {}
+                None => return Err(n),
+            }
+        }
+        old.push(n);
+    }
+    Ok((old, new))
 }
 
 #[cfg(test)]
@@ -236,5 +338,57 @@ mod tests {
         // Four replicas with three zones: still four distinct nodes.
         let reps = r.replicas(ExtentId::new(VolumeId(1), 1), 4);
         assert_eq!(reps.iter().collect::<HashSet<_>>().len(), 4);
+    }
+
+    #[test]
+    fn full_members_keep_what_they_hold_and_take_nothing_new() {
+        let plain = ring(6);
+        let full_node = node(2);
+        let r = ring(6).with_full([full_node]);
+        let (mut held, mut skipped) = (0, 0);
+        for e in extents(2000) {
+            let natural = plain.replicas(e, 2);
+            // No full member among the replicas: nothing to ask, same answer.
+            if !natural.contains(&full_node) {
+                assert_eq!(r.replicas_held(e, 2, |_| None), Ok(natural));
+                continue;
+            }
+            assert_eq!(r.replicas_held(e, 2, |_| None), Err(full_node), "must ask the full node");
+            // It holds the extent: it stays a replica.
+            assert_eq!(r.replicas_held(e, 2, |_| Some(true)), Ok(natural.clone()));
+            held += 1;
+            // It does not: the next node stands in, the other replica stays.
+            let spill = r.replicas_held(e, 2, |_| Some(false)).unwrap();
+            assert_eq!(spill.len(), 2);
+            assert!(!spill.contains(&full_node));
+            let other: Vec<_> = natural.iter().filter(|n| **n != full_node).collect();
+            assert!(other.iter().all(|n| spill.contains(n)), "the other replica stays");
+            assert_eq!(spill, plain.replicas_skipping(e, 2, &[full_node]));
+            // Readers without the answer look at every candidate.
+            let cands = r.candidates(e, 2);
+            assert!(natural.iter().chain(&spill).all(|n| cands.contains(n)));
+            skipped += 1;
+        }
+        assert!(held > 300 && skipped > 300);
+    }
+
+    #[test]
+    fn moves_into_and_out_of_full() {
+        let prev = ring(5);
+        let full_node = node(1);
+        let next = ring(5).with_full([full_node]);
+        for e in extents(1000) {
+            let natural = prev.replicas(e, 2);
+            // Becoming full moves nothing it holds...
+            let (old, new) = moving_replicas(&prev, &next, e, 2, |_| Some(true)).unwrap();
+            assert_eq!((old.clone(), new), (natural.clone(), natural.clone()));
+            // ...and where it does not hold the extent, it is neither old nor new.
+            let (old, new) = moving_replicas(&prev, &next, e, 2, |_| Some(false)).unwrap();
+            assert!(!old.contains(&full_node) && !new.contains(&full_node));
+            // No longer full: it becomes a replica again, the stand-in an old one.
+            let (old, new) = moving_replicas(&next, &prev, e, 2, |_| Some(false)).unwrap();
+            assert_eq!(new, natural);
+            assert!(!old.contains(&full_node));
+        }
     }
 }

@@ -144,6 +144,18 @@ impl Store {
         Ok(Some(ext))
     }
 
+    /// The extent a change of `new_bytes` goes to, created if missing. An
+    /// extent that would not fit is not created: a node that refuses it for
+    /// lack of space must not appear to hold it (placement asks full nodes
+    /// which extents they hold).
+    fn extent_for(&self, id: ExtentId, new_bytes: u64) -> Result<Arc<Extent>> {
+        if let Some(ext) = self.extent(id, false)? {
+            return Ok(ext);
+        }
+        self.reserve(new_bytes)?;
+        Ok(self.extent(id, true)?.expect("extent created on demand"))
+    }
+
     /// Registers a changed extent for the next flush. Called after the change
     /// (even a failed one may have written part of it): the flush that removes
     /// it checks the extent's generation under this map's lock.
@@ -205,7 +217,7 @@ impl Store {
     }
 
     /// Runs a mutation of one extent under the volume's fence.
-    fn mutate(&self, id: ExtentId, epoch: Epoch, f: impl Fn(&Extent) -> Result<i64>) -> Result<()> {
+    fn mutate(&self, id: ExtentId, epoch: Epoch, new_bytes: u64, f: impl Fn(&Extent) -> Result<i64>) -> Result<()> {
         self.check_failed()?;
         loop {
             let fence = self.fences.get(id.volume)?;
@@ -221,7 +233,7 @@ impl Store {
             if *guard != epoch {
                 continue;
             }
-            let ext = self.extent(id, true)?.expect("extent created on demand");
+            let ext = self.extent_for(id, new_bytes)?;
             let res = f(&ext);
             self.mark_dirty(id, &ext);
             self.account(res?);
@@ -232,7 +244,9 @@ impl Store {
     /// Writes `data` at `offset` within the extent, for a writer of `epoch`.
     pub fn write(&self, id: ExtentId, offset: u64, data: &[u8], epoch: Epoch) -> Result<()> {
         Self::check_range(offset, data.len() as u64)?;
-        self.mutate(id, epoch, |ext| ext.write(offset, data, &|b| self.reserve(b)))
+        let bs = torus_types::BLOCK_SIZE as u64;
+        let span = (offset + data.len() as u64).div_ceil(bs) * bs - offset / bs * bs;
+        self.mutate(id, epoch, span, |ext| ext.write(offset, data, &|b| self.reserve(b)))
     }
 
     /// Zeroes a range (TRIM and WRITE_ZEROES both land here), freeing whole blocks.
@@ -241,12 +255,17 @@ impl Store {
         if len == 0 {
             return Ok(());
         }
-        self.mutate(id, epoch, |ext| ext.zero(offset, len, &|b| self.reserve(b)))
+        self.mutate(id, epoch, 0, |ext| ext.zero(offset, len, &|b| self.reserve(b)))
     }
 
     /// The state of each block of an extent, or `None` if this node holds none of it.
     pub fn block_states(&self, id: ExtentId) -> Result<Option<Vec<crate::BlockState>>> {
         Ok(self.extent(id, false)?.map(|e| e.states()))
+    }
+
+    /// Whether this node holds a copy of the extent.
+    pub fn holds(&self, id: ExtentId) -> Result<bool> {
+        Ok(self.extent(id, false)?.is_some())
     }
 
     /// The checksum table of an extent as stored (8 bytes per block, see
@@ -265,7 +284,7 @@ impl Store {
             return Err(StoreError::OutOfRange { offset, len, max: MAX_EXTENT_SIZE });
         }
         self.check_failed()?;
-        let ext = self.extent(id, true)?.expect("extent created on demand");
+        let ext = self.extent_for(id, data.map_or(0, |d| d.len() as u64))?;
         let res = ext.fill_absent(offset, len, data, &|b| self.reserve(b));
         self.mark_dirty(id, &ext);
         self.account(res?);
@@ -533,6 +552,12 @@ mod tests {
         assert!(matches!(s.write(E0, 8192, &pattern(4096, 1), Epoch(0)), Err(StoreError::NoSpace { .. })));
         s.zero(E0, 0, 4096, Epoch(0)).unwrap();
         s.write(E0, 8192, &pattern(4096, 1), Epoch(0)).expect("space freed by zeroing is reusable");
+        // A refused new extent is not created: the node must not look like it holds it.
+        let e1 = ExtentId::new(E0.volume, 1);
+        assert!(matches!(s.write(e1, 0, &pattern(4096, 1), Epoch(0)), Err(StoreError::NoSpace { .. })));
+        assert!(matches!(s.fill(e1, 0, 4096, Some(&pattern(4096, 1))), Err(StoreError::NoSpace { .. })));
+        assert!(!s.holds(e1).unwrap());
+        assert!(s.holds(E0).unwrap());
     }
 
     #[tokio::test]

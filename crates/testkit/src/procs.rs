@@ -293,6 +293,8 @@ pub struct Node {
     pub peer_addr: String,
     pub http_port: u16,
     pub size: String,
+    /// More torusd flags.
+    pub extra: Vec<String>,
     pub log: PathBuf,
 }
 
@@ -391,6 +393,13 @@ impl Cluster {
         self.add_node_at(size, "127.0.0.1", None)
     }
 
+    /// A node started with more torusd flags.
+    pub fn add_node_with(&mut self, size: &str, extra: &[&str]) -> usize {
+        let i = self.add_node(size);
+        self.nodes[i].extra = extra.iter().map(|s| s.to_string()).collect();
+        i
+    }
+
     /// A node whose peer address is on `ip`, run inside `netns` if given.
     pub fn add_node_at(&mut self, size: &str, ip: &str, netns: Option<&str>) -> usize {
         let i = self.nodes.len();
@@ -402,6 +411,7 @@ impl Cluster {
             peer_addr: format!("{ip}:{}", free_port()),
             http_port: free_port(),
             size: size.to_string(),
+            extra: Vec::new(),
             log: self.dir.path().join(format!("node{i}.log")),
         });
         i
@@ -419,7 +429,8 @@ impl Cluster {
             .arg("--port")
             .arg(n.http_port.to_string())
             .arg("--lease-ttl")
-            .arg("5");
+            .arg("5")
+            .args(&n.extra);
         let proc = Proc::spawn(&format!("torusd{i}"), cmd, n.log.clone());
         let addr = n.peer_addr.clone();
         self.nodes[i].proc = Some(proc);

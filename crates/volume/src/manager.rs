@@ -57,9 +57,10 @@ pub struct VolumeManager {
 
 /// Builds the placement from the ring document.
 pub fn placement_of(doc: &RingDoc) -> Placement {
-    let ring =
-        |members: &[RingMember]| Ring::from_labeled(doc.version, members.iter().map(|m| (m.id, m.weight, &m.labels)));
-    Placement { version: doc.version, ring: ring(&doc.members), previous: doc.previous.as_deref().map(ring) }
+    let ring = |members: &[RingMember]| {
+        Ring::from_labeled(doc.version, members.iter().map(|m| (m.id, m.weight, &m.labels, m.full)))
+    };
+    Placement::new(doc.version, ring(&doc.members), doc.previous.as_deref().map(ring))
 }
 
 /// Clean-close tasks still running (a volume's last handle was dropped):

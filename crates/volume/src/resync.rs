@@ -106,6 +106,7 @@ impl Volume {
             let extent = ExtentId::new(self.info.id, index);
             let _alone = self.tracker.exclusive(index).await;
             let mut reachable = Vec::new();
+            let _ = placement.learn(extent, self.r(), &self.pool).await;
             // Old replicas first: while data moves, a new replica may not hold every block yet.
             for (n, filling) in placement.read_order(extent, self.r()) {
                 if previous.is_missing(n, index) {
@@ -178,6 +179,9 @@ impl Volume {
         let mut todo = Vec::new();
         for index in extents {
             let extent = ExtentId::new(self.info.id, index);
+            if placement.learn(extent, self.r(), &self.pool).await.is_err() {
+                continue;
+            }
             if placement.read_order(extent, self.r()).iter().any(|(n, _)| *n == node) {
                 todo.push(index);
             } else {

@@ -26,17 +26,73 @@ pub struct Placement {
     pub version: u64,
     pub ring: Ring,
     pub previous: Option<Ring>,
+    /// What full members answered when asked whether they hold an extent.
+    /// Stable for this placement: a full member is sent no extent it does
+    /// not hold, so none appears on it.
+    held: Mutex<HashMap<(NodeId, ExtentId), bool>>,
 }
 
 impl Placement {
+    pub fn new(version: u64, ring: Ring, previous: Option<Ring>) -> Placement {
+        Placement { version, ring, previous, held: Mutex::new(HashMap::new()) }
+    }
+
+    fn has_full(&self) -> bool {
+        self.ring.has_full() || self.previous.as_ref().is_some_and(Ring::has_full)
+    }
+
+    /// `(old, new)` replicas; `old` is empty unless data moves. `None` from
+    /// `holds` (a full member not asked yet) comes back as `Err(node)`.
+    fn sets(
+        &self,
+        extent: ExtentId,
+        r: usize,
+        holds: impl Fn(NodeId) -> Option<bool>,
+    ) -> Result<(Vec<NodeId>, Vec<NodeId>), NodeId> {
+        match &self.previous {
+            Some(prev) => torus_ring::moving_replicas(prev, &self.ring, extent, r, holds),
+            None => Ok((Vec::new(), self.ring.replicas_held(extent, r, holds)?)),
+        }
+    }
+
+    /// The sets from what full members answered; one that could not be asked
+    /// is taken to hold the extent (a write never relies on that: see `learn`).
+    fn known_sets(&self, extent: ExtentId, r: usize) -> (Vec<NodeId>, Vec<NodeId>) {
+        let held = self.held.lock().expect("held map poisoned");
+        self.sets(extent, r, |n| Some(held.get(&(n, extent)).copied().unwrap_or(true)))
+            .expect("every question answered")
+    }
+
+    /// Asks the full members that decide where `extent` lives whether they
+    /// hold it (once per placement). Nothing to do while no member is full.
+    pub async fn learn(&self, extent: ExtentId, r: usize, pool: &PeerPool) -> Result<(), PeerError> {
+        if !self.has_full() {
+            return Ok(());
+        }
+        loop {
+            let ask = {
+                let held = self.held.lock().expect("held map poisoned");
+                match self.sets(extent, r, |n| held.get(&(n, extent)).copied()) {
+                    Ok(_) => return Ok(()),
+                    Err(n) => n,
+                }
+            };
+            let holds = pool.get(ask).await?.holds(extent).await?;
+            self.held.lock().expect("held map poisoned").insert((ask, extent), holds);
+        }
+    }
+
+    /// The extent's replicas in the current ring.
+    pub fn replicas(&self, extent: ExtentId, r: usize) -> Vec<NodeId> {
+        self.known_sets(extent, r).1
+    }
+
     /// Nodes a write must reach: the replicas in the new ring and, while data moves, in the old one.
     pub fn write_set(&self, extent: ExtentId, r: usize) -> Vec<NodeId> {
-        let mut nodes = self.ring.replicas(extent, r);
-        if let Some(prev) = &self.previous {
-            for n in prev.replicas(extent, r) {
-                if !nodes.contains(&n) {
-                    nodes.push(n);
-                }
+        let (old, mut nodes) = self.known_sets(extent, r);
+        for n in old {
+            if !nodes.contains(&n) {
+                nodes.push(n);
             }
         }
         nodes
@@ -46,12 +102,10 @@ impl Placement {
     /// should have: while data moves, the old replicas (they have every block)
     /// come first, then the new ones, which are asked for present blocks only.
     pub fn read_order(&self, extent: ExtentId, r: usize) -> Vec<(NodeId, bool)> {
-        let mut nodes: Vec<(NodeId, bool)> = match &self.previous {
-            Some(prev) => prev.replicas(extent, r).into_iter().map(|n| (n, false)).collect(),
-            None => Vec::new(),
-        };
+        let (old, new) = self.known_sets(extent, r);
         let moving = self.previous.is_some();
-        for n in self.ring.replicas(extent, r) {
+        let mut nodes: Vec<(NodeId, bool)> = old.into_iter().map(|n| (n, false)).collect();
+        for n in new {
             if !nodes.iter().any(|(m, _)| *m == n) {
                 nodes.push((n, moving));
             }
@@ -267,9 +321,26 @@ impl Volume {
         Fut: std::future::Future<Output = Result<(), PeerError>>,
     {
         let _writing = self.tracker.begin_write(extent.index).await?;
+        // Where a full node decides where the extent lives, its answer is needed: never guess for a write.
+        if let Err(e) = p.learn(extent, self.r(), &self.pool).await {
+            return Err(VolumeError::Unavailable {
+                extent,
+                reason: format!("cannot tell whether a full node holds this extent: {e}"),
+            });
+        }
         let all = p.write_set(extent, self.r());
         if all.is_empty() {
             return Err(VolumeError::NoNodes);
+        }
+        let placed = p.replicas(extent, self.r()).len();
+        if placed < self.r().min(p.ring.len()) {
+            return Err(VolumeError::NoSpace {
+                extent,
+                reason: format!(
+                    "only {placed} node(s) with room for a new extent, replication is {}: add nodes or free space",
+                    self.r()
+                ),
+            });
         }
         let nodes: Vec<NodeId> = all.iter().copied().filter(|n| !self.tracker.is_missing(*n, extent.index)).collect();
         if nodes.is_empty() {
@@ -374,6 +445,8 @@ impl BlockDevice for Volume {
         let pieces = self.pieces(offset, len as u64);
         let placement = self.placement.read().await;
         let reads = join_all(pieces.iter().map(|p| async {
+            // A full node that cannot be asked is taken to hold the extent; the read falls through to another copy.
+            let _ = placement.learn(p.extent, self.r(), &self.pool).await;
             let mut nodes = placement.read_order(p.extent, self.r());
             if nodes.is_empty() {
                 return Err(VolumeError::NoNodes);
@@ -526,7 +599,7 @@ mod tests {
 
     #[test]
     fn moving_placement_writes_both_sets_and_reads_old_first() {
-        let p = Placement { version: 2, ring: ring(&[1, 2, 3, 4]), previous: Some(ring(&[1, 2, 3])) };
+        let p = Placement::new(2, ring(&[1, 2, 3, 4]), Some(ring(&[1, 2, 3])));
         for i in 0..200 {
             let e = ExtentId::new(VolumeId(1), i);
             let old = p.previous.as_ref().unwrap().replicas(e, 2);
@@ -542,7 +615,7 @@ mod tests {
                 assert!(*strict && new.contains(n) && !old.contains(n), "new replicas only serve what they have");
             }
         }
-        let stable = Placement { version: 3, ring: ring(&[1, 2, 3, 4]), previous: None };
+        let stable = Placement::new(3, ring(&[1, 2, 3, 4]), None);
         let e = ExtentId::new(VolumeId(1), 5);
         assert_eq!(stable.write_set(e, 2), stable.ring.replicas(e, 2));
         assert!(stable.read_order(e, 2).iter().all(|(_, strict)| !strict));

@@ -18,6 +18,10 @@ pub struct PeerInfo {
     pub http_address: Option<String>,
     /// Bytes of storage offered.
     pub capacity: u64,
+    /// Its share of data relative to other nodes when it joins the ring
+    /// (default: its capacity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u64>,
     /// Bytes of storage in use.
     pub used: u64,
     /// Failure-domain labels (`zone=a`, `rack=r1`).
@@ -36,6 +40,11 @@ pub struct RingMember {
     pub weight: u64,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Full: the node keeps the extents it holds but takes no new ones (they
+    /// go to the next node in their ranking). Set and cleared by the node
+    /// itself as its usage crosses the full and not-full marks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
 }
 
 /// The ring: which nodes hold data. Every change bumps `version`.
@@ -182,7 +191,12 @@ impl Cluster {
                 }
                 let old = ring.members.clone();
                 for p in fresh {
-                    ring.members.push(RingMember { id: p.id, weight: p.capacity.max(1), labels: p.labels.clone() });
+                    ring.members.push(RingMember {
+                        id: p.id,
+                        weight: p.weight.unwrap_or(p.capacity).max(1),
+                        labels: p.labels.clone(),
+                        full: false,
+                    });
                     added.push(p.id);
                 }
                 // Data moves only if some volume may already be placed on the old ring.
@@ -193,6 +207,32 @@ impl Cluster {
             })
             .await?;
         Ok((ring, added))
+    }
+
+    /// Marks a ring member full or not full. Like a membership change it is a
+    /// new ring version with `previous` set, so that writers and nodes take
+    /// it in two steps (extents that spilled past a full node move back when
+    /// it is no longer full). Refused while another change is under way.
+    pub async fn set_full(&self, id: NodeId, full: bool) -> Result<RingDoc> {
+        let has_volumes = !self.store.list("volumes/by-name/").await?.is_empty();
+        self.update_ring(|ring| {
+            let Some(i) = ring.members.iter().position(|m| m.id == id) else {
+                return Err(ClusterError::Refused { reason: format!("node {id} is not in the ring") });
+            };
+            if ring.members[i].full == full {
+                return Ok(false);
+            }
+            if let Some(reason) = ring.busy() {
+                return Err(ClusterError::Refused { reason });
+            }
+            let old = ring.members.clone();
+            ring.members[i].full = full;
+            if has_volumes {
+                ring.previous = Some(old);
+            }
+            Ok(true)
+        })
+        .await
     }
 
     /// Takes a node out of the ring; its data is copied to the remaining

@@ -7,6 +7,7 @@ mod cluster;
 mod durability;
 mod failures;
 mod filesystem;
+mod full;
 mod nbd_clients;
 mod node_loss;
 mod partition;
@@ -48,13 +49,16 @@ pub fn node_id(c: &torus_testkit::Cluster, i: usize) -> torus_types::NodeId {
 pub fn ring_of(c: &torus_testkit::Cluster) -> torus_ring::Ring {
     let ring_json: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["ring", "get", "-o", "json"])).unwrap();
     let empty = std::collections::BTreeMap::new();
-    let members: Vec<(torus_types::NodeId, u64)> = ring_json["ring"]["members"]
+    let members: Vec<(torus_types::NodeId, u64, bool)> = ring_json["ring"]["members"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (torus_types::NodeId::parse(m["id"].as_str().unwrap()).unwrap(), m["weight"].as_u64().unwrap()))
+        .map(|m| {
+            let id = torus_types::NodeId::parse(m["id"].as_str().unwrap()).unwrap();
+            (id, m["weight"].as_u64().unwrap(), m["full"].as_bool().unwrap_or(false))
+        })
         .collect();
-    torus_ring::Ring::from_labeled(0, members.iter().map(|(id, w)| (*id, *w, &empty)))
+    torus_ring::Ring::from_labeled(0, members.iter().map(|(id, w, full)| (*id, *w, &empty, *full)))
 }
 
 /// The id of the cluster's only volume.

@@ -1,0 +1,110 @@
+//! A node that fills up: it marks itself full, keeps the extents it holds,
+//! and new extents go to the next node in their ranking, while a client keeps
+//! writing without an error. Clearing the mark moves those extents back.
+//! Placement and contents are checked on the nodes' disks.
+
+use crate::node_loss::assert_replicas_agree;
+use crate::{node_id, ok, ring_of, run, text, wait_rebalanced};
+use std::process::Command;
+use std::time::Duration;
+use torus_testkit::{wait_until, Cluster, Etcd};
+use torus_types::{ExtentId, VolumeId};
+
+/// fio writing `size` sequentially at `rate` through NBD, then reading it
+/// back and checking every block (or, with `verify_only`, just checking).
+fn fio(uri: &str, size: &str, rate: &str, verify_only: bool) -> Command {
+    let mut cmd = Command::new("fio");
+    cmd.args(["--name=fill", "--ioengine=nbd", "--rw=write", "--bs=1m", "--iodepth=4", "--verify=crc32c"])
+        .args([format!("--size={size}"), format!("--rate={rate}"), format!("--uri={uri}")])
+        .args(["--verify_fatal=1", "--verify_state_save=0"]);
+    if verify_only {
+        cmd.arg("--verify_only");
+    }
+    cmd
+}
+
+fn volume_ids(c: &Cluster) -> std::collections::BTreeMap<String, u64> {
+    let v: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
+    v.as_array().unwrap().iter().map(|v| (v["name"].as_str().unwrap().to_string(), v["id"].as_u64().unwrap())).collect()
+}
+
+fn is_full(c: &Cluster, i: usize) -> bool {
+    let ring: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["ring", "get", "-o", "json"])).unwrap();
+    let id = node_id(c, i).to_string();
+    ring["ring"]["members"].as_array().unwrap().iter().any(|m| m["id"] == id.as_str() && m["full"] == true)
+}
+
+#[test]
+fn a_full_node_keeps_its_extents_and_new_ones_go_elsewhere() {
+    let mut c = Cluster::init(Etcd::start(), 2);
+    for _ in 0..3 {
+        c.add_node("1GiB");
+    }
+    // Node 3 claims as large a share as the others but can hold only 96 MiB;
+    // it marks itself full at 60% (57.6 MiB), leaving room for what arrives
+    // while the writer takes the new ring.
+    let small = c.add_node_with("96MiB", &["--weight", "1GiB", "--full-ratio", "0.6"]);
+    for i in 0..4 {
+        c.start_node(i);
+    }
+    c.wait_peers(4);
+    c.ctl_ok(&["peer", "add", "--all-peers"]);
+    c.ctl_ok(&["volume", "create-block", "b", "256MiB"]);
+    c.ctl_ok(&["volume", "create-block", "a", "64MiB"]);
+    let blk = c.start_blk(&[]);
+
+    // Node 3's share of b alone (about 128 MiB) is more than it can hold:
+    // every write must still succeed.
+    ok(&mut fio(&blk.uri("b"), "256m", "24m", false));
+    assert!(is_full(&c, small), "node 3 did not mark itself full");
+    // a is written after: every extent whose ranking starts at node 3 goes elsewhere.
+    ok(&mut fio(&blk.uri("a"), "64m", "24m", false));
+    wait_rebalanced(&c);
+
+    let status = c.ctl_ok(&["status"]);
+    assert!(status.contains("full:"), "{status}");
+    let peers = c.ctl_ok(&["list-peers"]);
+    assert!(peers.contains("Full"), "{peers}");
+    let ids = volume_ids(&c);
+    let ring = ring_of(&c);
+    let small_id = node_id(&c, small);
+    let on_small = c.extents_on_disk(small);
+    // Where node 3 is a natural replica of an extent of a but does not hold it, the extent spilled.
+    let spilled = (0..16)
+        .filter(|i| {
+            let e = ExtentId::new(VolumeId(ids["a"]), *i);
+            ring.replicas(e, 2).contains(&small_id) && !on_small.contains(&format!("{}/{i}", ids["a"]))
+        })
+        .count();
+    assert!(spilled > 0, "no extent of a went past the full node");
+    assert!(!on_small.is_empty(), "the full node should keep what it held");
+    let used = c.ctl_ok(&["list-peers", "-o", "json"]);
+    // Every extent: exactly R copies, on the nodes placement names, with equal bytes.
+    let b_extents = assert_replicas_agree(&c, ids["b"], 2);
+    let a_extents = assert_replicas_agree(&c, ids["a"], 2);
+    assert_eq!((b_extents, a_extents), (64, 16), "every extent written, {used}");
+
+    // Clearing the mark is refused while its share could not fit...
+    let out = c.ctl(&["peer", "clear-full", &c.nodes[small].peer_addr]);
+    assert!(!out.status.success() && text(&out).contains("could fill it"), "{}", text(&out));
+    // ...and allowed once b is gone: a's extents move back to node 3.
+    c.ctl_ok(&["volume", "delete", "b"]);
+    let out = c.ctl_ok(&["peer", "clear-full", &c.nodes[small].peer_addr]);
+    assert!(out.contains("moving back"), "{out}");
+    wait_rebalanced(&c);
+    wait_until(Duration::from_secs(60), "the stand-ins to delete the extents that moved back", || {
+        (0..4).map(|i| c.extents_on_disk(i).len()).sum::<usize>() == 32
+    });
+    assert!(!is_full(&c, small));
+    assert_eq!(assert_replicas_agree(&c, ids["a"], 2), 16);
+    let on_small = c.extents_on_disk(small);
+    let ring = ring_of(&c);
+    for i in 0..16u64 {
+        if ring.replicas(ExtentId::new(VolumeId(ids["a"]), i), 2).contains(&small_id) {
+            assert!(on_small.contains(&format!("{}/{i}", ids["a"])), "extent {i} did not move back");
+        }
+    }
+    let out = run(&mut fio(&blk.uri("a"), "64m", "0", true));
+    assert!(out.status.success(), "a's data changed across the moves: {}", text(&out));
+    println!("full node: {spilled} extents of a spilled past it and moved back; 64+16 extents verified on disk");
+}
