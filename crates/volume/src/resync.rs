@@ -106,7 +106,7 @@ impl Volume {
             let extent = ExtentId::new(self.info.id, index);
             let _alone = self.tracker.exclusive(index).await;
             let mut reachable = Vec::new();
-            let _ = placement.learn(extent, self.r(), &self.pool).await;
+            let _ = placement.learn(extent, self.r(), &self.pool, false).await;
             // Old replicas first: while data moves, a new replica may not hold every block yet.
             for (n, filling) in placement.read_order(extent, self.r()) {
                 if previous.is_missing(n, index) {
@@ -179,7 +179,7 @@ impl Volume {
         let mut todo = Vec::new();
         for index in extents {
             let extent = ExtentId::new(self.info.id, index);
-            if placement.learn(extent, self.r(), &self.pool).await.is_err() {
+            if placement.learn(extent, self.r(), &self.pool, false).await.is_err() {
                 continue;
             }
             if placement.read_order(extent, self.r()).iter().any(|(n, _)| *n == node) {

@@ -64,22 +64,34 @@ impl Placement {
     }
 
     /// Asks the full members that decide where `extent` lives whether they
-    /// hold it (once per placement). Nothing to do while no member is full.
-    pub async fn learn(&self, extent: ExtentId, r: usize, pool: &PeerPool) -> Result<(), PeerError> {
+    /// hold it. Nothing to do while no member is full. A writer asks once per
+    /// placement: no extent appears on a full member once the writer uses it.
+    /// A reader in another process asks `fresh` every time: during the move
+    /// that marks a member full, the writer may still create extents there.
+    pub async fn learn(&self, extent: ExtentId, r: usize, pool: &PeerPool, fresh: bool) -> Result<(), PeerError> {
         if !self.has_full() {
             return Ok(());
         }
+        let mut asked: HashMap<NodeId, bool> = HashMap::new();
         loop {
             let ask = {
                 let held = self.held.lock().expect("held map poisoned");
-                match self.sets(extent, r, |n| held.get(&(n, extent)).copied()) {
-                    Ok(_) => return Ok(()),
+                let known = |n: NodeId| match asked.get(&n) {
+                    Some(h) => Some(*h),
+                    None if fresh => None,
+                    None => held.get(&(n, extent)).copied(),
+                };
+                match self.sets(extent, r, known) {
+                    Ok(_) => break,
                     Err(n) => n,
                 }
             };
             let holds = pool.get(ask).await?.holds(extent).await?;
-            self.held.lock().expect("held map poisoned").insert((ask, extent), holds);
+            asked.insert(ask, holds);
         }
+        let mut held = self.held.lock().expect("held map poisoned");
+        held.extend(asked.into_iter().map(|(n, h)| ((n, extent), h)));
+        Ok(())
     }
 
     /// The extent's replicas in the current ring.
@@ -322,7 +334,7 @@ impl Volume {
     {
         let _writing = self.tracker.begin_write(extent.index).await?;
         // Where a full node decides where the extent lives, its answer is needed: never guess for a write.
-        if let Err(e) = p.learn(extent, self.r(), &self.pool).await {
+        if let Err(e) = p.learn(extent, self.r(), &self.pool, false).await {
             return Err(VolumeError::Unavailable {
                 extent,
                 reason: format!("cannot tell whether a full node holds this extent: {e}"),
@@ -446,7 +458,7 @@ impl BlockDevice for Volume {
         let placement = self.placement.read().await;
         let reads = join_all(pieces.iter().map(|p| async {
             // A full node that cannot be asked is taken to hold the extent; the read falls through to another copy.
-            let _ = placement.learn(p.extent, self.r(), &self.pool).await;
+            let _ = placement.learn(p.extent, self.r(), &self.pool, self.read_only).await;
             let mut nodes = placement.read_order(p.extent, self.r());
             if nodes.is_empty() {
                 return Err(VolumeError::NoNodes);
@@ -619,5 +631,33 @@ mod tests {
         let e = ExtentId::new(VolumeId(1), 5);
         assert_eq!(stable.write_set(e, 2), stable.ring.replicas(e, 2));
         assert!(stable.read_order(e, 2).iter().all(|(_, strict)| !strict));
+    }
+
+    #[test]
+    fn full_members_get_no_new_extents_from_writes() {
+        let full = NodeId(uuid_from(2));
+        let plain = ring(&[1, 2, 3, 4, 5]);
+        let stable = Placement::new(3, ring(&[1, 2, 3, 4, 5]).with_full([full]), None);
+        // Marked full during a move: writes meant for the old replicas must not reach it either.
+        let moving = Placement::new(3, ring(&[1, 2, 3, 4, 5]).with_full([full]), Some(plain.clone()));
+        let mut checked = 0;
+        for i in 0..300 {
+            let e = ExtentId::new(VolumeId(1), i);
+            let natural = plain.replicas(e, 2);
+            if !natural.contains(&full) {
+                assert_eq!(stable.write_set(e, 2), natural);
+                continue;
+            }
+            for p in [&stable, &moving] {
+                p.held.lock().unwrap().insert((full, e), false);
+                let w = p.write_set(e, 2);
+                assert!(!w.contains(&full) && w.len() == 2, "{w:?}");
+                assert!(p.read_order(e, 2).iter().all(|(n, _)| *n != full));
+                p.held.lock().unwrap().insert((full, e), true);
+                assert_eq!(p.write_set(e, 2), natural, "a full node stays a replica of what it holds");
+            }
+            checked += 1;
+        }
+        assert!(checked > 50);
     }
 }
