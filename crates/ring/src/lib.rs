@@ -215,9 +215,16 @@ impl Ring {
 }
 
 /// Where an extent lives while data moves from ring `prev` to ring `next`:
-/// `(old, new)` replicas. A member that is full in `next` and does not hold
-/// the extent is left out of `old` as well: it has nothing to give, and
-/// must not be handed the extent by writes meant for the old replicas.
+/// `(old, new)` replicas, `holds(n)` telling whether node `n` holds a copy
+/// now (`Err(n)`: find out and ask again).
+///
+/// - A member that is full in `next` and does not hold the extent is left out
+///   of `old` as well: it has nothing to give, and must not be handed the
+///   extent by writes meant for the old replicas.
+/// - A member full in `prev` but not in `next` (its mark was cleared) may
+///   receive the extent during this very move, so holding it now does not
+///   make it an old replica: it was one only if no node that stood in for it
+///   holds the extent. (After a move's clean-up, exactly one of them does.)
 pub fn moving_replicas(
     prev: &Ring,
     next: &Ring,
@@ -226,13 +233,37 @@ pub fn moving_replicas(
     holds: impl Fn(NodeId) -> Option<bool>,
 ) -> Result<(Vec<NodeId>, Vec<NodeId>), NodeId> {
     let new = next.replicas_held(extent, r, &holds)?;
+    // The first node whose answer was needed and missing.
+    let need = std::cell::Cell::new(None);
+    let ask = |n: NodeId| {
+        let h = holds(n);
+        if h.is_none() && need.get().is_none() {
+            need.set(Some(n));
+        }
+        h
+    };
+    let held_before = |n: NodeId| -> Option<bool> {
+        let h = ask(n)?;
+        if !h || !prev.is_full(n) || next.is_full(n) {
+            return Some(h);
+        }
+        let with = prev.replicas_held(extent, r, |m| if m == n { Some(true) } else { ask(m) }).ok()?;
+        let without = prev.replicas_held(extent, r, |m| if m == n { Some(false) } else { ask(m) }).ok()?;
+        for s in without.iter().filter(|s| !with.contains(s)) {
+            if ask(*s)? {
+                return Some(false);
+            }
+        }
+        Some(true)
+    };
+    let missing = |n: NodeId| need.get().unwrap_or(n);
     let mut old = Vec::new();
-    for n in prev.replicas_held(extent, r, &holds)? {
+    for n in prev.replicas_held(extent, r, held_before).map_err(missing)? {
         if next.is_full(n) {
-            match holds(n) {
+            match ask(n) {
                 Some(false) => continue,
                 Some(true) => {}
-                None => return Err(n),
+                None => return Err(missing(n)),
             }
         }
         old.push(n);
@@ -389,6 +420,19 @@ mod tests {
             let (old, new) = moving_replicas(&next, &prev, e, 2, |_| Some(false)).unwrap();
             assert_eq!(new, natural);
             assert!(!old.contains(&full_node));
+            if !natural.contains(&full_node) {
+                continue;
+            }
+            let stand_in = *next.replicas_skipping(e, 2, &[full_node]).iter().find(|n| !natural.contains(n)).unwrap();
+            // It held the extent all along (the stand-in does not): it was an old replica.
+            let (old, _) = moving_replicas(&next, &prev, e, 2, |n| Some(n != stand_in)).unwrap();
+            assert_eq!(old, natural);
+            // It got the extent during this move (the stand-in holds it): it was not.
+            let (old, _) = moving_replicas(&next, &prev, e, 2, |_| Some(true)).unwrap();
+            assert!(!old.contains(&full_node) && old.contains(&stand_in));
+            // The stand-in must be asked before that can be told.
+            let asked = moving_replicas(&next, &prev, e, 2, |n| (n == full_node).then_some(true));
+            assert!(matches!(asked, Err(n) if n == stand_in || natural.contains(&n)), "{asked:?}");
         }
     }
 }

@@ -37,13 +37,15 @@ fn is_full(c: &Cluster, i: usize) -> bool {
 #[test]
 fn a_full_node_keeps_its_extents_and_new_ones_go_elsewhere() {
     let mut c = Cluster::init(Etcd::start(), 2);
+    // Moves are slowed down so that reads run while one is under way.
+    let slow = ["--rebalance-rate", "2MiB"];
     for _ in 0..3 {
-        c.add_node("1GiB");
+        c.add_node_with("1GiB", &slow);
     }
     // Node 3 claims as large a share as the others but can hold only 96 MiB;
     // it marks itself full at 60% (57.6 MiB), leaving room for what arrives
     // while the writer takes the new ring.
-    let small = c.add_node_with("96MiB", &["--weight", "1GiB", "--full-ratio", "0.6"]);
+    let small = c.add_node_with("96MiB", &["--weight", "1GiB", "--full-ratio", "0.6", slow[0], slow[1]]);
     for i in 0..4 {
         c.start_node(i);
     }
@@ -91,6 +93,20 @@ fn a_full_node_keeps_its_extents_and_new_ones_go_elsewhere() {
     c.ctl_ok(&["volume", "delete", "b"]);
     let out = c.ctl_ok(&["peer", "clear-full", &c.nodes[small].peer_addr]);
     assert!(out.contains("moving back"), "{out}");
+    // While they move (node 3 holding part of each), a reader in another
+    // process checks every block of a, again and again.
+    let reader = c.start_blk(&["--read-only"]);
+    let mut passes = 0;
+    loop {
+        let moving = !c.ctl_ok(&["status"]).contains("none in progress");
+        let out = run(&mut fio(&reader.uri("a"), "64m", "0", true));
+        assert!(out.status.success(), "a read wrong data while its extents moved back: {}", text(&out));
+        passes += 1;
+        if !moving {
+            break;
+        }
+    }
+    assert!(passes >= 2, "the move was over before the first read");
     wait_rebalanced(&c);
     wait_until(Duration::from_secs(60), "the stand-ins to delete the extents that moved back", || {
         (0..4).map(|i| c.extents_on_disk(i).len()).sum::<usize>() == 32
@@ -106,5 +122,8 @@ fn a_full_node_keeps_its_extents_and_new_ones_go_elsewhere() {
     }
     let out = run(&mut fio(&blk.uri("a"), "64m", "0", true));
     assert!(out.status.success(), "a's data changed across the moves: {}", text(&out));
-    println!("full node: {spilled} extents of a spilled past it and moved back; 64+16 extents verified on disk");
+    println!(
+        "full node: {spilled} extents of a spilled past it and moved back ({passes} full reads during the move); \
+         64+16 extents verified on disk"
+    );
 }
