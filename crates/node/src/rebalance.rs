@@ -326,7 +326,8 @@ impl Rebalancer {
 
     /// `(old, new)` replicas of an extent this node holds, while data moves
     /// from `prev` to `next` (pass one ring twice for a stable one), asking
-    /// full nodes whether they hold it (see `torus_ring::moving_replicas`).
+    /// full nodes (and those standing in for them) whether they hold it
+    /// (see `torus_ring::moving_replicas`); this node holds it.
     #[allow(clippy::too_many_arguments)]
     async fn moving_sets(
         &self,
@@ -348,7 +349,7 @@ impl Rebalancer {
             let holds = c
                 .holds(extent)
                 .await
-                .map_err(|e| format!("cannot ask full node {ask} whether it holds {extent}: {e}"))?;
+                .map_err(|e| format!("cannot ask node {ask} whether it holds {extent} (a full node decides): {e}"))?;
             held.insert((ask, extent), holds);
         }
     }

@@ -58,6 +58,9 @@ impl Placement {
     /// The sets from what full members answered; one that could not be asked
     /// is taken to hold the extent (a write never relies on that: see `learn`).
     fn known_sets(&self, extent: ExtentId, r: usize) -> (Vec<NodeId>, Vec<NodeId>) {
+        if !self.has_full() {
+            return self.sets(extent, r, |_| None).expect("nothing to ask while no member is full");
+        }
         let held = self.held.lock().expect("held map poisoned");
         self.sets(extent, r, |n| Some(held.get(&(n, extent)).copied().unwrap_or(true)))
             .expect("every question answered")
@@ -344,15 +347,17 @@ impl Volume {
         if all.is_empty() {
             return Err(VolumeError::NoNodes);
         }
-        let placed = p.replicas(extent, self.r()).len();
-        if placed < self.r().min(p.ring.len()) {
-            return Err(VolumeError::NoSpace {
-                extent,
-                reason: format!(
-                    "only {placed} node(s) with room for a new extent, replication is {}: add nodes or free space",
-                    self.r()
-                ),
-            });
+        if p.ring.has_full() {
+            let placed = p.replicas(extent, self.r()).len();
+            if placed < self.r().min(p.ring.len()) {
+                return Err(VolumeError::NoSpace {
+                    extent,
+                    reason: format!(
+                        "only {placed} node(s) with room for a new extent, replication is {}: add nodes or free space",
+                        self.r()
+                    ),
+                });
+            }
         }
         let nodes: Vec<NodeId> = all.iter().copied().filter(|n| !self.tracker.is_missing(*n, extent.index)).collect();
         if nodes.is_empty() {

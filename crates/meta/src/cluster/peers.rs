@@ -41,8 +41,8 @@ pub struct RingMember {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Full: the node keeps the extents it holds but takes no new ones (they
-    /// go to the next node in their ranking). Set and cleared by the node
-    /// itself as its usage crosses the full and not-full marks.
+    /// go to the next node in their ranking). Set by the node itself when
+    /// nearly full; cleared by an operator (`torusctl peer clear-full`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub full: bool,
 }
