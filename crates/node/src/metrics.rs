@@ -20,6 +20,8 @@ pub struct NodeMetrics {
     pub rebalance_extents_total: AtomicU64,
     pub rebalance_extents_done: AtomicU64,
     pub rebalance_bytes: AtomicU64,
+    /// 1 while the ring marks this node full.
+    pub full: AtomicU64,
 }
 
 impl NodeMetrics {
@@ -81,6 +83,12 @@ impl NodeMetrics {
             "torus_rebalance_extents_done",
             "Extents this node has copied in the current rebalance.",
             load(&self.rebalance_extents_done),
+        );
+        put(
+            "gauge",
+            "torus_node_full",
+            "1 while the ring marks this node full (it takes no new extents).",
+            load(&self.full),
         );
         put("gauge", "torus_store_used_bytes", "Bytes of data stored.", used);
         put("gauge", "torus_store_capacity_bytes", "Bytes offered.", capacity);

@@ -101,6 +101,8 @@ impl Rebalancer {
                 }
                 continue;
             }
+            let full = doc.members.iter().any(|m| m.id == self.me && m.full);
+            self.metrics.full.store(full as u64, std::sync::atomic::Ordering::Relaxed);
             if let Err(e) =
                 crate::capacity::update_mark(&self.cluster, &self.store, self.me, &doc, self.full_ratio).await
             {

@@ -2,18 +2,10 @@
 //! mid-write leaves every block readable, and a corrupted block is detected
 //! and reported, never returned as data.
 
-use crate::{ok, run, text};
-use std::io::{Read, Seek, SeekFrom, Write};
+use crate::{http_get, ok, run, text};
+use std::io::{Seek, SeekFrom, Write};
 use std::process::Command;
 use torus_testkit::{random_bytes, Cluster};
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to torusd HTTP");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
 
 #[test]
 fn flushed_writes_survive_kill_9_and_a_crash_mid_write_leaves_blocks_readable() {

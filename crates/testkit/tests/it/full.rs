@@ -68,6 +68,8 @@ fn a_full_node_keeps_its_extents_and_new_ones_go_elsewhere() {
     let peers = c.ctl_ok(&["list-peers"]);
     assert!(peers.contains("Full"), "{peers}");
     let ids = volume_ids(&c);
+    let metrics = crate::http_get(c.nodes[small].http_port, "/metrics");
+    assert!(metrics.contains("torus_node_full 1"), "{metrics}");
     let ring = ring_of(&c);
     let small_id = node_id(&c, small);
     let on_small = c.extents_on_disk(small);
@@ -126,4 +128,39 @@ fn a_full_node_keeps_its_extents_and_new_ones_go_elsewhere() {
         "full node: {spilled} extents of a spilled past it and moved back ({passes} full reads during the move); \
          64+16 extents verified on disk"
     );
+}
+
+#[test]
+fn with_fewer_than_r_nodes_with_room_a_new_extent_is_refused_with_enospc() {
+    let mut c = Cluster::init(Etcd::start(), 2);
+    c.add_node("1GiB");
+    let small = c.add_node_with("16MiB", &["--weight", "1GiB", "--full-ratio", "0.5"]);
+    for i in 0..2 {
+        c.start_node(i);
+    }
+    c.wait_peers(2);
+    c.ctl_ok(&["peer", "add", "--all-peers"]);
+    c.ctl_ok(&["volume", "create-block", "v", "64MiB"]);
+    let blk = c.start_blk(&[]);
+    let uri = blk.uri("v");
+    // Two extents fill node 1 past its mark.
+    ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x11 0 8M", "-c", "flush"]).arg(&uri));
+    wait_until(Duration::from_secs(30), "node 1 to mark itself full", || is_full(&c, small));
+    wait_rebalanced(&c);
+    // A third extent has one node with room for replication 2: refused, and nothing written anywhere.
+    let out = run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x22 32M 1M"]).arg(&uri));
+    let said = text(&out);
+    assert!(said.contains("No space left on device"), "{said}");
+    let vol = crate::volume_id(&c);
+    for i in 0..2 {
+        assert!(!c.extents_on_disk(i).contains(&format!("{vol}/8")), "node {i} got part of a refused write");
+    }
+    // What the full node holds can still be rewritten, and reads back.
+    ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x33 0 1M", "-c", "flush"]).arg(&uri));
+    let back = ok(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0x33 0 1M", "-c", "read -P 0x11 1M 7M"])
+        .arg(&uri));
+    assert!(!back.contains("fail"), "{back}");
+    let log = std::fs::read_to_string(c.dir.path().join(format!("blk-{}.log", blk.addr.replace(':', "_")))).unwrap();
+    assert!(log.contains("with room for a new extent"), "torusblk should say why: {log}");
 }
