@@ -1,5 +1,6 @@
-//! The node's full mark: when its store is nearly full, the node marks itself
-//! full in the ring. It keeps the extents it holds; new extents skip it for
+//! The node's full mark: when its store is nearly full (of its `--size`, or
+//! of what the filesystem under it can still take, if that is less), the
+//! node marks itself full in the ring. It keeps the extents it holds; new extents skip it for
 //! the next node in their ranking.
 //!
 //! The space above the mark absorbs what still arrives until every writer
@@ -30,9 +31,11 @@ pub async fn update_mark(
     doc: &RingDoc,
     ratio: f64,
 ) -> Result<(), String> {
-    let Some(member) = doc.members.iter().find(|m| m.id == me) else { return Ok(()) };
-    let (used, capacity) = (store.used(), store.capacity());
-    if member.full || !is_full(used, capacity, ratio) || doc.busy().is_some() {
+    if !doc.members.iter().any(|m| m.id == me && !m.full) {
+        return Ok(());
+    }
+    let (used, capacity) = (store.used(), store.effective_capacity());
+    if !is_full(used, capacity, ratio) || doc.busy().is_some() {
         return Ok(());
     }
     let ring = cluster.set_full(me, true).await.map_err(|e| e.to_string())?;

@@ -37,6 +37,8 @@ pub async fn serve(listener: TcpListener, store: Arc<Store>, metrics: Arc<NodeMe
 
 fn status_of(e: &StoreError) -> Status {
     match e {
+        // The filesystem under the store ran out of space: say so, not "I/O error".
+        StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => Status::NoSpace,
         StoreError::Io { .. } => Status::Io,
         StoreError::Checksum { .. } | StoreError::CorruptTable { .. } => Status::Checksum,
         StoreError::NoSpace { .. } => Status::NoSpace,

@@ -79,6 +79,17 @@ impl Store {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// What this store can really hold: its capacity, or less if the
+    /// filesystem under it (shared with others, or smaller than offered)
+    /// has less free space than the capacity leaves.
+    pub fn effective_capacity(&self) -> u64 {
+        let used = self.used();
+        match disk_available(&self.root) {
+            Some(free) => self.opts.capacity.min(used.saturating_add(free)),
+            None => self.opts.capacity,
+        }
+    }
+
     fn vol_dir(&self, vol: VolumeId) -> PathBuf {
         self.root.join("extents").join(vol.to_string())
     }
@@ -411,6 +422,21 @@ impl Store {
     }
 }
 
+/// Bytes the filesystem holding `path` still has for unprivileged use.
+fn disk_available(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable memory of the right type.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,6 +584,10 @@ mod tests {
         assert!(matches!(s.fill(e1, 0, 4096, Some(&pattern(4096, 1))), Err(StoreError::NoSpace { .. })));
         assert!(!s.holds(e1).unwrap());
         assert!(s.holds(E0).unwrap());
+        // The filesystem under a temp dir has more than 8 KiB free.
+        assert_eq!(s.effective_capacity(), 8192);
+        let big = Store::open(dir.path(), StoreOptions { capacity: u64::MAX / 2, ..Default::default() }).unwrap();
+        assert!(big.effective_capacity() < u64::MAX / 2, "bounded by the filesystem's free space");
     }
 
     #[tokio::test]

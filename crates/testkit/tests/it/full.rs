@@ -164,3 +164,44 @@ fn with_fewer_than_r_nodes_with_room_a_new_extent_is_refused_with_enospc() {
     let log = std::fs::read_to_string(c.dir.path().join(format!("blk-{}.log", blk.addr.replace(':', "_")))).unwrap();
     assert!(log.contains("with room for a new extent"), "torusblk should say why: {log}");
 }
+
+/// A tmpfs mounted on a directory for the length of a test (lazily unmounted on drop).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        ok(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir));
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_node_whose_disk_is_smaller_than_offered_marks_itself_full_in_time() {
+    let mut c = Cluster::init(Etcd::start(), 2);
+    c.add_node("1GiB");
+    c.add_node("1GiB");
+    // Node 2 offers 1 GiB, but its filesystem holds 48 MiB.
+    let small = c.add_node_with("1GiB", &["--full-ratio", "0.6"]);
+    let _disk = Tmpfs::mount(&c.nodes[small].data_dir, "48m");
+    for i in 0..3 {
+        c.start_node(i);
+    }
+    c.wait_peers(3);
+    c.ctl_ok(&["peer", "add", "--all-peers"]);
+    c.ctl_ok(&["volume", "create-block", "v", "128MiB"]);
+    let blk = c.start_blk(&[]);
+    // Its share is about 85 MiB: without the mark, the filesystem would run out under fio.
+    ok(&mut fio(&blk.uri("v"), "128m", "24m", false));
+    assert!(is_full(&c, small), "node 2 did not mark itself full");
+    wait_rebalanced(&c);
+    assert_eq!(assert_replicas_agree(&c, crate::volume_id(&c), 2), 32);
+    let log = std::fs::read_to_string(&c.nodes[small].log).unwrap();
+    assert!(log.contains("marked full"), "{log}");
+}
