@@ -187,9 +187,9 @@ fn a_node_whose_disk_is_smaller_than_offered_marks_itself_full_in_time() {
     let mut c = Cluster::init(Etcd::start(), 2);
     c.add_node("1GiB");
     c.add_node("1GiB");
-    // Node 2 offers 1 GiB, but its filesystem holds 48 MiB.
-    let small = c.add_node_with("1GiB", &["--full-ratio", "0.6"]);
-    let _disk = Tmpfs::mount(&c.nodes[small].data_dir, "48m");
+    // Node 2 offers 1 GiB, but its filesystem holds 64 MiB: marked full at half of that.
+    let small = c.add_node_with("1GiB", &["--full-ratio", "0.5"]);
+    let _disk = Tmpfs::mount(&c.nodes[small].data_dir, "64m");
     for i in 0..3 {
         c.start_node(i);
     }
@@ -198,7 +198,7 @@ fn a_node_whose_disk_is_smaller_than_offered_marks_itself_full_in_time() {
     c.ctl_ok(&["volume", "create-block", "v", "128MiB"]);
     let blk = c.start_blk(&[]);
     // Its share is about 85 MiB: without the mark, the filesystem would run out under fio.
-    ok(&mut fio(&blk.uri("v"), "128m", "24m", false));
+    ok(&mut fio(&blk.uri("v"), "128m", "16m", false));
     assert!(is_full(&c, small), "node 2 did not mark itself full");
     wait_rebalanced(&c);
     assert_eq!(assert_replicas_agree(&c, crate::volume_id(&c), 2), 32);
