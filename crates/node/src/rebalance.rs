@@ -53,6 +53,9 @@ fn ring_of(version: u64, members: &[RingMember]) -> Ring {
     Ring::from_labeled(version, members.iter().map(|m| (m.id, m.weight, &m.labels, m.full)))
 }
 
+/// How often the ring is read when nothing says it changed.
+const RING_QUIET: Duration = Duration::from_secs(2);
+
 /// How often the live members look for members down past the down-out time.
 const DOWN_CHECK_EVERY: Duration = Duration::from_secs(2);
 
@@ -85,14 +88,28 @@ impl Rebalancer {
         let mut clients = HashMap::new();
         let mut down_since = HashMap::new();
         let mut last_down_check = Instant::now() - DOWN_CHECK_EVERY;
+        // The ring is read when the watch says it changed, while a change is
+        // under way, and otherwise every RING_QUIET; the loop itself (the
+        // full mark, down-out) runs every half second.
+        let mut ring_watch = self.cluster.ring_watch();
+        let mut cached: Option<(RingDoc, Instant)> = None;
         loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let doc = match self.cluster.ring().await {
-                Ok((doc, _)) => doc,
-                Err(e) => {
-                    tracing::debug!(error = %e, "rebalancer cannot read the ring");
-                    continue;
-                }
+            let changed = ring_watch.wait(Duration::from_millis(500)).await;
+            let fresh = cached.as_ref().filter(|(doc, at)| {
+                !changed && !doc.moving() && doc.collecting.is_empty() && at.elapsed() < RING_QUIET
+            });
+            let doc = match fresh {
+                Some((doc, _)) => doc.clone(),
+                None => match self.cluster.ring().await {
+                    Ok((doc, _)) => {
+                        cached = Some((doc.clone(), Instant::now()));
+                        doc
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "rebalancer cannot read the ring");
+                        continue;
+                    }
+                },
             };
             let member = doc.all_members().iter().any(|m| m.id == self.me) || doc.collecting.contains(&self.me);
             if !member {

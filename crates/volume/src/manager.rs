@@ -247,11 +247,18 @@ impl VolumeManager {
     /// (after its in-flight requests finish), then its writer records the new
     /// ring version in its lock, which tells nodes they may move data.
     pub async fn follow_ring(self: Arc<Self>) {
-        const PEERS_EVERY: Duration = Duration::from_secs(2);
+        // Without a change, the ring is read again this often (a watch wakes us on changes).
+        const QUIET: Duration = Duration::from_secs(2);
+        // How often read-only opens follow the writer's replica state, and failed steps are retried.
+        const SOON: Duration = Duration::from_millis(300);
         let mut seen = 0;
         let mut peers_read = Instant::now();
+        let mut ring_watch = self.cluster.ring_watch();
+        let mut soon = true;
         loop {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            let following = self.open.lock().await.values().filter_map(Weak::upgrade).any(|v| v.lease().is_none());
+            ring_watch.wait(if soon || following { SOON } else { QUIET }).await;
+            soon = true;
             let doc = match self.cluster.ring().await {
                 Ok((doc, _)) => doc,
                 Err(e) => {
@@ -268,7 +275,7 @@ impl VolumeManager {
             }
             // Peers come and go (a node whose lease lapsed registers again): refresh
             // their addresses on every ring change and every few seconds.
-            if doc.version != seen || peers_read.elapsed() >= PEERS_EVERY {
+            if doc.version != seen || peers_read.elapsed() >= QUIET {
                 match self.cluster.peers().await {
                     Ok(peers) => {
                         self.pool.set_addresses(peers.into_iter().map(|p| (p.id, p.address)).collect());
@@ -278,6 +285,7 @@ impl VolumeManager {
                 }
             }
             if doc.version == seen {
+                soon = false;
                 continue;
             }
             let mut ok = true;
@@ -295,6 +303,7 @@ impl VolumeManager {
             if ok {
                 tracing::info!(version = doc.version, moving = doc.moving(), "using a new ring");
                 seen = doc.version;
+                soon = false;
             }
         }
     }

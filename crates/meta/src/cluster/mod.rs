@@ -18,11 +18,13 @@
 mod error;
 mod peers;
 mod replicas;
+mod ring_watch;
 mod volumes;
 
 pub use error::ClusterError;
 pub use peers::{PeerInfo, RebalanceProgress, RingDoc, RingMember};
 pub use replicas::{ExtentSet, ReplicaState};
+pub use ring_watch::RingWatch;
 pub use volumes::{validate_volume_name, VolumeInfo, VolumeLock};
 
 use crate::{MetaError, MetadataStore};

@@ -1,0 +1,77 @@
+//! Waking up when the ring changes: a watch on the ring key with a deadline,
+//! so that whoever follows the ring reads it as soon as it changes, and
+//! otherwise only every so often (which also bounds what a watch that
+//! silently stalls can cost), instead of polling it several times a second.
+
+use super::Cluster;
+use crate::Watch;
+use std::time::Duration;
+
+/// Follows the ring document's changes for one owner.
+pub struct RingWatch {
+    cluster: Cluster,
+    watch: Option<Watch>,
+}
+
+impl Cluster {
+    pub fn ring_watch(&self) -> RingWatch {
+        RingWatch { cluster: self.clone(), watch: None }
+    }
+}
+
+impl RingWatch {
+    /// Waits until the ring may have changed, or `max_wait`. Returns true if
+    /// it may have changed: a change was seen, or the watch was (re)started
+    /// (changes from before it started are not in it), or it failed.
+    pub async fn wait(&mut self, max_wait: Duration) -> bool {
+        let Some(w) = self.watch.as_mut() else {
+            match self.cluster.store.watch_prefix("ring", None).await {
+                Ok(w) => self.watch = Some(w),
+                Err(_) => tokio::time::sleep(max_wait).await,
+            }
+            return true;
+        };
+        match tokio::time::timeout(max_wait, w.recv()).await {
+            Err(_) => false,
+            Ok(Some(Ok(_))) => {
+                // Several changes in a row need one read.
+                loop {
+                    match w.try_recv() {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) => {
+                            self.watch = None;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                true
+            }
+            Ok(Some(Err(_)) | None) => {
+                self.watch = None;
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cluster::Cluster;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn wakes_on_a_ring_change_and_not_otherwise() {
+        let c = Cluster::new(Arc::new(crate::MemStore::new()));
+        let mut w = c.ring_watch();
+        assert!(w.wait(Duration::from_secs(5)).await, "a fresh watch: read the ring");
+        assert!(!w.wait(Duration::from_millis(50)).await, "nothing changed");
+        c.store().put("rebalance/x", b"{}".to_vec(), None).await.unwrap();
+        assert!(!w.wait(Duration::from_millis(50)).await, "other keys do not wake it");
+        c.update_ring(|_| Ok(true)).await.unwrap();
+        c.update_ring(|_| Ok(true)).await.unwrap();
+        assert!(w.wait(Duration::from_secs(5)).await, "a ring change wakes it at once");
+        assert!(!w.wait(Duration::from_millis(50)).await, "both changes were taken at once");
+    }
+}
