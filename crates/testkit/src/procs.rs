@@ -329,13 +329,20 @@ impl Cluster {
 
     pub fn start_with(etcd: Etcd, n: usize, replication: u32, size: &str) -> Cluster {
         let mut c = Self::init(etcd, replication);
-        for i in 0..n {
+        for _ in 0..n {
             c.add_node(size);
-            c.start_node(i);
         }
-        c.wait_peers(n);
-        c.ctl_ok(&["peer", "add", "--all-peers"]);
+        c.start_all_in_ring();
         c
+    }
+
+    /// Starts every node added so far and puts them all in the ring.
+    pub fn start_all_in_ring(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.start_node(i);
+        }
+        self.wait_peers(self.nodes.len());
+        self.ctl_ok(&["peer", "add", "--all-peers"]);
     }
 
     /// An initialised cluster with no nodes yet.

@@ -46,11 +46,7 @@ fn a_full_node_keeps_its_extents_and_new_ones_go_elsewhere() {
     // it marks itself full at 60% (57.6 MiB), leaving room for what arrives
     // while the writer takes the new ring.
     let small = c.add_node_with("96MiB", &["--weight", "1GiB", "--full-ratio", "0.6", slow[0], slow[1]]);
-    for i in 0..4 {
-        c.start_node(i);
-    }
-    c.wait_peers(4);
-    c.ctl_ok(&["peer", "add", "--all-peers"]);
+    c.start_all_in_ring();
     c.ctl_ok(&["volume", "create-block", "b", "256MiB"]);
     c.ctl_ok(&["volume", "create-block", "a", "64MiB"]);
     let blk = c.start_blk(&[]);
@@ -135,11 +131,7 @@ fn with_fewer_than_r_nodes_with_room_a_new_extent_is_refused_with_enospc() {
     let mut c = Cluster::init(Etcd::start(), 2);
     c.add_node("1GiB");
     let small = c.add_node_with("16MiB", &["--weight", "1GiB", "--full-ratio", "0.5"]);
-    for i in 0..2 {
-        c.start_node(i);
-    }
-    c.wait_peers(2);
-    c.ctl_ok(&["peer", "add", "--all-peers"]);
+    c.start_all_in_ring();
     c.ctl_ok(&["volume", "create-block", "v", "64MiB"]);
     let blk = c.start_blk(&[]);
     let uri = blk.uri("v");
@@ -190,11 +182,7 @@ fn a_node_whose_disk_is_smaller_than_offered_marks_itself_full_in_time() {
     // Node 2 offers 1 GiB, but its filesystem holds 64 MiB: marked full at half of that.
     let small = c.add_node_with("1GiB", &["--full-ratio", "0.5"]);
     let _disk = Tmpfs::mount(&c.nodes[small].data_dir, "64m");
-    for i in 0..3 {
-        c.start_node(i);
-    }
-    c.wait_peers(3);
-    c.ctl_ok(&["peer", "add", "--all-peers"]);
+    c.start_all_in_ring();
     c.ctl_ok(&["volume", "create-block", "v", "128MiB"]);
     let blk = c.start_blk(&[]);
     // Its share is about 85 MiB: without the mark, the filesystem would run out under fio.
