@@ -6,7 +6,7 @@ use crate::{node_id, ok, ring_of, volume_id, wait_rebalanced};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use torus_testkit::{random_bytes, wait_until, Cluster};
+use torus_testkit::{wait_until, Cluster};
 use torus_types::{ExtentId, NodeId, VolumeId};
 
 /// Overwrites bytes of extent 0 on node `i`'s disk (the node must be stopped).
@@ -23,10 +23,7 @@ fn nodes_join_and_leave_under_io_and_every_extent_ends_with_r_copies() {
     c.ctl_ok(&["volume", "create-block", "data", "512MiB"]);
     let blk = c.start_blk(&[]);
     let uri = blk.uri("data");
-    let src = c.dir.path().join("data.bin");
-    let data = random_bytes(256 << 20, 0xda7a);
-    std::fs::write(&src, &data).unwrap();
-    ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(&uri));
+    let data = crate::write_known(&c, &uri, 256 << 20, 0xda7a);
 
     // fio keeps writing and verifying the other half throughout.
     let mut fio = Command::new("fio")

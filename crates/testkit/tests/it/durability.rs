@@ -5,17 +5,14 @@
 use crate::{http_get, ok, run, text};
 use std::io::{Seek, SeekFrom, Write};
 use std::process::Command;
-use torus_testkit::{random_bytes, Cluster};
+use torus_testkit::Cluster;
 
 #[test]
 fn flushed_writes_survive_kill_9_and_a_crash_mid_write_leaves_blocks_readable() {
     let mut c = Cluster::start(1, 1);
     c.ctl_ok(&["volume", "create-block", "d", "32MiB"]);
     let blk = c.start_blk(&[]);
-    let src = c.dir.path().join("flushed.bin");
-    let data = random_bytes(32 << 20, 42);
-    std::fs::write(&src, &data).unwrap();
-    ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(blk.uri("d")));
+    let data = crate::write_known(&c, &blk.uri("d"), 32 << 20, 42);
     c.node(0).kill9();
     c.start_node(0);
     let out = c.dir.path().join("back.bin");

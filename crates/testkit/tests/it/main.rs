@@ -48,6 +48,16 @@ pub fn http_get(port: u16, path: &str) -> String {
     body
 }
 
+/// Writes `len` random bytes (from `seed`) to the export at `uri` with
+/// nbdcopy and a flush; returns them, to compare with what reads back.
+pub fn write_known(c: &torus_testkit::Cluster, uri: &str, len: usize, seed: u64) -> Vec<u8> {
+    let src = c.dir.path().join(format!("known-{seed:x}.bin"));
+    let data = torus_testkit::random_bytes(len, seed);
+    std::fs::write(&src, &data).unwrap();
+    ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(uri));
+    data
+}
+
 /// A node's id, from its data directory.
 pub fn node_id(c: &torus_testkit::Cluster, i: usize) -> torus_types::NodeId {
     let v: serde_json::Value =

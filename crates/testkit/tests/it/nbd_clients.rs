@@ -34,11 +34,8 @@ fn nbdcopy_64mib_round_trip_byte_for_byte() {
     let c = Cluster::start(1, 1);
     c.ctl_ok(&["volume", "create-block", "copy", "64MiB"]);
     let blk = c.start_blk(&[]);
-    let src = c.dir.path().join("in.bin");
     let dst = c.dir.path().join("out.bin");
-    let data = random_bytes(64 << 20, 0x5eed);
-    std::fs::write(&src, &data).unwrap();
-    ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(blk.uri("copy")));
+    let data = crate::write_known(&c, &blk.uri("copy"), 64 << 20, 0x5eed);
     ok(Command::new("nbdcopy").arg(blk.uri("copy")).arg(&dst));
     let back = std::fs::read(&dst).unwrap();
     assert_eq!(back.len(), data.len());

@@ -9,7 +9,7 @@ use crate::{node_id, ok, ring_of, volume_id, wait_rebalanced};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use torus_testkit::{random_bytes, wait_until, Cluster};
+use torus_testkit::{wait_until, Cluster};
 use torus_types::{ExtentId, NodeId, VolumeId};
 
 const EXTENT: usize = 4 << 20;
@@ -100,10 +100,7 @@ fn node_killed_and_restarted(nodes: usize, r: u32, kill: &[usize]) {
     let blk = c.start_blk(&[]);
     let uri = blk.uri("v");
     // Known data in the first 64 MiB, written before any fault.
-    let src = c.dir.path().join("known.bin");
-    let known = random_bytes(64 << 20, 0x10_55);
-    std::fs::write(&src, &known).unwrap();
-    ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(&uri));
+    let known = crate::write_known(&c, &uri, 64 << 20, 0x10_55);
 
     let fio = start_fio(&uri, "64m", "192m", 30);
     std::thread::sleep(Duration::from_secs(4));
@@ -156,10 +153,7 @@ fn a_node_lost_for_good_is_removed_and_its_extents_are_copied_back_to_r() {
     c.ctl_ok(&["volume", "create-block", "v", "256MiB"]);
     let blk = c.start_blk(&[]);
     let uri = blk.uri("v");
-    let src = c.dir.path().join("known.bin");
-    let known = random_bytes(128 << 20, 0x1057);
-    std::fs::write(&src, &known).unwrap();
-    ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(&uri));
+    let known = crate::write_known(&c, &uri, 128 << 20, 0x1057);
     let lost_node = 3;
     let lost_id = node_id(&c, lost_node);
     let held = c.extents_on_disk(lost_node).len();
@@ -201,10 +195,7 @@ fn a_node_down_past_the_down_out_time_is_replaced_automatically_and_may_return_e
     c.ctl_ok(&["volume", "create-block", "v", "128MiB"]);
     let blk = c.start_blk(&[]);
     let uri = blk.uri("v");
-    let src = c.dir.path().join("known.bin");
-    let known = random_bytes(128 << 20, 0xd0);
-    std::fs::write(&src, &known).unwrap();
-    ok(Command::new("nbdcopy").arg("--flush").arg(&src).arg(&uri));
+    let known = crate::write_known(&c, &uri, 128 << 20, 0xd0);
 
     let fio = start_fio(&uri, "0", "64m", 20);
     std::thread::sleep(Duration::from_secs(3));
