@@ -1,7 +1,10 @@
 //! torusblk: the client side. `nbdserve` serves every block volume over NBD,
-//! the export name being the volume name.
+//! the export name being the volume name; `csi` is the CSI driver; `keeper`
+//! holds one volume attached on this host (started by `csi`).
 
+mod csi;
 mod exports;
+mod keeper;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -43,10 +46,17 @@ enum Cmd {
         #[arg(long = "node-timeout", default_value_t = 10)]
         node_timeout: u64,
     },
+    /// Serve the CSI driver (Identity, Controller, Node) on a unix socket.
+    Csi(csi::CsiArgs),
+    /// Hold one volume attached as a local block device (started by `torusblk csi`).
+    #[command(hide = true)]
+    Keeper(keeper::KeeperArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Csi(args) => csi::run(&cli.etcd, args).await,
+        Cmd::Keeper(args) => keeper::run(&cli.etcd, args).await,
         Cmd::Nbdserve { listen, read_only, lease_ttl, io_hold, node_connections, node_timeout } => {
             if !(1..=60).contains(&lease_ttl) {
                 bail!("--lease-ttl must be between 1 and 60 seconds");

@@ -25,3 +25,23 @@ pub enum VolumeError {
     #[error("the writer's lease was lost; the volume refuses writes until reopened")]
     LeaseLost,
 }
+
+impl VolumeError {
+    /// The Linux errno a local block-device front end (FUSE) answers with.
+    pub fn errno(&self) -> i32 {
+        match self {
+            VolumeError::OutOfRange { .. } => libc_errno::EINVAL,
+            VolumeError::ReadOnly => libc_errno::EROFS,
+            VolumeError::NoSpace { .. } => libc_errno::ENOSPC,
+            _ => libc_errno::EIO,
+        }
+    }
+}
+
+/// The few Linux errno values used above (the crate does not link libc).
+mod libc_errno {
+    pub const EIO: i32 = 5;
+    pub const EINVAL: i32 = 22;
+    pub const ENOSPC: i32 = 28;
+    pub const EROFS: i32 = 30;
+}

@@ -131,6 +131,8 @@ impl Placement {
 
 pub struct Volume {
     pub(crate) info: VolumeInfo,
+    /// Bytes; starts at `info.size` and only grows (`grow`).
+    size: AtomicU64,
     pub(crate) epoch: Epoch,
     /// Held for reading by every request; swapped (after in-flight requests drain) on ring changes.
     pub(crate) placement: tokio::sync::RwLock<Arc<Placement>>,
@@ -175,6 +177,7 @@ impl Volume {
         guard: Option<crate::manager::LockGuard>,
     ) -> Self {
         Volume {
+            size: AtomicU64::new(info.size),
             info,
             epoch,
             placement: tokio::sync::RwLock::new(Arc::new(placement)),
@@ -194,6 +197,12 @@ impl Volume {
 
     pub fn epoch(&self) -> Epoch {
         self.epoch
+    }
+
+    /// Takes a larger size recorded in the metadata (the volume was grown
+    /// while open); a smaller one is ignored: volumes never shrink.
+    pub fn grow(&self, new_size: u64) -> u64 {
+        self.size.fetch_max(new_size, Ordering::AcqRel).max(new_size)
     }
 
     /// Switches to a new placement once the requests using the old one have finished.
@@ -230,8 +239,8 @@ impl Volume {
 
     fn check(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.info.size => Ok(()),
-            _ => Err(VolumeError::OutOfRange { offset, len, size: self.info.size }),
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(VolumeError::OutOfRange { offset, len, size: self.size() }),
         }
     }
 
@@ -444,7 +453,7 @@ impl Drop for Volume {
 
 impl BlockDevice for Volume {
     fn size(&self) -> u64 {
-        self.info.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {

@@ -32,6 +32,12 @@ pub enum ClusterError {
     Contended,
     #[error("{reason}")]
     Refused { reason: String },
+    #[error("host {host:?} is not registered: no live host attaches volumes under that id")]
+    UnknownHost { host: String },
+    #[error("volume {volume:?} is published exclusively to live host {host:?}")]
+    AttachedElsewhere { volume: String, host: String },
+    #[error("volume {volume:?} is already published to host {host:?} in another mode (read-only: {read_only})")]
+    AttachedIncompatibly { volume: String, host: String, read_only: bool },
 }
 
 impl ClusterError {

@@ -11,21 +11,25 @@
 //! | `locks/<volume id>`    | [`VolumeLock`] | on the writer's lease              |
 //! | `rebalance/<node uuid>`| [`RebalanceProgress`] | rewritten per ring version  |
 //! | `vstate/<volume id>`   | [`ReplicaState`] | by the writer: write intent, copies to catch up |
+//! | `hosts/<host id>`      | [`HostInfo`]   | on the host's lease (a CSI node plugin) |
+//! | `attachments/<volume name>` | [`Attachments`] | hosts a volume is published to |
 //!
 //! Nothing here is per extent or per I/O: metadata grows with nodes and volumes
 //! only (`vstate` holds extent ranges, but only those recently written or missed).
 
+mod attachments;
 mod error;
 mod peers;
 mod replicas;
 mod ring_watch;
 mod volumes;
 
+pub use attachments::{AttachMode, Attachments, HostInfo};
 pub use error::ClusterError;
 pub use peers::{PeerInfo, RebalanceProgress, RingDoc, RingMember};
 pub use replicas::{ExtentSet, ReplicaState};
 pub use ring_watch::RingWatch;
-pub use volumes::{validate_volume_name, VolumeInfo, VolumeLock};
+pub use volumes::{validate_volume_name, VolumeInfo, VolumeLock, MAX_VOLUME_SIZE};
 
 use crate::{MetaError, MetadataStore};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};

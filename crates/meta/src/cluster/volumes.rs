@@ -134,6 +134,36 @@ impl Cluster {
         Err(ClusterError::Contended)
     }
 
+    /// Grows a volume to `new_size` bytes (a multiple of 512). A size at or
+    /// below the current one changes nothing and returns the volume as it is:
+    /// volumes never shrink (data past the end would be lost).
+    pub async fn grow_volume(&self, name: &str, new_size: u64) -> Result<VolumeInfo> {
+        if new_size % 512 != 0 || new_size > MAX_VOLUME_SIZE {
+            return Err(ClusterError::InvalidVolumeSize {
+                size: new_size,
+                reason: "it must be a multiple of 512 bytes and at most 1 EiB".into(),
+            });
+        }
+        for _ in 0..16 {
+            let kv = self
+                .store
+                .get(&name_key(name))
+                .await?
+                .ok_or_else(|| ClusterError::VolumeNotFound { name: name.to_string() })?;
+            let mut info: VolumeInfo = decode(&kv.key, &kv.value)?;
+            if new_size <= info.size {
+                return Ok(info);
+            }
+            info.size = new_size;
+            let txn = Txn::when(vec![Compare::mod_revision(name_key(name), kv.mod_revision)])
+                .and_then(vec![TxnOp::put(name_key(name), encode(&info))]);
+            if self.store.txn(txn).await?.succeeded {
+                return Ok(info);
+            }
+        }
+        Err(ClusterError::Contended)
+    }
+
     pub async fn volume(&self, name: &str) -> Result<VolumeInfo> {
         match self.store.get(&name_key(name)).await? {
             Some(kv) => decode(&kv.key, &kv.value),
@@ -166,7 +196,11 @@ impl Cluster {
             Compare::mod_revision(name_key(name), kv.mod_revision),
             Compare::exists(lock_key(info.id), false),
         ])
-        .and_then(vec![TxnOp::delete(name_key(name)), TxnOp::delete(super::replicas::state_key(info.id))]);
+        .and_then(vec![
+            TxnOp::delete(name_key(name)),
+            TxnOp::delete(super::replicas::state_key(info.id)),
+            TxnOp::delete(super::attachments::attachments_key(name)),
+        ]);
         if self.store.txn(txn).await?.succeeded {
             return Ok(info);
         }

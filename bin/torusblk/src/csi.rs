@@ -1,0 +1,161 @@
+//! `torusblk csi`: the CSI driver (controller, node or both) on a unix socket.
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use torus_cli::EtcdArgs;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ModeArg {
+    Controller,
+    Node,
+    All,
+}
+
+/// How volumes become local block devices on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttachArg {
+    /// The kernel NBD driver if this host has it, else FUSE + loop.
+    Auto,
+    /// A FUSE file backed by the volume, bound to a loop device with direct I/O.
+    Fuse,
+    /// The kernel NBD driver, configured through netlink.
+    Nbd,
+}
+
+#[derive(Args, Debug)]
+pub struct CsiArgs {
+    /// The CSI endpoint: unix:///PATH/csi.sock.
+    #[arg(long)]
+    endpoint: String,
+    /// This host's id as the CO knows it (the Kubernetes node name). Required for --mode node and all.
+    #[arg(long = "node-id", env = "NODE_ID", default_value = "")]
+    node_id: String,
+    /// Which services to serve.
+    #[arg(long, value_enum, default_value = "all")]
+    mode: ModeArg,
+    /// Where the node service keeps what it staged and its attachments (must survive plugin restarts).
+    #[arg(long = "state-dir", default_value = "/var/lib/torus-csi")]
+    state_dir: PathBuf,
+    /// This host's failure-domain labels (zone=a), reported as topology.csi.torus.io/<key>.
+    #[arg(long, value_delimiter = ',')]
+    label: Vec<String>,
+    /// A cgroup directory the attachment keepers are moved into, so that
+    /// stopping the plugin's own cgroup (a container restart) does not end them.
+    #[arg(long = "keeper-cgroup")]
+    keeper_cgroup: Option<PathBuf>,
+    /// How volumes are attached.
+    #[arg(long, value_enum, default_value = "auto")]
+    attach: AttachArg,
+    /// TTL in seconds of the writer lease of each attached volume, and of this host's registration.
+    #[arg(long = "lease-ttl", default_value_t = 10)]
+    lease_ttl: u64,
+    /// Seconds NodeStageVolume waits for another holder's writer lease to lapse (default: the lease TTL + 2).
+    #[arg(long = "lock-wait")]
+    lock_wait: Option<u64>,
+    /// Seconds a storage node may take to answer one request (passed to each keeper).
+    #[arg(long = "node-timeout", default_value_t = 10)]
+    node_timeout: u64,
+}
+
+fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .with_context(|| format!("--endpoint {endpoint:?}: only unix:///PATH endpoints are served"))?;
+    if !path.starts_with('/') {
+        bail!("--endpoint {endpoint:?}: the socket path must be absolute (unix:///PATH)");
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    raw.iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => bail!("label {s:?} is not KEY=VALUE"),
+        })
+        .collect()
+}
+
+/// The attach path this host uses.
+fn choose(attach: AttachArg) -> anyhow::Result<&'static str> {
+    let kernel_nbd = std::path::Path::new("/sys/module/nbd").exists();
+    match attach {
+        AttachArg::Fuse => Ok("fuse"),
+        AttachArg::Auto => {
+            if kernel_nbd {
+                tracing::warn!("this host has the kernel NBD driver, but this build attaches through FUSE + loop");
+            }
+            Ok("fuse")
+        }
+        AttachArg::Nbd => {
+            bail!("--attach nbd: the kernel NBD attach path is not available in this build; use --attach fuse")
+        }
+    }
+}
+
+pub async fn run(etcd: &EtcdArgs, args: CsiArgs) -> anyhow::Result<()> {
+    let socket = socket_path(&args.endpoint)?;
+    let mode = match args.mode {
+        ModeArg::Controller => torus_csi::Mode::Controller,
+        ModeArg::Node => torus_csi::Mode::Node,
+        ModeArg::All => torus_csi::Mode::All,
+    };
+    if mode.node() && args.node_id.is_empty() {
+        bail!("--node-id is required with --mode node or all");
+    }
+    if !(1..=60).contains(&args.lease_ttl) {
+        bail!("--lease-ttl must be between 1 and 60 seconds");
+    }
+    let labels = labels(&args.label)?;
+    let backend = choose(args.attach)?;
+    let cluster = etcd.connect().await?;
+    cluster.config().await?;
+    let lock_wait = Duration::from_secs(args.lock_wait.unwrap_or(args.lease_ttl + 2));
+    let exe = std::env::current_exe().context("finding the torusblk binary for keepers")?;
+    let command: Vec<OsString> =
+        vec![exe.into(), "-C".into(), etcd.etcd.clone().into(), "--etcd-prefix".into(), etcd.prefix.clone().into()];
+    let keeper_args: Vec<OsString> = vec![
+        "--lease-ttl".into(),
+        args.lease_ttl.to_string().into(),
+        "--node-timeout".into(),
+        args.node_timeout.to_string().into(),
+    ];
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating the state dir {}", args.state_dir.display()))?;
+    let attacher = Arc::new(torus_attach::ProcessAttacher::new(
+        args.state_dir.clone(),
+        command,
+        keeper_args,
+        args.keeper_cgroup.clone(),
+        lock_wait,
+    ));
+    tracing::info!(backend, state_dir = %args.state_dir.display(), "attach path chosen");
+    let opts = torus_csi::Options {
+        socket,
+        mode,
+        node_id: args.node_id.clone(),
+        labels,
+        state_dir: args.state_dir.clone(),
+        attacher,
+        lease_ttl: Duration::from_secs(args.lease_ttl),
+    };
+    let shutdown = async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping (attached volumes stay attached)"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping (attached volumes stay attached)"),
+        }
+    };
+    torus_csi::serve(cluster, opts, shutdown).await?;
+    Ok(())
+}

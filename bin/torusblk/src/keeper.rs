@@ -1,0 +1,51 @@
+//! `torusblk keeper`: holds one attachment (started by `torusblk csi`, not by hand).
+
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Duration;
+use torus_attach::keeper::{self, KeeperOptions};
+use torus_cli::EtcdArgs;
+use torus_volume::ManagerOptions;
+
+#[derive(Args, Debug)]
+pub struct KeeperArgs {
+    #[arg(long)]
+    volume: String,
+    /// The attachment's directory.
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long = "read-only")]
+    read_only: bool,
+    #[arg(long = "lock-wait-ms", default_value_t = 12_000)]
+    lock_wait_ms: u64,
+    #[arg(long = "lease-ttl", default_value_t = 10)]
+    lease_ttl: u64,
+    #[arg(long = "node-timeout", default_value_t = 10)]
+    node_timeout: u64,
+    #[arg(long = "io-hold", default_value_t = 60)]
+    io_hold: u64,
+}
+
+/// Runs the keeper; exits with the status `keeper::exit_code` gives on failure.
+pub async fn run(etcd: &EtcdArgs, args: KeeperArgs) -> anyhow::Result<()> {
+    let cluster = etcd.connect().await?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let opts = KeeperOptions {
+        volume: args.volume.clone(),
+        dir: args.dir,
+        read_only: args.read_only,
+        lock_wait: Duration::from_millis(args.lock_wait_ms),
+        manager: ManagerOptions {
+            lease_ttl: Duration::from_secs(args.lease_ttl),
+            holder: format!("torusblk keeper on {} (pid {})", host.trim(), std::process::id()),
+            conns_per_node: 2,
+            request_timeout: Duration::from_secs(args.node_timeout),
+            io_hold: Duration::from_secs(args.io_hold),
+        },
+    };
+    if let Err(e) = keeper::run(cluster, opts).await {
+        eprintln!("torusblk: keeper for {}: {e}", args.volume);
+        std::process::exit(keeper::exit_code(&e));
+    }
+    Ok(())
+}

@@ -1,0 +1,478 @@
+//! The CSI Controller service: volumes in the cluster's metadata.
+//!
+//! - A CSI volume id is the Torus volume name (CreateVolume's `name`), so
+//!   every call is idempotent by its natural key.
+//! - CreateVolume rounds the size up to the extent size (or, when the limit
+//!   forbids that, to 4 KiB); StorageClass parameters: `replication`, and
+//!   `csi.storage.k8s.io/fstype` (checked; the file system itself arrives in
+//!   the volume capability at staging). Other `csi.storage.k8s.io/*` keys
+//!   (PVC name and namespace from --extra-create-metadata) are accepted.
+//! - ControllerPublishVolume records which host may attach the volume
+//!   (`attachments/<volume>` in etcd); single-node modes are exclusive
+//!   among live hosts. The data itself is guarded by the writer lock taken
+//!   when a host attaches (NodeStageVolume), not by this record.
+
+use crate::pb::controller_server::Controller;
+use crate::pb::controller_service_capability::rpc::Type as CtlCap;
+use crate::pb::*;
+use crate::{caps, status};
+use std::collections::HashMap;
+use tonic::{Request, Response, Status};
+use torus_meta::cluster::{AttachMode, Cluster, ClusterError, VolumeInfo};
+
+/// Size of a volume created without a capacity range.
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+pub const PARAM_REPLICATION: &str = "replication";
+pub const PARAM_FSTYPE: &str = "csi.storage.k8s.io/fstype";
+/// Prefix of the parameters Kubernetes adds (accepted, not used).
+const K8S_PARAM_PREFIX: &str = "csi.storage.k8s.io/";
+/// ListVolumes tokens: this prefix and the last name returned.
+const TOKEN_PREFIX: &str = "after:";
+
+pub struct ControllerService {
+    cluster: Cluster,
+}
+
+impl ControllerService {
+    pub fn new(cluster: Cluster) -> Self {
+        ControllerService { cluster }
+    }
+
+    /// Abnormal while copies must be caught up, or ring members are down
+    /// (extents placed there have fewer than R live copies), or the ring has
+    /// fewer nodes than the volume's replication.
+    async fn condition(&self, info: &VolumeInfo) -> Result<VolumeCondition, Status> {
+        let state = self.cluster.replica_state(info.id).await.map_err(status::cluster)?;
+        let (ring, _) = self.cluster.ring().await.map_err(status::cluster)?;
+        let peers = self.cluster.peers().await.map_err(status::cluster)?;
+        let mut problems = Vec::new();
+        let missing: usize = state.missing.values().map(|s| s.len()).sum();
+        if missing > 0 {
+            problems.push(format!("{missing} extent copies on {} node(s) are to be caught up", state.missing.len()));
+        }
+        let down = ring.members.iter().filter(|m| !peers.iter().any(|p| p.id == m.id)).count();
+        if down > 0 {
+            problems.push(format!("{down} storage node(s) holding its data are down"));
+        }
+        if ring.members.len() < info.replication as usize {
+            problems.push(format!(
+                "under-replicated: replication {} but {} node(s) in the ring",
+                info.replication,
+                ring.members.len()
+            ));
+        }
+        Ok(if problems.is_empty() {
+            VolumeCondition {
+                abnormal: false,
+                message: format!("healthy: {} copies of every extent", info.replication),
+            }
+        } else {
+            VolumeCondition { abnormal: true, message: problems.join("; ") }
+        })
+    }
+
+    async fn published_hosts(&self, name: &str) -> Result<Vec<String>, Status> {
+        Ok(self.cluster.attachments(name).await.map_err(status::cluster)?.hosts.into_keys().collect())
+    }
+}
+
+fn volume_message(info: &VolumeInfo, topology: Vec<Topology>) -> Volume {
+    Volume {
+        capacity_bytes: info.size as i64,
+        volume_id: info.name.clone(),
+        volume_context: HashMap::from([(PARAM_REPLICATION.to_string(), info.replication.to_string())]),
+        content_source: None,
+        accessible_topology: topology,
+    }
+}
+
+/// The size to create for a capacity range, or why none fits.
+pub fn size_for(range: Option<&CapacityRange>, extent_size: u64) -> Result<u64, Status> {
+    let (required, limit) = range.map(|r| (r.required_bytes, r.limit_bytes)).unwrap_or((0, 0));
+    if required < 0 || limit < 0 {
+        return Err(Status::invalid_argument("capacity_range: bytes must not be negative"));
+    }
+    let (required, limit) = (required as u64, limit as u64);
+    if limit > 0 && required > limit {
+        return Err(Status::out_of_range(format!("required_bytes {required} is larger than limit_bytes {limit}")));
+    }
+    let wanted = if required == 0 { DEFAULT_SIZE.min(if limit > 0 { limit } else { u64::MAX }) } else { required };
+    let round = |to: u64| wanted.div_ceil(to).checked_mul(to);
+    for step in [extent_size, 4096] {
+        if let Some(size) = round(step) {
+            if limit == 0 || size <= limit {
+                if size > torus_meta::cluster::MAX_VOLUME_SIZE {
+                    break;
+                }
+                return Ok(size);
+            }
+        }
+    }
+    Err(Status::out_of_range(format!(
+        "no size of whole 4 KiB blocks between {required} and {} bytes (at most 1 EiB)",
+        if limit > 0 { limit.to_string() } else { "unlimited".into() }
+    )))
+}
+
+fn parse_replication(params: &HashMap<String, String>) -> Result<Option<u32>, Status> {
+    for (k, v) in params {
+        match k.as_str() {
+            PARAM_REPLICATION => {}
+            PARAM_FSTYPE => {
+                if !caps::FS_TYPES.contains(&v.as_str()) {
+                    return Err(Status::invalid_argument(format!(
+                        "parameter {PARAM_FSTYPE}={v:?}: use one of {}",
+                        caps::FS_TYPES.join(", ")
+                    )));
+                }
+            }
+            _ if k.starts_with(K8S_PARAM_PREFIX) => {}
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown parameter {k:?} (known: {PARAM_REPLICATION}, {PARAM_FSTYPE})"
+                )))
+            }
+        }
+    }
+    match params.get(PARAM_REPLICATION) {
+        None => Ok(None),
+        Some(v) => match v.parse::<u32>() {
+            Ok(r) if (1..=16).contains(&r) => Ok(Some(r)),
+            _ => Err(Status::invalid_argument(format!("parameter {PARAM_REPLICATION}={v:?}: a number from 1 to 16"))),
+        },
+    }
+}
+
+fn need(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    Ok(())
+}
+
+fn capabilities(list: &[CtlCap]) -> Vec<ControllerServiceCapability> {
+    list.iter()
+        .map(|t| ControllerServiceCapability {
+            r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc {
+                r#type: *t as i32,
+            })),
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
+        let req = req.into_inner();
+        need("name", &req.name)?;
+        caps::parse_all(&req.volume_capabilities)?;
+        let replication = parse_replication(&req.parameters)?;
+        if req.volume_content_source.is_some() {
+            return Err(Status::invalid_argument(
+                "volume_content_source: creating from a snapshot or another volume is not supported yet",
+            ));
+        }
+        let config = self.cluster.config().await.map_err(status::cluster)?;
+        let size = size_for(req.capacity_range.as_ref(), config.extent_size)?;
+        // Every Torus volume is reachable from every host: it is accessible
+        // wherever it was asked to be.
+        let topology = req.accessibility_requirements.as_ref().map(|t| t.requisite.clone()).unwrap_or_default();
+        let info = match self.cluster.create_volume(&req.name, size, replication).await {
+            Ok(info) => info,
+            Err(ClusterError::VolumeExists { .. }) => {
+                let info = self.cluster.volume(&req.name).await.map_err(status::cluster)?;
+                let (required, limit) = req
+                    .capacity_range
+                    .as_ref()
+                    .map(|r| (r.required_bytes as u64, r.limit_bytes as u64))
+                    .unwrap_or((0, 0));
+                let fits = info.size >= required && (limit == 0 || info.size <= limit);
+                if !fits || replication.is_some_and(|r| r != info.replication) {
+                    return Err(Status::already_exists(format!(
+                        "volume {:?} exists with {} bytes and replication {}, which this request does not accept",
+                        info.name, info.size, info.replication
+                    )));
+                }
+                info
+            }
+            Err(e) => return Err(status::cluster(e)),
+        };
+        tracing::info!(volume = %info.name, size = info.size, replication = info.replication, "volume created");
+        Ok(Response::new(CreateVolumeResponse { volume: Some(volume_message(&info, topology)) }))
+    }
+
+    async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let req = req.into_inner();
+        need("volume_id", &req.volume_id)?;
+        match self.cluster.delete_volume(&req.volume_id).await {
+            Ok(_) => tracing::info!(volume = %req.volume_id, "volume deleted"),
+            Err(ClusterError::VolumeNotFound { .. }) => {}
+            Err(e) => return Err(status::cluster(e)),
+        }
+        Ok(Response::new(DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        req: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        let req = req.into_inner();
+        need("volume_id", &req.volume_id)?;
+        need("node_id", &req.node_id)?;
+        let cap = caps::parse(
+            req.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume_capability is required"))?,
+        )?;
+        let mode = AttachMode { read_only: req.readonly || cap.read_only(), exclusive: cap.single_node() };
+        self.cluster.publish(&req.volume_id, &req.node_id, mode).await.map_err(status::cluster)?;
+        Ok(Response::new(ControllerPublishVolumeResponse { publish_context: HashMap::new() }))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        req: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        let req = req.into_inner();
+        need("volume_id", &req.volume_id)?;
+        let hosts = if req.node_id.is_empty() {
+            self.published_hosts(&req.volume_id).await?
+        } else {
+            vec![req.node_id.clone()]
+        };
+        for h in hosts {
+            self.cluster.unpublish(&req.volume_id, &h).await.map_err(status::cluster)?;
+        }
+        Ok(Response::new(ControllerUnpublishVolumeResponse {}))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = req.into_inner();
+        need("volume_id", &req.volume_id)?;
+        if req.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume_capabilities is required"));
+        }
+        let info = self.cluster.volume(&req.volume_id).await.map_err(status::cluster)?;
+        if let Err(e) = caps::parse_all(&req.volume_capabilities) {
+            return Ok(Response::new(ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: e.message().to_string(),
+            }));
+        }
+        if let Err(e) = parse_replication(&req.parameters) {
+            return Ok(Response::new(ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: e.message().to_string(),
+            }));
+        }
+        let context = volume_message(&info, Vec::new()).volume_context;
+        if req.volume_context.iter().any(|(k, v)| context.get(k) != Some(v)) {
+            return Ok(Response::new(ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: "volume_context does not match the volume's".into(),
+            }));
+        }
+        Ok(Response::new(ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(validate_volume_capabilities_response::Confirmed {
+                volume_context: req.volume_context,
+                volume_capabilities: req.volume_capabilities,
+                parameters: req.parameters,
+                mutable_parameters: HashMap::new(),
+            }),
+            message: String::new(),
+        }))
+    }
+
+    async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
+        let req = req.into_inner();
+        if req.max_entries < 0 {
+            return Err(Status::invalid_argument("max_entries must not be negative"));
+        }
+        let after = if req.starting_token.is_empty() {
+            None
+        } else {
+            Some(req.starting_token.strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
+                Status::aborted(format!("starting_token {:?} was not returned by ListVolumes", req.starting_token))
+            })?)
+        };
+        let volumes = self.cluster.volumes().await.map_err(status::cluster)?;
+        let rest: Vec<&VolumeInfo> = volumes.iter().filter(|v| after.is_none_or(|a| v.name.as_str() > a)).collect();
+        let take = if req.max_entries == 0 { rest.len() } else { (req.max_entries as usize).min(rest.len()) };
+        let mut entries = Vec::with_capacity(take);
+        for info in &rest[..take] {
+            entries.push(list_volumes_response::Entry {
+                volume: Some(volume_message(info, Vec::new())),
+                status: Some(list_volumes_response::VolumeStatus {
+                    published_node_ids: self.published_hosts(&info.name).await?,
+                    volume_condition: Some(self.condition(info).await?),
+                }),
+            });
+        }
+        let next_token =
+            if take < rest.len() { format!("{TOKEN_PREFIX}{}", rest[take - 1].name) } else { String::new() };
+        Ok(Response::new(ListVolumesResponse { entries, next_token }))
+    }
+
+    async fn get_capacity(&self, req: Request<GetCapacityRequest>) -> Result<Response<GetCapacityResponse>, Status> {
+        let req = req.into_inner();
+        if !req.volume_capabilities.is_empty() {
+            caps::parse_all(&req.volume_capabilities)?;
+        }
+        let replication = parse_replication(&req.parameters)?;
+        let config = self.cluster.config().await.map_err(status::cluster)?;
+        let r = replication.unwrap_or(config.replication).max(1) as u64;
+        let (ring, _) = self.cluster.ring().await.map_err(status::cluster)?;
+        let peers = self.cluster.peers().await.map_err(status::cluster)?;
+        // Free space of live ring members that take new data, divided by the copies each byte needs.
+        let free: u64 = ring
+            .members
+            .iter()
+            .filter(|m| !m.full)
+            .filter_map(|m| peers.iter().find(|p| p.id == m.id))
+            .map(|p| p.capacity.saturating_sub(p.used))
+            .sum();
+        let available = free / r;
+        Ok(Response::new(GetCapacityResponse {
+            available_capacity: available.min(i64::MAX as u64) as i64,
+            maximum_volume_size: Some(torus_meta::cluster::MAX_VOLUME_SIZE as i64),
+            minimum_volume_size: Some(4096),
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _req: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities: capabilities(&[
+                CtlCap::CreateDeleteVolume,
+                CtlCap::PublishUnpublishVolume,
+                CtlCap::ListVolumes,
+                CtlCap::GetCapacity,
+                CtlCap::ExpandVolume,
+                CtlCap::ListVolumesPublishedNodes,
+                CtlCap::VolumeCondition,
+                CtlCap::GetVolume,
+                CtlCap::PublishReadonly,
+                CtlCap::SingleNodeMultiWriter,
+            ]),
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _req: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported yet"))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _req: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported yet"))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _req: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported yet"))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        req: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let req = req.into_inner();
+        need("volume_id", &req.volume_id)?;
+        let range = req.capacity_range.ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
+        if let Some(cap) = &req.volume_capability {
+            caps::parse(cap)?;
+        }
+        if range.required_bytes < 0 || range.limit_bytes < 0 {
+            return Err(Status::invalid_argument("capacity_range: bytes must not be negative"));
+        }
+        let (required, limit) = (range.required_bytes as u64, range.limit_bytes as u64);
+        let current = self.cluster.volume(&req.volume_id).await.map_err(status::cluster)?;
+        if limit > 0 && current.size > limit {
+            return Err(Status::out_of_range(format!(
+                "the volume has {} bytes already, more than limit_bytes {limit}; volumes never shrink",
+                current.size
+            )));
+        }
+        let size = required.div_ceil(512) * 512;
+        if limit > 0 && size > limit {
+            return Err(Status::out_of_range(format!("{size} bytes (whole sectors) exceeds limit_bytes {limit}")));
+        }
+        let info = self.cluster.grow_volume(&req.volume_id, size).await.map_err(status::cluster)?;
+        if info.size > current.size {
+            tracing::info!(volume = %info.name, from = current.size, to = info.size, "volume grown");
+        }
+        Ok(Response::new(ControllerExpandVolumeResponse {
+            capacity_bytes: info.size as i64,
+            // The attached device and the file system on it grow on the host.
+            node_expansion_required: true,
+        }))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        req: Request<ControllerGetVolumeRequest>,
+    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        let req = req.into_inner();
+        need("volume_id", &req.volume_id)?;
+        let info = self.cluster.volume(&req.volume_id).await.map_err(status::cluster)?;
+        Ok(Response::new(ControllerGetVolumeResponse {
+            volume: Some(volume_message(&info, Vec::new())),
+            status: Some(controller_get_volume_response::VolumeStatus {
+                published_node_ids: self.published_hosts(&info.name).await?,
+                volume_condition: Some(self.condition(&info).await?),
+            }),
+        }))
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _req: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        Err(Status::unimplemented("modifying volumes is not supported"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(required: i64, limit: i64) -> CapacityRange {
+        CapacityRange { required_bytes: required, limit_bytes: limit }
+    }
+
+    #[test]
+    fn sizes_round_up_to_the_extent_then_to_4k_within_the_limit() {
+        let es = 4 << 20;
+        assert_eq!(size_for(None, es).expect("default"), DEFAULT_SIZE);
+        assert_eq!(size_for(Some(&range(1, 0)), es).expect("tiny"), es);
+        assert_eq!(size_for(Some(&range(10 << 30, 0)), es).expect("10 GiB"), 10 << 30);
+        assert_eq!(size_for(Some(&range(5 << 20, 0)), es).expect("5 MiB"), 8 << 20);
+        assert_eq!(size_for(Some(&range(5 << 20, 6 << 20)), es).expect("limited"), 5 << 20);
+        assert_eq!(size_for(Some(&range(0, 1 << 20)), es).expect("limit only"), 1 << 20);
+        assert_eq!(size_for(Some(&range(10, 100)), es).expect_err("too small").code(), tonic::Code::OutOfRange);
+        assert_eq!(size_for(Some(&range(200, 100)), es).expect_err("inverted").code(), tonic::Code::OutOfRange);
+        assert_eq!(size_for(Some(&range(-1, 0)), es).expect_err("negative").code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn parameters() {
+        let p = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(parse_replication(&p(&[])).expect("none"), None);
+        assert_eq!(parse_replication(&p(&[("replication", "3"), (PARAM_FSTYPE, "xfs")])).expect("ok"), Some(3));
+        assert!(parse_replication(&p(&[("csi.storage.k8s.io/pvc/name", "data")])).is_ok());
+        for bad in
+            [&[("replication", "0")][..], &[("replication", "x")], &[("colour", "red")], &[(PARAM_FSTYPE, "zfs")]]
+        {
+            assert_eq!(parse_replication(&p(bad)).expect_err("bad").code(), tonic::Code::InvalidArgument);
+        }
+    }
+}

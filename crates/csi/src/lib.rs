@@ -1,0 +1,34 @@
+//! torus-csi: Torus as a CSI v1.10.0 driver (Identity, Controller, Node).
+//!
+//! - [`pb`]: the messages and services generated from the specification's
+//!   `csi.proto` (in `proto/`, unchanged).
+//! - [`identity`], [`controller`], [`node`]: the three services.
+//! - [`caps`]: which access modes and types are served; [`status`]: our
+//!   errors as gRPC codes, in one place; [`mount`]: mounts, probing,
+//!   formatting and growing file systems on the host.
+//! - [`server`]: the unix socket, and the host's registration in etcd.
+//!
+//! Depends on torus-meta for volumes and on torus-attach's `Attacher` trait
+//! for local devices: it knows nothing of NBD, FUSE or the data path.
+
+pub mod caps;
+pub mod controller;
+pub mod identity;
+pub mod mount;
+pub mod node;
+pub mod server;
+pub mod status;
+
+/// The messages and services of the CSI specification.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("csi.v1");
+}
+
+/// The driver's name, as Kubernetes' CSIDriver object and StorageClasses name it.
+pub const DRIVER_NAME: &str = "csi.torus.io";
+/// Topology segments are the host's failure-domain labels under this prefix
+/// (`--label zone=a` -> `topology.csi.torus.io/zone: a`).
+pub const TOPOLOGY_PREFIX: &str = "topology.csi.torus.io/";
+
+pub use server::{serve, Mode, Options, ServeError};

@@ -1,0 +1,476 @@
+//! The CSI Node service: staging (attach, then mount at the staging path),
+//! publishing (bind mounts), stats and online growth on this host.
+//!
+//! - NodeStageVolume attaches the volume through the [`Attacher`] (for a
+//!   writable attachment that takes the volume's writer lock, waiting a
+//!   bounded time for a dead holder's lease to lapse: that is where
+//!   single-writer exclusivity is enforced), then, for a mount volume, probes
+//!   the device and formats it **only if it is blank**, and mounts it.
+//! - What was staged is recorded in `<state dir>/staged/<volume>.json`, so a
+//!   restarted plugin answers repeats and unstages exactly as before.
+//! - Publishing bind-mounts the staged file system (or the device, for a raw
+//!   block volume, onto a file) at the target path, read-only when asked.
+
+use crate::caps::{self, Access, Capability};
+use crate::pb::node_server::Node;
+use crate::pb::node_service_capability::rpc::Type as NodeCap;
+use crate::pb::*;
+use crate::{mount, status, TOPOLOGY_PREFIX};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+use torus_attach::{AttachRequest, Attacher};
+use torus_meta::cluster::Cluster;
+
+/// What NodeStageVolume did for one volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Staged {
+    volume: String,
+    staging_path: PathBuf,
+    /// `None` for a raw block volume.
+    fs_type: Option<String>,
+    mount_flags: Vec<String>,
+    read_only: bool,
+    device: PathBuf,
+}
+
+pub struct NodeService<A: Attacher> {
+    cluster: Cluster,
+    attacher: Arc<A>,
+    node_id: String,
+    labels: BTreeMap<String, String>,
+    state_dir: PathBuf,
+    /// One staging or publishing operation per volume at a time.
+    busy: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn need(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    Ok(())
+}
+
+fn io_status(what: String) -> impl FnOnce(std::io::Error) -> Status {
+    move |e| Status::internal(format!("{what}: {e}"))
+}
+
+impl<A: Attacher> NodeService<A> {
+    pub fn new(
+        cluster: Cluster,
+        attacher: Arc<A>,
+        node_id: String,
+        labels: BTreeMap<String, String>,
+        state_dir: PathBuf,
+    ) -> Self {
+        NodeService { cluster, attacher, node_id, labels, state_dir, busy: Default::default() }
+    }
+
+    fn serialise(&self, volume: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.busy.lock().expect("busy map poisoned").entry(volume.to_string()).or_default().clone()
+    }
+
+    fn record_path(&self, volume: &str) -> PathBuf {
+        self.state_dir.join("staged").join(format!("{volume}.json"))
+    }
+
+    fn staged(&self, volume: &str) -> Option<Staged> {
+        let bytes = std::fs::read(self.record_path(volume)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn save(&self, s: &Staged) -> Result<(), Status> {
+        let path = self.record_path(&s.volume);
+        let dir = path.parent().expect("record path has a parent");
+        std::fs::create_dir_all(dir).map_err(io_status(format!("creating {}", dir.display())))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(s).expect("records serialise"))
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(io_status(format!("writing {}", path.display())))
+    }
+
+    async fn volume_exists(&self, volume: &str) -> Result<(), Status> {
+        self.cluster.volume(volume).await.map(drop).map_err(status::cluster)
+    }
+
+    /// Mounts the attached device at the staging path, formatting it first only if blank.
+    fn stage_fs(&self, s: &Staged, size: u64) -> Result<(), Status> {
+        let fs_type = s.fs_type.as_deref().expect("a mount volume has a file system");
+        if let Some(m) = mount::mounted_at(&s.staging_path)? {
+            if Path::new(&m.source) == s.device {
+                return Ok(());
+            }
+            return Err(Status::already_exists(format!(
+                "{} is already a mount of {}, not of volume {}",
+                s.staging_path.display(),
+                m.source,
+                s.volume
+            )));
+        }
+        match mount::probe(&s.device, size)? {
+            mount::Probe::FileSystem(t) if t == fs_type => {}
+            mount::Probe::FileSystem(t) => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} holds a {t} file system, not {fs_type}: refusing to mount or format it",
+                    s.volume
+                )))
+            }
+            mount::Probe::Other(what) => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} holds {what}, not a file system: refusing to format it",
+                    s.volume
+                )))
+            }
+            mount::Probe::Blank if s.read_only => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} has no file system yet and is staged read-only: stage it for writing once first",
+                    s.volume
+                )))
+            }
+            mount::Probe::Blank => {
+                tracing::info!(volume = %s.volume, device = %s.device.display(), fs_type, "blank volume: making a file system");
+                mount::mkfs(&s.device, fs_type)?;
+            }
+        }
+        let mut options = s.mount_flags.clone();
+        if s.read_only {
+            options.extend(mount::read_only_options(fs_type));
+        }
+        mount::mount(&s.device, &s.staging_path, Some(fs_type), &options)
+    }
+
+    fn condition(&self, volume: &str) -> VolumeCondition {
+        match self.attacher.find(volume) {
+            Some(a) if a.device.exists() => VolumeCondition { abnormal: false, message: "attached".into() },
+            Some(a) => VolumeCondition {
+                abnormal: true,
+                message: format!("the device {} of the attachment is gone", a.device.display()),
+            },
+            None => VolumeCondition {
+                abnormal: true,
+                message: "the process serving the volume on this host is gone: I/O fails until it is staged again"
+                    .into(),
+            },
+        }
+    }
+}
+
+fn capability(cap: Option<&VolumeCapability>) -> Result<Capability, Status> {
+    caps::parse(cap.ok_or_else(|| Status::invalid_argument("volume_capability is required"))?)
+}
+
+#[tonic::async_trait]
+impl<A: Attacher> Node for NodeService<A> {
+    async fn node_stage_volume(
+        &self,
+        req: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let req = req.into_inner();
+        need("volume_id", &req.volume_id)?;
+        need("staging_target_path", &req.staging_target_path)?;
+        let cap = capability(req.volume_capability.as_ref())?;
+        let lock = self.serialise(&req.volume_id);
+        let _held = lock.lock().await;
+        let (fs_type, mount_flags) = match &cap.access {
+            Access::Mount { fs_type, flags } => (Some(fs_type.clone()), flags.clone()),
+            Access::Block => (None, Vec::new()),
+        };
+        let staging_path = PathBuf::from(&req.staging_target_path);
+        if let Some(prev) = self.staged(&req.volume_id) {
+            let same = prev.staging_path == staging_path
+                && prev.fs_type == fs_type
+                && prev.mount_flags == mount_flags
+                && prev.read_only == cap.read_only();
+            if !same {
+                return Err(Status::already_exists(format!(
+                    "volume {} is already staged at {} with another capability",
+                    req.volume_id,
+                    prev.staging_path.display()
+                )));
+            }
+        }
+        self.volume_exists(&req.volume_id).await?;
+        let attachment = self
+            .attacher
+            .attach(&AttachRequest { volume: req.volume_id.clone(), read_only: cap.read_only() })
+            .await
+            .map_err(status::attach)?;
+        let staged = Staged {
+            volume: req.volume_id.clone(),
+            staging_path,
+            fs_type,
+            mount_flags,
+            read_only: cap.read_only(),
+            device: attachment.device.clone(),
+        };
+        if staged.fs_type.is_some() {
+            if let Err(e) = self.stage_fs(&staged, attachment.size) {
+                tracing::warn!(volume = %req.volume_id, error = %e.message(), "staging failed; detaching");
+                if self.staged(&req.volume_id).is_none() {
+                    if let Err(d) = self.attacher.detach(&req.volume_id).await {
+                        tracing::warn!(volume = %req.volume_id, error = %d, "could not detach after a failed stage");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        self.save(&staged)?;
+        tracing::info!(volume = %req.volume_id, device = %attachment.device.display(), path = %req.staging_target_path, "staged");
+        Ok(Response::new(NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        req: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let req = req.into_inner();
+        need("volume_id", &req.volume_id)?;
+        need("staging_target_path", &req.staging_target_path)?;
+        let lock = self.serialise(&req.volume_id);
+        let _held = lock.lock().await;
+        let staging_path = PathBuf::from(&req.staging_target_path);
+        let staged = self.staged(&req.volume_id);
+        if let Some(s) = &staged {
+            if s.staging_path != staging_path {
+                return Err(Status::invalid_argument(format!(
+                    "volume {} is staged at {}, not at {}",
+                    req.volume_id,
+                    s.staging_path.display(),
+                    staging_path.display()
+                )));
+            }
+        }
+        if staging_path.exists() {
+            mount::unmount(&staging_path)?;
+        }
+        self.attacher.detach(&req.volume_id).await.map_err(|e| match e {
+            torus_attach::AttachError::Failed { .. } => Status::failed_precondition(e.to_string()),
+            e => status::attach(e),
+        })?;
+        if staged.is_some() {
+            let p = self.record_path(&req.volume_id);
+            std::fs::remove_file(&p).map_err(io_status(format!("removing {}", p.display())))?;
+            tracing::info!(volume = %req.volume_id, "unstaged");
+        }
+        Ok(Response::new(NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let req = req.into_inner();
+        need("volume_id", &req.volume_id)?;
+        need("target_path", &req.target_path)?;
+        let cap = capability(req.volume_capability.as_ref())?;
+        if req.staging_target_path.is_empty() {
+            return Err(Status::failed_precondition("staging_target_path is required: stage the volume first"));
+        }
+        let lock = self.serialise(&req.volume_id);
+        let _held = lock.lock().await;
+        self.volume_exists(&req.volume_id).await?;
+        let staged = self.staged(&req.volume_id).ok_or_else(|| {
+            Status::failed_precondition(format!("volume {} is not staged on this node", req.volume_id))
+        })?;
+        if staged.staging_path != Path::new(&req.staging_target_path) {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is staged at {}, not at {}",
+                req.volume_id,
+                staged.staging_path.display(),
+                req.staging_target_path
+            )));
+        }
+        let read_only = req.readonly || cap.read_only();
+        if !read_only && staged.read_only {
+            return Err(Status::already_exists(format!(
+                "volume {} is staged read-only and cannot be published for writing",
+                req.volume_id
+            )));
+        }
+        let target = PathBuf::from(&req.target_path);
+        let (source, flags) = match (&cap.access, &staged.fs_type) {
+            (Access::Block, None) => (staged.device.clone(), Vec::new()),
+            (Access::Mount { flags, .. }, Some(_)) => (staged.staging_path.clone(), flags.clone()),
+            _ => {
+                return Err(Status::already_exists(format!(
+                    "volume {} is staged as {}, which this capability does not match",
+                    req.volume_id,
+                    if staged.fs_type.is_some() { "a file system" } else { "a block device" }
+                )))
+            }
+        };
+        if let Some(m) = mount::mounted_at(&target)? {
+            let ro = m.options.split(',').any(|o| o == "ro");
+            if ro != read_only {
+                return Err(Status::already_exists(format!(
+                    "{} is already published {}",
+                    target.display(),
+                    if ro { "read-only" } else { "read-write" }
+                )));
+            }
+            return Ok(Response::new(NodePublishVolumeResponse {}));
+        }
+        if staged.fs_type.is_some() {
+            std::fs::create_dir_all(&target).map_err(io_status(format!("creating {}", target.display())))?;
+        } else {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(io_status(format!("creating {}", parent.display())))?;
+            }
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&target)
+                .map_err(io_status(format!("creating {}", target.display())))?;
+        }
+        mount::bind(&source, &target, read_only, &flags)?;
+        tracing::info!(volume = %req.volume_id, target = %target.display(), read_only, "published");
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let req = req.into_inner();
+        need("volume_id", &req.volume_id)?;
+        need("target_path", &req.target_path)?;
+        let lock = self.serialise(&req.volume_id);
+        let _held = lock.lock().await;
+        let target = PathBuf::from(&req.target_path);
+        if std::fs::symlink_metadata(&target).is_ok() {
+            mount::unmount(&target)?;
+            let md = std::fs::symlink_metadata(&target).map_err(io_status(format!("stat {}", target.display())))?;
+            if md.is_dir() { std::fs::remove_dir(&target) } else { std::fs::remove_file(&target) }
+                .map_err(io_status(format!("removing {}", target.display())))?;
+            tracing::info!(volume = %req.volume_id, target = %target.display(), "unpublished");
+        }
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let req = req.into_inner();
+        need("volume_id", &req.volume_id)?;
+        need("volume_path", &req.volume_path)?;
+        let path = PathBuf::from(&req.volume_path);
+        let md =
+            std::fs::metadata(&path).map_err(|e| Status::not_found(format!("volume_path {}: {e}", path.display())))?;
+        let staged = self
+            .staged(&req.volume_id)
+            .ok_or_else(|| Status::not_found(format!("volume {} is not staged on this node", req.volume_id)))?;
+        let condition = Some(self.condition(&req.volume_id));
+        let mount = mount::mounted_at(&path)?;
+        let usage = if md.is_dir() {
+            let Some(m) = mount else {
+                return Err(Status::not_found(format!(
+                    "{} is not a mount of volume {}",
+                    path.display(),
+                    req.volume_id
+                )));
+            };
+            if m.source != staged.device.to_string_lossy() && path != staged.staging_path {
+                // A bind mount shows the device as its source too; anything else is another volume.
+                return Err(Status::not_found(format!(
+                    "{} is not a mount of volume {}",
+                    path.display(),
+                    req.volume_id
+                )));
+            }
+            let (total, avail, used, itotal, ifree, iused) = mount::usage(&path)?;
+            vec![
+                VolumeUsage {
+                    available: avail as i64,
+                    total: total as i64,
+                    used: used as i64,
+                    unit: volume_usage::Unit::Bytes as i32,
+                },
+                VolumeUsage {
+                    available: ifree as i64,
+                    total: itotal as i64,
+                    used: iused as i64,
+                    unit: volume_usage::Unit::Inodes as i32,
+                },
+            ]
+        } else {
+            let total = mount::device_size(&staged.device)?;
+            vec![VolumeUsage { available: 0, total: total as i64, used: 0, unit: volume_usage::Unit::Bytes as i32 }]
+        };
+        Ok(Response::new(NodeGetVolumeStatsResponse { usage, volume_condition: condition }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        req: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        let req = req.into_inner();
+        need("volume_id", &req.volume_id)?;
+        need("volume_path", &req.volume_path)?;
+        if let Some(c) = &req.volume_capability {
+            caps::parse(c)?;
+        }
+        let path = PathBuf::from(&req.volume_path);
+        if !path.exists() {
+            return Err(Status::not_found(format!("volume_path {} does not exist", path.display())));
+        }
+        let lock = self.serialise(&req.volume_id);
+        let _held = lock.lock().await;
+        let info = self.cluster.volume(&req.volume_id).await.map_err(status::cluster)?;
+        let staged = self
+            .staged(&req.volume_id)
+            .ok_or_else(|| Status::not_found(format!("volume {} is not staged on this node", req.volume_id)))?;
+        if let Some(r) = &req.capacity_range {
+            if r.limit_bytes > 0 && info.size > r.limit_bytes as u64 {
+                return Err(Status::out_of_range(format!(
+                    "the volume has {} bytes, more than limit_bytes {}",
+                    info.size, r.limit_bytes
+                )));
+            }
+        }
+        let attachment = self.attacher.grow(&req.volume_id, info.size).await.map_err(status::attach)?;
+        if let Some(fs_type) = &staged.fs_type {
+            if staged.read_only {
+                return Err(Status::failed_precondition("a read-only staged file system cannot be grown here"));
+            }
+            mount::grow_fs(&attachment.device, &staged.staging_path, fs_type)?;
+            tracing::info!(volume = %req.volume_id, size = attachment.size, fs_type, "file system grown");
+        }
+        Ok(Response::new(NodeExpandVolumeResponse { capacity_bytes: attachment.size as i64 }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _req: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        let caps = [
+            NodeCap::StageUnstageVolume,
+            NodeCap::GetVolumeStats,
+            NodeCap::ExpandVolume,
+            NodeCap::VolumeCondition,
+            NodeCap::SingleNodeMultiWriter,
+        ];
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: caps
+                .iter()
+                .map(|t| NodeServiceCapability {
+                    r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc {
+                        r#type: *t as i32,
+                    })),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn node_get_info(&self, _req: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
+        let segments: HashMap<String, String> =
+            self.labels.iter().map(|(k, v)| (format!("{TOPOLOGY_PREFIX}{k}"), v.clone())).collect();
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: if segments.is_empty() { None } else { Some(Topology { segments }) },
+        }))
+    }
+}
