@@ -155,8 +155,13 @@ pub async fn run(cluster: Cluster, opts: KeeperOptions) -> Result<(), AttachErro
     if let Err(e) = vol.flush().await {
         tracing::error!(volume = %opts.volume, error = %e, "final flush failed");
     }
+    // Release the lock now: the FUSE session thread holds the volume until it ends.
+    vol.release().await;
     drop(vol);
-    tokio::task::spawn_blocking(move || drop(session)).await.ok();
+    let unmounted = tokio::task::spawn_blocking(move || session.umount_and_join()).await;
+    if let Ok(Err(e)) = unmounted {
+        tracing::warn!(volume = %opts.volume, error = %e, "unmounting the FUSE file");
+    }
     manager.close_all().await;
     let _ = std::fs::remove_file(opts.dir.join(RECORD));
     tracing::info!(volume = %opts.volume, "detached");

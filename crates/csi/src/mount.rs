@@ -209,18 +209,28 @@ pub fn mkfs(dev: &Path, fs_type: &str) -> Result<(), Status> {
 /// Grows the file system on `dev`, mounted at `mount_point`, to fill the device (online).
 pub fn grow_fs(dev: &Path, mount_point: &Path, fs_type: &str) -> Result<(), Status> {
     match fs_type {
-        "ext4" => run(Command::new("resize2fs").arg(dev)).map(drop),
+        "ext4" => run(Command::new("resize2fs").arg(dev)).map(drop).map_err(|e| {
+            if e.message().contains("Permission denied") {
+                Status::internal(format!(
+                    "{} (online growth of ext4 needs CAP_SYS_RESOURCE: run the node plugin privileged)",
+                    e.message()
+                ))
+            } else {
+                e
+            }
+        }),
         "xfs" => run(Command::new("xfs_growfs").arg(mount_point)).map(drop),
         other => Err(Status::invalid_argument(format!("cannot grow a {other} file system"))),
     }
 }
 
 /// Mount options for a file system staged read-only: never replay a journal
-/// (that would write to a device other hosts may read).
+/// (that would write to a device other hosts may read); xfs also ignores
+/// its UUID, since another read-only mount of the same file system may exist.
 pub fn read_only_options(fs_type: &str) -> Vec<String> {
     match fs_type {
         "ext4" => vec!["ro".into(), "noload".into()],
-        "xfs" => vec!["ro".into(), "norecovery".into()],
+        "xfs" => vec!["ro".into(), "norecovery".into(), "nouuid".into()],
         _ => vec!["ro".into()],
     }
 }

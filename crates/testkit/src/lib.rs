@@ -7,10 +7,12 @@
 //!   tests run in parallel against one etcd. Processes are killed by PID when
 //!   the cluster is dropped.
 //! - [`Netns`]: a network namespace on a veth pair, to cut links.
+//! - [`csi`]: CSI plugins under test, each host in its own cgroup.
 //! - [`nbd`]: a raw NBD client for sending malformed input on purpose.
 //!
 //! A dev-dependency only: nothing in the product depends on it.
 
+pub mod csi;
 pub mod nbd;
 mod netns;
 mod procs;

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod cluster;
+mod csi;
 mod durability;
 mod failures;
 mod filesystem;
