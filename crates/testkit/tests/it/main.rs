@@ -5,6 +5,7 @@
 mod bad_input;
 mod cluster;
 mod csi;
+mod deploy;
 mod durability;
 mod failures;
 mod filesystem;
