@@ -7,6 +7,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use torus_attach::keeper::Backend;
 use torus_cli::EtcdArgs;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -84,18 +85,15 @@ fn labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 }
 
 /// The attach path this host uses.
-fn choose(attach: AttachArg) -> anyhow::Result<&'static str> {
-    let kernel_nbd = std::path::Path::new("/sys/module/nbd").exists();
+fn choose(attach: AttachArg) -> anyhow::Result<Backend> {
+    let kernel_nbd = torus_attach::nbd_kernel::available();
     match attach {
-        AttachArg::Fuse => Ok("fuse"),
-        AttachArg::Auto => {
-            if kernel_nbd {
-                tracing::warn!("this host has the kernel NBD driver, but this build attaches through FUSE + loop");
-            }
-            Ok("fuse")
-        }
+        AttachArg::Fuse => Ok(Backend::Fuse),
+        AttachArg::Auto if kernel_nbd => Ok(Backend::KernelNbd),
+        AttachArg::Auto => Ok(Backend::Fuse),
+        AttachArg::Nbd if kernel_nbd => Ok(Backend::KernelNbd),
         AttachArg::Nbd => {
-            bail!("--attach nbd: the kernel NBD attach path is not available in this build; use --attach fuse")
+            bail!("--attach nbd: the kernel nbd driver is not loaded on this host (modprobe nbd), or use --attach fuse")
         }
     }
 }
@@ -135,8 +133,9 @@ pub async fn run(etcd: &EtcdArgs, args: CsiArgs) -> anyhow::Result<()> {
         keeper_args,
         args.keeper_cgroup.clone(),
         lock_wait,
+        backend,
     ));
-    tracing::info!(backend, state_dir = %args.state_dir.display(), "attach path chosen");
+    tracing::info!(backend = backend.name(), state_dir = %args.state_dir.display(), "attach path chosen");
     let opts = torus_csi::Options {
         socket,
         mode,

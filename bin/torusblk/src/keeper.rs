@@ -3,7 +3,7 @@
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Duration;
-use torus_attach::keeper::{self, KeeperOptions};
+use torus_attach::keeper::{self, Backend, KeeperOptions};
 use torus_cli::EtcdArgs;
 use torus_volume::ManagerOptions;
 
@@ -24,6 +24,9 @@ pub struct KeeperArgs {
     node_timeout: u64,
     #[arg(long = "io-hold", default_value_t = 60)]
     io_hold: u64,
+    /// fuse (FUSE file + loop device) or nbd (the kernel NBD driver).
+    #[arg(long, default_value = "fuse", value_parser = ["fuse", "nbd"])]
+    backend: String,
 }
 
 /// Runs the keeper; exits with the status `keeper::exit_code` gives on failure.
@@ -31,6 +34,7 @@ pub async fn run(etcd: &EtcdArgs, args: KeeperArgs) -> anyhow::Result<()> {
     let cluster = etcd.connect().await?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let opts = KeeperOptions {
+        backend: if args.backend == "nbd" { Backend::KernelNbd } else { Backend::Fuse },
         volume: args.volume.clone(),
         dir: args.dir,
         read_only: args.read_only,

@@ -7,7 +7,7 @@
 //! their records (`record`), so every call here works the same after a
 //! restart. Calls for one volume are serialised; calls are idempotent.
 
-use crate::keeper::unmount_stale;
+use crate::keeper::{unmount_stale, Backend};
 use crate::record::{attach_dir, KeeperRecord, LOG, RECORD};
 use crate::{loopdev, AttachError};
 use std::collections::HashMap;
@@ -64,6 +64,7 @@ pub struct ProcessAttacher {
     keeper_args: Vec<OsString>,
     cgroup: Option<PathBuf>,
     lock_wait: Duration,
+    backend: Backend,
     busy: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
@@ -79,8 +80,9 @@ impl ProcessAttacher {
         keeper_args: Vec<OsString>,
         cgroup: Option<PathBuf>,
         lock_wait: Duration,
+        backend: Backend,
     ) -> Self {
-        ProcessAttacher { state_dir, command, keeper_args, cgroup, lock_wait, busy: Default::default() }
+        ProcessAttacher { state_dir, command, keeper_args, cgroup, lock_wait, backend, busy: Default::default() }
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -95,8 +97,16 @@ impl ProcessAttacher {
         KeeperRecord::load(&attach_dir(&self.state_dir, volume)).filter(KeeperRecord::alive)
     }
 
-    /// Removes what a keeper that died left behind: its loop device, its FUSE mount, its record.
+    /// Removes what a keeper that died left behind: its loop device, its FUSE
+    /// mount, its kernel NBD device, its record.
     fn clean_stale(&self, dir: &Path) {
+        if let Some(rec) = KeeperRecord::load(dir).filter(|r| r.backend == Backend::KernelNbd.name()) {
+            if let Some(index) = crate::nbd_kernel::index_of(&rec.device) {
+                if let Err(e) = crate::nbd_kernel::disconnect(index) {
+                    tracing::warn!(device = %rec.device.display(), error = %e, "could not disconnect a dead keeper's NBD device");
+                }
+            }
+        }
         let fuse_dir = dir.join("fuse");
         for dev in loopdev::devices_of(&fuse_dir.join(crate::fuse::DISK)) {
             if let Err(e) = loopdev::detach(&dev) {
@@ -128,6 +138,8 @@ impl ProcessAttacher {
             .arg(dir)
             .arg("--lock-wait-ms")
             .arg(self.lock_wait.as_millis().to_string())
+            .arg("--backend")
+            .arg(self.backend.name())
             .args(&self.keeper_args)
             .stdin(std::process::Stdio::null())
             .stdout(log)

@@ -12,10 +12,14 @@
 //!
 //! The keeper is its own process so that the node plugin can restart or be
 //! upgraded without ending it: the plugin finds it again through the record.
+//!
+//! Two ways to make the device ([`Backend`]): a FUSE file bound to a loop
+//! device (any host with /dev/fuse), or the kernel NBD driver fed through
+//! socket pairs (hosts with the nbd module; see `nbd_kernel`).
 
 use crate::fuse::{DiskFs, DISK};
 use crate::record::{start_time, KeeperRecord, RECORD};
-use crate::{loopdev, AttachError};
+use crate::{loopdev, nbd_kernel, AttachError};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,8 +28,32 @@ use tokio::signal::unix::{signal, SignalKind};
 use torus_meta::cluster::{Cluster, ClusterError};
 use torus_volume::{BlockDevice, ManagerOptions, VolumeError, VolumeManager};
 
+/// How the keeper makes the volume a local block device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A FUSE file bound to a loop device with direct I/O.
+    Fuse,
+    /// The kernel NBD driver, configured through netlink, fed over socket pairs.
+    KernelNbd,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Fuse => "fuse",
+            Backend::KernelNbd => "nbd",
+        }
+    }
+}
+
+/// Connections the kernel NBD driver gets to one keeper.
+const NBD_CONNECTIONS: usize = 2;
+/// Seconds the kernel NBD driver waits for new sockets when a connection dies.
+const NBD_DEAD_CONN_TIMEOUT: u64 = 30;
+
 #[derive(Clone, Debug)]
 pub struct KeeperOptions {
+    pub backend: Backend,
     pub volume: String,
     /// The attachment's directory (`<state dir>/attach/<volume>`).
     pub dir: PathBuf,
@@ -97,10 +125,112 @@ pub async fn run(cluster: Cluster, opts: KeeperOptions) -> Result<(), AttachErro
     let vol = open(&manager, &opts).await?;
     let follower = tokio::spawn(manager.clone().follow_ring());
 
+    let served = match opts.backend {
+        Backend::Fuse => serve_fuse(&opts, vol.clone()).await,
+        Backend::KernelNbd => serve_nbd(vol.clone()).await,
+    };
+    let mut served = match served {
+        Ok(s) => s,
+        Err(e) => {
+            vol.release().await;
+            drop(vol);
+            manager.close_all().await;
+            return Err(e);
+        }
+    };
+    let device = served.device();
+    let me = std::process::id();
+    let mut record = KeeperRecord {
+        volume: opts.volume.clone(),
+        pid: me,
+        start_time: start_time(me).unwrap_or_default(),
+        device: device.clone(),
+        size: vol.size(),
+        read_only: opts.read_only,
+        backend: opts.backend.name().into(),
+        epoch: vol.epoch().0,
+    };
+    record.store(&opts.dir)?;
+    tracing::info!(volume = %opts.volume, device = %device.display(), size = record.size, epoch = record.epoch, "attached");
+
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match grow(&cluster, &vol, &served, &mut record, &opts.dir).await {
+                    Ok(()) => tracing::info!(volume = %opts.volume, size = record.size, "device grown"),
+                    Err(e) => tracing::error!(volume = %opts.volume, error = %e, "could not grow the device"),
+                }
+            }
+            _ = term.recv() => if stop_allowed(&device) { break },
+            _ = int.recv() => if stop_allowed(&device) { break },
+        }
+    }
+
+    // Detach, in order: the device, the data, the lock, the FUSE mount.
+    served.stop_device().await?;
+    follower.abort();
+    if let Err(e) = vol.flush().await {
+        tracing::error!(volume = %opts.volume, error = %e, "final flush failed");
+    }
+    // Release the lock now: the FUSE session thread holds the volume until it ends.
+    vol.release().await;
+    drop(vol);
+    served.finish().await;
+    manager.close_all().await;
+    let _ = std::fs::remove_file(opts.dir.join(RECORD));
+    tracing::info!(volume = %opts.volume, "detached");
+    Ok(())
+}
+
+/// A device being served.
+enum Served {
+    Fuse { session: fuser::BackgroundSession, file: PathBuf, device: PathBuf },
+    Nbd { index: u32, tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>> },
+}
+
+impl Served {
+    fn device(&self) -> PathBuf {
+        match self {
+            Served::Fuse { device, .. } => device.clone(),
+            Served::Nbd { index, .. } => PathBuf::from(format!("/dev/nbd{index}")),
+        }
+    }
+
+    /// Takes the device away (the loop device detached; the NBD device disconnected).
+    async fn stop_device(&mut self) -> Result<(), AttachError> {
+        match self {
+            Served::Fuse { device, .. } => loopdev::detach(device),
+            Served::Nbd { index, tasks } => {
+                let index = *index;
+                tokio::task::spawn_blocking(move || nbd_kernel::disconnect(index))
+                    .await
+                    .map_err(|e| AttachError::Failed { volume: String::new(), reason: e.to_string() })?
+                    .map_err(AttachError::io(format!("disconnecting /dev/nbd{index}")))?;
+                // The kernel sends NBD_CMD_DISC on each socket: the transmission loops end.
+                for t in tasks.drain(..) {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends what is left once the volume is released (the FUSE mount).
+    async fn finish(self) {
+        if let Served::Fuse { session, .. } = self {
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || session.umount_and_join()).await {
+                tracing::warn!(error = %e, "unmounting the FUSE file");
+            }
+        }
+    }
+}
+
+async fn serve_fuse(opts: &KeeperOptions, vol: Arc<torus_volume::Volume>) -> Result<Served, AttachError> {
     let fuse_dir = opts.dir.join("fuse");
     unmount_stale(&fuse_dir);
     std::fs::create_dir_all(&fuse_dir).map_err(AttachError::io(format!("creating {}", fuse_dir.display())))?;
-    let fs = DiskFs::new(vol.clone(), tokio::runtime::Handle::current());
+    let read_only = opts.read_only;
+    let fs = DiskFs::new(vol, tokio::runtime::Handle::current());
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(format!("torus:{}", opts.volume)),
@@ -114,58 +244,49 @@ pub async fn run(cluster: Cluster, opts: KeeperOptions) -> Result<(), AttachErro
         .map_err(|e| AttachError::Failed { volume: opts.volume.clone(), reason: format!("FUSE mount task: {e}") })?
         .map_err(AttachError::io(format!("mounting FUSE at {}", fuse_dir.display())))?;
     let file = fuse_dir.join(DISK);
-    let device = match loopdev::attach(&file, opts.read_only) {
-        Ok(d) => d,
+    match loopdev::attach(&file, read_only) {
+        Ok(device) => Ok(Served::Fuse { session, file, device }),
         Err(e) => {
             drop(session);
-            manager.close_all().await;
-            return Err(e);
+            Err(e)
         }
-    };
-    let me = std::process::id();
-    let mut record = KeeperRecord {
-        volume: opts.volume.clone(),
-        pid: me,
-        start_time: start_time(me).unwrap_or_default(),
-        device: device.clone(),
+    }
+}
+
+async fn serve_nbd(vol: Arc<torus_volume::Volume>) -> Result<Served, AttachError> {
+    use std::os::fd::AsRawFd;
+    let mut kernel_ends = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..NBD_CONNECTIONS {
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(AttachError::io("creating a socket pair"))?;
+        ours.set_nonblocking(true).map_err(AttachError::io("setting a socket non-blocking"))?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(AttachError::io("registering a socket"))?;
+        tasks.push(tokio::spawn(torus_nbd::transmission::serve(stream, vol.clone())));
+        kernel_ends.push(theirs);
+    }
+    let connect = nbd_kernel::Connect {
         size: vol.size(),
-        read_only: opts.read_only,
-        backend: "fuse".into(),
-        epoch: vol.epoch().0,
+        block_size: 4096,
+        flags: torus_nbd::handshake::transmission_flags(&*vol) as u64,
+        timeout: 0,
+        dead_conn_timeout: NBD_DEAD_CONN_TIMEOUT,
     };
-    record.store(&opts.dir)?;
-    tracing::info!(volume = %opts.volume, device = %device.display(), size = record.size, epoch = record.epoch, "attached");
-
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                match grow(&cluster, &vol, &file, &device, &mut record, &opts.dir).await {
-                    Ok(()) => tracing::info!(volume = %opts.volume, size = record.size, "device grown"),
-                    Err(e) => tracing::error!(volume = %opts.volume, error = %e, "could not grow the device"),
-                }
+    let fds: Vec<i32> = kernel_ends.iter().map(|s| s.as_raw_fd()).collect();
+    let index = tokio::task::spawn_blocking(move || nbd_kernel::connect(&connect, &fds))
+        .await
+        .map_err(|e| AttachError::Failed { volume: String::new(), reason: e.to_string() })?;
+    // The kernel holds its own references to the sockets it was given.
+    drop(kernel_ends);
+    match index {
+        Ok(index) => Ok(Served::Nbd { index, tasks }),
+        Err(e) => {
+            for t in tasks {
+                t.abort();
             }
-            _ = term.recv() => if stop_allowed(&device) { break },
-            _ = int.recv() => if stop_allowed(&device) { break },
+            Err(AttachError::io("connecting the kernel NBD device (netlink)")(e))
         }
     }
-
-    // Detach, in order: the loop device, the data, the FUSE mount, the lock.
-    loopdev::detach(&device)?;
-    follower.abort();
-    if let Err(e) = vol.flush().await {
-        tracing::error!(volume = %opts.volume, error = %e, "final flush failed");
-    }
-    // Release the lock now: the FUSE session thread holds the volume until it ends.
-    vol.release().await;
-    drop(vol);
-    let unmounted = tokio::task::spawn_blocking(move || session.umount_and_join()).await;
-    if let Ok(Err(e)) = unmounted {
-        tracing::warn!(volume = %opts.volume, error = %e, "unmounting the FUSE file");
-    }
-    manager.close_all().await;
-    let _ = std::fs::remove_file(opts.dir.join(RECORD));
-    tracing::info!(volume = %opts.volume, "detached");
-    Ok(())
 }
 
 fn stop_allowed(device: &Path) -> bool {
@@ -179,8 +300,7 @@ fn stop_allowed(device: &Path) -> bool {
 async fn grow(
     cluster: &Cluster,
     vol: &torus_volume::Volume,
-    file: &Path,
-    device: &Path,
+    served: &Served,
     record: &mut KeeperRecord,
     dir: &Path,
 ) -> Result<(), AttachError> {
@@ -189,9 +309,16 @@ async fn grow(
         .await
         .map_err(|e| AttachError::Failed { volume: record.volume.clone(), reason: e.to_string() })?;
     vol.grow(info.size);
-    // Attributes are not cached: this stat makes the kernel take the new size.
-    std::fs::metadata(file).map_err(AttachError::io(format!("stat {}", file.display())))?;
-    loopdev::refresh_size(device)?;
+    match served {
+        Served::Fuse { file, device, .. } => {
+            // Attributes are not cached: this stat makes the kernel take the new size.
+            std::fs::metadata(file).map_err(AttachError::io(format!("stat {}", file.display())))?;
+            loopdev::refresh_size(device)?;
+        }
+        Served::Nbd { index, .. } => {
+            nbd_kernel::resize(*index, vol.size()).map_err(AttachError::io(format!("resizing /dev/nbd{index}")))?
+        }
+    }
     record.size = vol.size();
     record.store(dir)
 }

@@ -76,13 +76,13 @@ impl ControllerService {
     }
 }
 
-fn volume_message(info: &VolumeInfo, topology: Vec<Topology>) -> Volume {
+fn volume_message(info: &VolumeInfo) -> Volume {
     Volume {
         capacity_bytes: info.size as i64,
         volume_id: info.name.clone(),
         volume_context: HashMap::from([(PARAM_REPLICATION.to_string(), info.replication.to_string())]),
         content_source: None,
-        accessible_topology: topology,
+        accessible_topology: Vec::new(),
     }
 }
 
@@ -174,9 +174,6 @@ impl Controller for ControllerService {
         }
         let config = self.cluster.config().await.map_err(status::cluster)?;
         let size = size_for(req.capacity_range.as_ref(), config.extent_size)?;
-        // Every Torus volume is reachable from every host: it is accessible
-        // wherever it was asked to be.
-        let topology = req.accessibility_requirements.as_ref().map(|t| t.requisite.clone()).unwrap_or_default();
         let info = match self.cluster.create_volume(&req.name, size, replication).await {
             Ok(info) => info,
             Err(ClusterError::VolumeExists { .. }) => {
@@ -198,7 +195,10 @@ impl Controller for ControllerService {
             Err(e) => return Err(status::cluster(e)),
         };
         tracing::info!(volume = %info.name, size = info.size, replication = info.replication, "volume created");
-        Ok(Response::new(CreateVolumeResponse { volume: Some(volume_message(&info, topology)) }))
+        // Every Torus volume is reachable from every host, whatever the
+        // requirements: no accessible_topology means exactly that, and pins no
+        // PersistentVolume to the zones (or nodes) that existed when it was made.
+        Ok(Response::new(CreateVolumeResponse { volume: Some(volume_message(&info)) }))
     }
 
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
@@ -266,7 +266,7 @@ impl Controller for ControllerService {
                 message: e.message().to_string(),
             }));
         }
-        let context = volume_message(&info, Vec::new()).volume_context;
+        let context = volume_message(&info).volume_context;
         if req.volume_context.iter().any(|(k, v)| context.get(k) != Some(v)) {
             return Ok(Response::new(ValidateVolumeCapabilitiesResponse {
                 confirmed: None,
@@ -302,7 +302,7 @@ impl Controller for ControllerService {
         let mut entries = Vec::with_capacity(take);
         for info in &rest[..take] {
             entries.push(list_volumes_response::Entry {
-                volume: Some(volume_message(info, Vec::new())),
+                volume: Some(volume_message(info)),
                 status: Some(list_volumes_response::VolumeStatus {
                     published_node_ids: self.published_hosts(&info.name).await?,
                     volume_condition: Some(self.condition(info).await?),
@@ -425,7 +425,7 @@ impl Controller for ControllerService {
         need("volume_id", &req.volume_id)?;
         let info = self.cluster.volume(&req.volume_id).await.map_err(status::cluster)?;
         Ok(Response::new(ControllerGetVolumeResponse {
-            volume: Some(volume_message(&info, Vec::new())),
+            volume: Some(volume_message(&info)),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids: self.published_hosts(&info.name).await?,
                 volume_condition: Some(self.condition(&info).await?),

@@ -465,12 +465,15 @@ impl<A: Attacher> Node for NodeService<A> {
     }
 
     async fn node_get_info(&self, _req: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
-        let segments: HashMap<String, String> =
+        let mut segments: HashMap<String, String> =
             self.labels.iter().map(|(k, v)| (format!("{TOPOLOGY_PREFIX}{k}"), v.clone())).collect();
+        // A host without a zone label is its own failure domain, as torusd
+        // takes it; the segment is always there (VOLUME_ACCESSIBILITY_CONSTRAINTS).
+        segments.entry(format!("{TOPOLOGY_PREFIX}zone")).or_insert_with(|| self.node_id.clone());
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.node_id.clone(),
             max_volumes_per_node: 0,
-            accessible_topology: if segments.is_empty() { None } else { Some(Topology { segments }) },
+            accessible_topology: Some(Topology { segments }),
         }))
     }
 }

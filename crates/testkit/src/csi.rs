@@ -232,11 +232,13 @@ impl CsiPlugin {
     }
 }
 
-/// Unmounts every mount below `dir`, deepest first (lazily: the host may be "dead").
-fn unmount_below(dir: &Path) {
+/// Unmounts the mounts below `dir` (FUSE ones only if `fuse`, others only if
+/// not), deepest first, lazily: the host may be "dead".
+fn unmount_below(dir: &Path, fuse: bool) {
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
     let mut points: Vec<String> = text
         .lines()
+        .filter(|l| l.split(" - ").nth(1).is_some_and(|r| r.starts_with("fuse") == fuse))
         .filter_map(|l| l.split(' ').nth(4))
         .map(|p| p.replace("\\040", " "))
         .filter(|p| Path::new(p).starts_with(dir))
@@ -263,11 +265,13 @@ fn detach_loops_below(dir: &Path) {
 
 impl Drop for CsiPlugin {
     fn drop(&mut self) {
-        unmount_below(&self.dir);
+        // File systems and bind mounts first, then the loop devices (while
+        // their FUSE files still have their paths), then every process, then
+        // the FUSE mounts.
+        unmount_below(&self.dir, false);
         detach_loops_below(&self.dir);
         Cgroup::kill(&self.cgroup.path);
         self.proc = None;
-        unmount_below(&self.dir);
-        detach_loops_below(&self.dir);
+        unmount_below(&self.dir, true);
     }
 }
