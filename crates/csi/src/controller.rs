@@ -9,7 +9,8 @@
 //!   (PVC name and namespace from --extra-create-metadata) are accepted.
 //! - ControllerPublishVolume records which host may attach the volume
 //!   (`attachments/<volume>` in etcd); single-node modes are exclusive
-//!   among live hosts. The data itself is guarded by the writer lock taken
+//!   among live hosts, and a publish waits up to the holder's registration
+//!   TTL + 2 s for a dead holder to lapse. The data itself is guarded by the writer lock taken
 //!   when a host attaches (NodeStageVolume), not by this record.
 
 use crate::pb::controller_server::Controller;
@@ -17,8 +18,10 @@ use crate::pb::controller_service_capability::rpc::Type as CtlCap;
 use crate::pb::*;
 use crate::{caps, status};
 use std::collections::HashMap;
+use std::time::Duration;
 use tonic::{Request, Response, Status};
-use torus_meta::cluster::{AttachMode, Cluster, ClusterError, VolumeInfo};
+use torus_meta::cluster::{AttachMode, Cluster, ClusterError, ReplicaState, VolumeInfo};
+use torus_types::NodeId;
 
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_SIZE: u64 = 1 << 30;
@@ -38,41 +41,51 @@ impl ControllerService {
         ControllerService { cluster }
     }
 
-    /// Abnormal while copies must be caught up, or ring members are down
-    /// (extents placed there have fewer than R live copies), or the ring has
-    /// fewer nodes than the volume's replication.
-    async fn condition(&self, info: &VolumeInfo) -> Result<VolumeCondition, Status> {
-        let state = self.cluster.replica_state(info.id).await.map_err(status::cluster)?;
+    /// What a volume's condition is judged from, read once for any number of volumes.
+    async fn health(&self) -> Result<Health, Status> {
         let (ring, _) = self.cluster.ring().await.map_err(status::cluster)?;
         let peers = self.cluster.peers().await.map_err(status::cluster)?;
-        let mut problems = Vec::new();
-        let missing: usize = state.missing.values().map(|s| s.len()).sum();
-        if missing > 0 {
-            problems.push(format!("{missing} extent copies on {} node(s) are to be caught up", state.missing.len()));
-        }
-        let down = ring.members.iter().filter(|m| !peers.iter().any(|p| p.id == m.id)).count();
-        if down > 0 {
-            problems.push(format!("{down} storage node(s) holding its data are down"));
-        }
-        if ring.members.len() < info.replication as usize {
-            problems.push(format!(
-                "under-replicated: replication {} but {} node(s) in the ring",
-                info.replication,
-                ring.members.len()
-            ));
-        }
-        Ok(if problems.is_empty() {
-            VolumeCondition {
-                abnormal: false,
-                message: format!("healthy: {} copies of every extent", info.replication),
-            }
-        } else {
-            VolumeCondition { abnormal: true, message: problems.join("; ") }
-        })
+        let up: Vec<NodeId> = peers.iter().map(|p| p.id).collect();
+        let down = ring.members.iter().filter(|m| !up.contains(&m.id)).count();
+        Ok(Health { members: ring.members.len(), down })
     }
 
     async fn published_hosts(&self, name: &str) -> Result<Vec<String>, Status> {
         Ok(self.cluster.attachments(name).await.map_err(status::cluster)?.hosts.into_keys().collect())
+    }
+}
+
+/// The ring's state as far as volume conditions go.
+struct Health {
+    members: usize,
+    /// Ring members that are not registered (down).
+    down: usize,
+}
+
+/// Abnormal while copies must be caught up, or ring members are down
+/// (extents placed there have fewer than R live copies), or the ring has
+/// fewer nodes than the volume's replication.
+fn condition(info: &VolumeInfo, state: Option<&ReplicaState>, health: &Health) -> VolumeCondition {
+    let mut problems = Vec::new();
+    if let Some(state) = state {
+        let missing: usize = state.missing.values().map(|s| s.len()).sum();
+        if missing > 0 {
+            problems.push(format!("{missing} extent copies on {} node(s) are to be caught up", state.missing.len()));
+        }
+    }
+    if health.down > 0 {
+        problems.push(format!("{} storage node(s) holding its data are down", health.down));
+    }
+    if health.members < info.replication as usize {
+        problems.push(format!(
+            "under-replicated: replication {} but {} node(s) in the ring",
+            info.replication, health.members
+        ));
+    }
+    if problems.is_empty() {
+        VolumeCondition { abnormal: false, message: format!("healthy: {} copies of every extent", info.replication) }
+    } else {
+        VolumeCondition { abnormal: true, message: problems.join("; ") }
     }
 }
 
@@ -223,7 +236,30 @@ impl Controller for ControllerService {
             req.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume_capability is required"))?,
         )?;
         let mode = AttachMode { read_only: req.readonly || cap.read_only(), exclusive: cap.single_node() };
-        self.cluster.publish(&req.volume_id, &req.node_id, mode).await.map_err(status::cluster)?;
+        // Another live host has it: wait (bounded) for that host's registration
+        // to lapse, as NodeStageVolume waits for a writer lease, so a dead
+        // host's volume moves on without the caller having to retry.
+        let mut deadline = None;
+        loop {
+            match self.cluster.publish(&req.volume_id, &req.node_id, mode).await {
+                Ok(()) => break,
+                Err(ClusterError::AttachedElsewhere { volume, host }) => {
+                    let until = match deadline {
+                        Some(d) => d,
+                        None => {
+                            let ttl =
+                                self.cluster.host(&host).await.map_err(status::cluster)?.map_or(0, |h| h.lease_ttl);
+                            *deadline.insert(tokio::time::Instant::now() + Duration::from_secs(ttl + 2))
+                        }
+                    };
+                    if tokio::time::Instant::now() >= until {
+                        return Err(status::cluster(ClusterError::AttachedElsewhere { volume, host }));
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(status::cluster(e)),
+            }
+        }
         Ok(Response::new(ControllerPublishVolumeResponse { publish_context: HashMap::new() }))
     }
 
@@ -299,13 +335,20 @@ impl Controller for ControllerService {
         let volumes = self.cluster.volumes().await.map_err(status::cluster)?;
         let rest: Vec<&VolumeInfo> = volumes.iter().filter(|v| after.is_none_or(|a| v.name.as_str() > a)).collect();
         let take = if req.max_entries == 0 { rest.len() } else { (req.max_entries as usize).min(rest.len()) };
+        // Everything the entries need, read once (not per volume).
+        let health = self.health().await?;
+        let states = self.cluster.replica_states().await.map_err(status::cluster)?;
+        let mut published = self.cluster.all_attachments().await.map_err(status::cluster)?;
         let mut entries = Vec::with_capacity(take);
         for info in &rest[..take] {
             entries.push(list_volumes_response::Entry {
                 volume: Some(volume_message(info)),
                 status: Some(list_volumes_response::VolumeStatus {
-                    published_node_ids: self.published_hosts(&info.name).await?,
-                    volume_condition: Some(self.condition(info).await?),
+                    published_node_ids: published
+                        .remove(&info.name)
+                        .map(|a| a.hosts.into_keys().collect())
+                        .unwrap_or_default(),
+                    volume_condition: Some(condition(info, states.get(&info.id), &health)),
                 }),
             });
         }
@@ -428,7 +471,11 @@ impl Controller for ControllerService {
             volume: Some(volume_message(&info)),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids: self.published_hosts(&info.name).await?,
-                volume_condition: Some(self.condition(&info).await?),
+                volume_condition: Some(condition(
+                    &info,
+                    Some(&self.cluster.replica_state(info.id).await.map_err(status::cluster)?),
+                    &self.health().await?,
+                )),
             }),
         }))
     }

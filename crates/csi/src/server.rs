@@ -58,8 +58,12 @@ pub async fn serve<A: Attacher>(
 ) -> Result<(), ServeError> {
     let listener = bind(&opts.socket)?;
     let registration = if opts.mode.node() {
-        let host =
-            HostInfo { id: opts.node_id.clone(), labels: opts.labels.clone(), registered: torus_types::unix_now() };
+        let host = HostInfo {
+            id: opts.node_id.clone(),
+            labels: opts.labels.clone(),
+            registered: torus_types::unix_now(),
+            lease_ttl: opts.lease_ttl.as_secs(),
+        };
         Some(tokio::spawn(keep_registered(cluster.clone(), host, opts.lease_ttl)))
     } else {
         None

@@ -25,6 +25,14 @@ pub struct HostInfo {
     pub labels: BTreeMap<String, String>,
     /// Unix seconds.
     pub registered: u64,
+    /// TTL of the host's registration lease, in seconds: how long after its
+    /// death it still counts as live.
+    #[serde(default = "default_host_ttl")]
+    pub lease_ttl: u64,
+}
+
+fn default_host_ttl() -> u64 {
+    10
 }
 
 /// How a volume is published to one host.
@@ -70,6 +78,17 @@ impl Cluster {
             Some(kv) => decode(&kv.key, &kv.value),
             None => Ok(Attachments::default()),
         }
+    }
+
+    /// Every volume's attachments, by volume name (volumes published nowhere are absent).
+    pub async fn all_attachments(&self) -> Result<BTreeMap<String, Attachments>> {
+        let mut out = BTreeMap::new();
+        for kv in self.store.list("attachments/").await? {
+            if let Some(name) = kv.key.strip_prefix("attachments/") {
+                out.insert(name.to_string(), decode(&kv.key, &kv.value)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Publishes `volume` to `host` in `mode`. Idempotent: publishing again

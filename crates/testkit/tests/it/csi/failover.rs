@@ -33,6 +33,13 @@ fn a_dead_hosts_volume_is_staged_elsewhere_as_soon_as_its_lease_lapses_and_the_o
         let mut cb = connect(&b.socket).await;
         let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
         ok(cc.controller.create_volume(create_req("pvc-db", 256 << 20, cap.clone())).await, "create");
+        let publish = |node: &str| ControllerPublishVolumeRequest {
+            volume_id: "pvc-db".into(),
+            node_id: node.into(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        };
+        ok(cc.controller.controller_publish_volume(publish("host-a")).await, "ControllerPublish A");
         let (a_staging, a_target) = (a.path("globalmount"), a.path("pods/db-0/volumes/data"));
         std::fs::create_dir_all(&a_staging).unwrap();
         ok(ca.node.node_stage_volume(stage_req("pvc-db", &a_staging, cap.clone())).await, "NodeStage A");
@@ -55,13 +62,18 @@ fn a_dead_hosts_volume_is_staged_elsewhere_as_soon_as_its_lease_lapses_and_the_o
         let died = Instant::now();
         a.kill_host();
 
-        // B stages it: NodeStageVolume waits for the dead writer's lease to lapse, then succeeds.
+        // For a CO that attaches (ControllerPublish), B may have it once A's registration lapses:
+        // the call waits for that. Then B stages it: NodeStageVolume waits for the dead writer's
+        // lease to lapse, then succeeds.
+        ok(cc.controller.controller_publish_volume(publish("host-b")).await, "ControllerPublish B");
+        let published = died.elapsed();
         let (b_staging, b_target) = (b.path("globalmount"), b.path("pods/db-0/volumes/data"));
         std::fs::create_dir_all(&b_staging).unwrap();
         ok(cb.node.node_stage_volume(stage_req("pvc-db", &b_staging, cap.clone())).await, "NodeStage B");
         let took = died.elapsed();
         eprintln!(
-            "node death -> NodeStageVolume done on another host: {:.1} s (lease TTL {} s)",
+            "node death -> ControllerPublishVolume to another host: {:.1} s; -> NodeStageVolume done there: {:.1} s (lease TTL {} s)",
+            published.as_secs_f64(),
             took.as_secs_f64(),
             LEASE_TTL.as_secs()
         );

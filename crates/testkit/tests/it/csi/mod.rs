@@ -136,3 +136,16 @@ pub fn staged_epoch(state_dir: &Path, volume: &str) -> u64 {
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
+
+/// The logs of plugins and their keepers, and the processes left in their cgroups: for failure messages.
+pub fn report(plugins: &[&torus_testkit::csi::CsiPlugin]) -> String {
+    let mut out = String::new();
+    for p in plugins {
+        out += &format!("=== {} logs\n{}", p.node_id, p.all_logs());
+        for pid in torus_testkit::csi::Cgroup::pids(&p.cgroup.path) {
+            let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().replace('\0', " ");
+            out += &format!("=== {} process {pid}: {cmd}\n", p.node_id);
+        }
+    }
+    out
+}

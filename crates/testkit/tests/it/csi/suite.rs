@@ -10,7 +10,8 @@ use torus_testkit::Cluster;
 #[test]
 fn identity_and_controller_rpcs_are_idempotent_and_answer_with_the_specified_codes() {
     let c = Cluster::start(2, 2);
-    let a = c.start_csi("host-a", "all", &["--label", "zone=a"]);
+    // A short registration lease: a publish to B waits that long (+2 s) for A to lapse before it is refused.
+    let a = c.start_csi("host-a", "all", &["--label", "zone=a", "--lease-ttl", "2"]);
     let b = c.start_csi("host-b", "node", &[]);
     runtime().block_on(async {
         let mut csi = connect(&a.socket).await;
@@ -182,11 +183,14 @@ fn identity_and_controller_rpcs_are_idempotent_and_answer_with_the_specified_cod
             Code::AlreadyExists,
             "same host, other mode"
         );
+        let refused = csi.controller.controller_publish_volume(publish("vol-a", &b.node_id, false)).await;
+        let msg = refused.as_ref().err().map(|s| s.message().to_string()).unwrap_or_default();
         assert_eq!(
-            code(csi.controller.controller_publish_volume(publish("vol-a", &b.node_id, false)).await),
+            code(refused),
             Code::FailedPrecondition,
             "a single-node volume published to a live host is refused to another"
         );
+        assert!(msg.contains("host-a"), "the refusal names the host that has it: {msg}");
         let get = |id: &str| ControllerGetVolumeRequest { volume_id: id.into() };
         let got = ok(csi.controller.controller_get_volume(get("vol-a")).await, "ControllerGetVolume");
         assert_eq!(got.status.as_ref().expect("status").published_node_ids, ["host-a"]);
@@ -488,27 +492,7 @@ fn node_rpcs_are_idempotent_and_answer_with_the_specified_codes() {
             if let Err(e) =
                 csi.controller.delete_volume(DeleteVolumeRequest { volume_id: "v".into(), ..Default::default() }).await
             {
-                let procs = |cg: &std::path::Path| {
-                    torus_testkit::csi::Cgroup::pids(cg)
-                        .iter()
-                        .map(|p| {
-                            format!(
-                                "{p}: {}",
-                                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                                    .unwrap_or_default()
-                                    .replace('\0', " ")
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                };
-                panic!(
-                    "delete: {e:?}\nA:\n{}\n{}\nB:\n{}\n{}",
-                    a.all_logs(),
-                    procs(&a.cgroup.path),
-                    b.all_logs(),
-                    procs(&b.cgroup.path)
-                );
+                panic!("delete: {e:?}\n{}", report(&[&a, &b]));
             }
         }
     });
