@@ -4,11 +4,13 @@
 //! A keeper is started in its own session (`setsid`) and, when a cgroup is
 //! given, in that cgroup (moved there before it runs): a restart or upgrade
 //! of the node plugin ends neither. The plugin finds keepers again through
-//! their records (`record`), so every call here works the same after a
-//! restart. Calls for one volume are serialised; calls are idempotent.
+//! their directories (`record`: a lock held while the keeper lives, a record
+//! once it is ready), so every call here works the same after a restart,
+//! even one that came while a keeper was starting. Calls for one volume are
+//! serialised; calls are idempotent.
 
 use crate::keeper::{unmount_stale, Backend};
-use crate::record::{attach_dir, KeeperRecord, LOG, RECORD};
+use crate::record::{attach_dir, keeper_state, KeeperRecord, KeeperState, LOG, RECORD};
 use crate::{loopdev, AttachError};
 use std::collections::HashMap;
 use std::ffi::{CString, OsString};
@@ -33,11 +35,13 @@ pub struct Attachment {
     pub device: PathBuf,
     pub size: u64,
     pub read_only: bool,
+    /// Why it cannot serve as it should, if it cannot (its lease was lost).
+    pub problem: Option<String>,
 }
 
 impl From<KeeperRecord> for Attachment {
     fn from(r: KeeperRecord) -> Self {
-        Attachment { volume: r.volume, device: r.device, size: r.size, read_only: r.read_only }
+        Attachment { volume: r.volume, device: r.device, size: r.size, read_only: r.read_only, problem: r.problem }
     }
 }
 
@@ -94,14 +98,33 @@ impl ProcessAttacher {
     }
 
     fn live_record(&self, volume: &str) -> Option<KeeperRecord> {
-        KeeperRecord::load(&attach_dir(&self.state_dir, volume)).filter(KeeperRecord::alive)
+        match keeper_state(&attach_dir(&self.state_dir, volume)) {
+            KeeperState::Ready(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The keeper's state once it is no longer starting (waits, bounded, for one that is).
+    async fn settled_state(&self, dir: &Path) -> KeeperState {
+        let deadline = Instant::now() + self.lock_wait + START_TIMEOUT;
+        loop {
+            match keeper_state(dir) {
+                KeeperState::Starting if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                state => return state,
+            }
+        }
     }
 
     /// Removes what a keeper that died left behind: its loop device, its FUSE
     /// mount, its kernel NBD device, its record.
     fn clean_stale(&self, dir: &Path) {
         if let Some(rec) = KeeperRecord::load(dir).filter(|r| r.backend == Backend::KernelNbd.name()) {
-            if let Some(index) = crate::nbd_kernel::index_of(&rec.device) {
+            // Only if the device still serves this volume (indexes are reused).
+            let index = crate::nbd_kernel::index_of(&rec.device)
+                .filter(|i| crate::nbd_kernel::backend_of(*i).as_deref() == Some(&format!("torus:{}", rec.volume)));
+            if let Some(index) = index {
                 if let Err(e) = crate::nbd_kernel::disconnect(index) {
                     tracing::warn!(device = %rec.device.display(), error = %e, "could not disconnect a dead keeper's NBD device");
                 }
@@ -211,17 +234,26 @@ impl Attacher for ProcessAttacher {
         let lock = self.serialise(&req.volume);
         let _held = lock.lock().await;
         let dir = attach_dir(&self.state_dir, &req.volume);
-        if let Some(rec) = self.live_record(&req.volume) {
-            if rec.read_only != req.read_only {
-                let how = if rec.read_only { "read-only" } else { "read-write" };
-                return Err(AttachError::Incompatible { volume: req.volume.clone(), how: how.into() });
+        match self.settled_state(&dir).await {
+            KeeperState::Ready(rec) => {
+                if rec.read_only != req.read_only {
+                    let how = if rec.read_only { "read-only" } else { "read-write" };
+                    return Err(AttachError::Incompatible { volume: req.volume.clone(), how: how.into() });
+                }
+                return Ok(rec.into());
             }
-            return Ok(rec.into());
+            KeeperState::Starting => {
+                return Err(AttachError::Failed {
+                    volume: req.volume.clone(),
+                    reason: "a keeper for it has been starting for too long".into(),
+                })
+            }
+            KeeperState::Dead => self.clean_stale(&dir),
         }
-        self.clean_stale(&dir);
         let mut child = self.spawn(req, &dir)?;
         let pid = pid_of(&child) as u32;
-        let deadline = Instant::now() + self.lock_wait + START_TIMEOUT;
+        let waited = self.lock_wait + START_TIMEOUT;
+        let deadline = Instant::now() + waited;
         loop {
             if let Some(rec) = KeeperRecord::load(&dir).filter(|r| r.pid == pid) {
                 // Reap the keeper whenever it ends (it is our child until we restart).
@@ -230,9 +262,15 @@ impl Attacher for ProcessAttacher {
             }
             if let Ok(Some(status)) = child.try_wait() {
                 let reason = last_error(&dir);
+                self.clean_stale(&dir);
                 return Err(match status.code() {
-                    Some(2) => AttachError::InUse { volume: req.volume.clone(), holder: reason },
-                    Some(3) => AttachError::VolumeNotFound { volume: req.volume.clone() },
+                    Some(crate::keeper::EXIT_IN_USE) => {
+                        AttachError::InUse { volume: req.volume.clone(), holder: reason }
+                    }
+                    Some(crate::keeper::EXIT_NOT_FOUND) => AttachError::VolumeNotFound { volume: req.volume.clone() },
+                    Some(crate::keeper::EXIT_UNAVAILABLE) => {
+                        AttachError::Unavailable { volume: req.volume.clone(), reason }
+                    }
                     _ => AttachError::Failed { volume: req.volume.clone(), reason },
                 });
             }
@@ -243,7 +281,7 @@ impl Attacher for ProcessAttacher {
                 self.clean_stale(&dir);
                 return Err(AttachError::Failed {
                     volume: req.volume.clone(),
-                    reason: format!("the keeper did not get ready within {:?}", deadline.elapsed() + START_TIMEOUT),
+                    reason: format!("the keeper did not get ready within {waited:?}: {}", last_error(&dir)),
                 });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -258,25 +296,34 @@ impl Attacher for ProcessAttacher {
         let lock = self.serialise(volume);
         let _held = lock.lock().await;
         let dir = attach_dir(&self.state_dir, volume);
-        if let Some(rec) = self.live_record(volume) {
-            if crate::keeper::device_busy(&rec.device) {
-                return Err(AttachError::Failed {
-                    volume: volume.to_string(),
-                    reason: format!("{} is still in use (mounted or open)", rec.device.display()),
-                });
-            }
-            // SAFETY: plain kill(2) of the keeper the live record names.
-            unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while rec.alive() {
-                if Instant::now() >= deadline {
-                    return Err(AttachError::Failed {
+        match self.settled_state(&dir).await {
+            KeeperState::Ready(rec) => {
+                if crate::keeper::device_busy(&rec.device) {
+                    return Err(AttachError::DeviceBusy {
                         volume: volume.to_string(),
-                        reason: format!("the keeper (pid {}) did not stop: {}", rec.pid, last_error(&dir)),
+                        device: rec.device.display().to_string(),
                     });
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // SAFETY: plain kill(2) of the keeper its locked record names.
+                unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGTERM) };
+                let deadline = Instant::now() + STOP_TIMEOUT;
+                while crate::record::locked(&dir) {
+                    if Instant::now() >= deadline {
+                        return Err(AttachError::Failed {
+                            volume: volume.to_string(),
+                            reason: format!("the keeper (pid {}) did not stop: {}", rec.pid, last_error(&dir)),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
+            KeeperState::Starting => {
+                return Err(AttachError::Failed {
+                    volume: volume.to_string(),
+                    reason: "a keeper for it has been starting for too long".into(),
+                })
+            }
+            KeeperState::Dead => {}
         }
         self.clean_stale(&dir);
         if dir.exists() {

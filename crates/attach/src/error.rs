@@ -10,6 +10,10 @@ pub enum AttachError {
     InUse { volume: String, holder: String },
     #[error("volume {volume:?} is already attached here {how}")]
     Incompatible { volume: String, how: String },
+    #[error("{device} of volume {volume:?} is still in use (mounted or open): not detaching it")]
+    DeviceBusy { volume: String, device: String },
+    #[error("volume {volume:?}: the cluster cannot be reached: {reason}")]
+    Unavailable { volume: String, reason: String },
     #[error("attaching volume {volume:?} failed: {reason}")]
     Failed { volume: String, reason: String },
     #[error("{what}: {source}")]

@@ -67,7 +67,17 @@ fn errno(e: &torus_volume::VolumeError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// Requests the kernel keeps in flight to us at once (its default, 12, is
+/// below what one loop device queues under random I/O).
+pub const MAX_BACKGROUND: u16 = 128;
+
 impl<D: BlockDevice> Filesystem for DiskFs<D> {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent == INodeNo::ROOT && name == DISK {
             reply.entry(&TTL, &self.attr(DISK_INO), Generation(0));

@@ -64,14 +64,20 @@ pub struct KeeperOptions {
 }
 
 /// The exit status a keeper reports when it could not attach, so the plugin
-/// can tell "in use elsewhere" and "no such volume" from other failures.
+/// can tell "in use elsewhere", "no such volume" and "cluster unreachable"
+/// from other failures (sysexits-style numbers, apart from clap's 2 for usage).
 pub fn exit_code(e: &AttachError) -> i32 {
     match e {
-        AttachError::InUse { .. } => 2,
-        AttachError::VolumeNotFound { .. } => 3,
+        AttachError::InUse { .. } => EXIT_IN_USE,
+        AttachError::VolumeNotFound { .. } => EXIT_NOT_FOUND,
+        AttachError::Unavailable { .. } => EXIT_UNAVAILABLE,
         _ => 1,
     }
 }
+
+pub const EXIT_NOT_FOUND: i32 = 66;
+pub const EXIT_UNAVAILABLE: i32 = 69;
+pub const EXIT_IN_USE: i32 = 75;
 
 /// Opens the volume, waiting up to `lock_wait` while another writer holds it.
 async fn open(manager: &VolumeManager, opts: &KeeperOptions) -> Result<Arc<torus_volume::Volume>, AttachError> {
@@ -93,17 +99,42 @@ async fn open(manager: &VolumeManager, opts: &KeeperOptions) -> Result<Arc<torus
             Err(VolumeError::Cluster(ClusterError::VolumeNotFound { .. })) => {
                 return Err(AttachError::VolumeNotFound { volume: opts.volume.clone() })
             }
+            Err(VolumeError::Cluster(e)) if e.is_retryable() => {
+                return Err(AttachError::Unavailable { volume: opts.volume.clone(), reason: e.to_string() })
+            }
             Err(e) => return Err(AttachError::Failed { volume: opts.volume.clone(), reason: e.to_string() }),
         }
     }
 }
 
-/// Whether someone (a mount, a process) has the device open: an exclusive open fails then.
+/// Whether someone has the device open: a mount or an exclusive opener (an
+/// exclusive open fails then), or any process with a descriptor on it
+/// (found in /proc, by device number: a block volume is opened through the
+/// device file bound at the pod's target path). When in doubt, busy; a
+/// device that no longer exists is not.
 pub(crate) fn device_busy(dev: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(dev) {
-        Ok(_) => false,
-        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+        Err(_) => return true,
     }
+    let Ok(md) = std::fs::metadata(dev) else { return false };
+    let rdev = md.rdev();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return true };
+    for p in procs.flatten() {
+        if !p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        for fd in std::fs::read_dir(p.path().join("fd")).into_iter().flatten().flatten() {
+            if let Ok(m) = std::fs::metadata(fd.path()) {
+                if m.file_type().is_block_device() && m.rdev() == rdev {
+                    return true;
+                }
+            }
+        }
+    }
+    false
 }
 
 /// Unmounts a FUSE mount left by an earlier keeper of this attachment that died.
@@ -121,6 +152,8 @@ pub async fn run(cluster: Cluster, opts: KeeperOptions) -> Result<(), AttachErro
     let mut int = signal(SignalKind::interrupt()).map_err(AttachError::io("installing SIGINT handler"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(AttachError::io("installing SIGHUP handler"))?;
     std::fs::create_dir_all(&opts.dir).map_err(AttachError::io(format!("creating {}", opts.dir.display())))?;
+    // Held until this process ends: it is how others know this keeper lives.
+    let _alive = crate::record::hold_lock(&opts.dir)?;
     let manager = Arc::new(VolumeManager::new(cluster.clone(), opts.manager.clone()));
     let vol = open(&manager, &opts).await?;
     let follower = tokio::spawn(manager.clone().follow_ring());
@@ -149,12 +182,31 @@ pub async fn run(cluster: Cluster, opts: KeeperOptions) -> Result<(), AttachErro
         read_only: opts.read_only,
         backend: opts.backend.name().into(),
         epoch: vol.epoch().0,
+        problem: None,
     };
-    record.store(&opts.dir)?;
+    if let Err(e) = record.store(&opts.dir) {
+        // Nobody would find this attachment: take it down again.
+        let _ = served.stop_device().await;
+        vol.release().await;
+        drop(vol);
+        served.finish().await;
+        manager.close_all().await;
+        return Err(e);
+    }
     tracing::info!(volume = %opts.volume, device = %device.display(), size = record.size, epoch = record.epoch, "attached");
 
+    let mut check = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
+            _ = check.tick() => {
+                if vol.lease_lost() && record.problem.is_none() {
+                    tracing::error!(volume = %opts.volume, "the writer's lease is lost: writes fail until the volume is staged again");
+                    record.problem = Some("the writer's lease was lost (etcd unreachable past --io-hold, or the lease expired): writes fail until the volume is staged again".into());
+                    if let Err(e) = record.store(&opts.dir) {
+                        tracing::warn!(error = %e, "could not record the lost lease");
+                    }
+                }
+            }
             _ = hup.recv() => {
                 match grow(&cluster, &vol, &served, &mut record, &opts.dir).await {
                     Ok(()) => tracing::info!(volume = %opts.volume, size = record.size, "device grown"),
@@ -266,6 +318,7 @@ async fn serve_nbd(vol: Arc<torus_volume::Volume>) -> Result<Served, AttachError
         kernel_ends.push(theirs);
     }
     let connect = nbd_kernel::Connect {
+        backend: format!("torus:{}", vol.info().name),
         size: vol.size(),
         block_size: 4096,
         flags: torus_nbd::handshake::transmission_flags(&*vol) as u64,

@@ -49,11 +49,27 @@ pub fn backing_file(dev: &Path) -> Option<PathBuf> {
     Some(PathBuf::from(s.trim_end_matches('\n')))
 }
 
-/// The loop devices bound to `file`.
+/// The loop devices bound to `file`, by the path sysfs keeps (no stat of the
+/// file: it may sit on a FUSE mount whose server is gone).
 pub fn devices_of(file: &Path) -> Vec<PathBuf> {
-    let Ok(out) = run(Command::new("losetup").args(["--noheadings", "--output", "NAME", "--associated"]).arg(file))
-    else {
-        return Vec::new();
-    };
-    out.lines().map(|l| PathBuf::from(l.trim())).filter(|p| !p.as_os_str().is_empty()).collect()
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let dev = PathBuf::from(format!("/dev/{name}"));
+        if backing_file(&dev).as_deref() == Some(file) {
+            out.push(dev);
+        }
+    }
+    out
+}
+
+/// The loop device `/dev/loopN` whose device number is `rdev`, if it is one.
+pub fn loop_of_rdev(rdev: u64) -> Option<PathBuf> {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let link = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    let name = link.file_name()?.to_str()?.to_string();
+    name.starts_with("loop").then(|| PathBuf::from(format!("/dev/{name}")))
 }

@@ -34,6 +34,7 @@ const NBD_ATTR_TIMEOUT: u16 = 4;
 const NBD_ATTR_SERVER_FLAGS: u16 = 5;
 const NBD_ATTR_SOCKETS: u16 = 7;
 const NBD_ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
+const NBD_ATTR_BACKEND_IDENTIFIER: u16 = 10;
 const NBD_SOCK_ITEM: u16 = 1;
 const NBD_SOCK_FD: u16 = 1;
 
@@ -196,6 +197,8 @@ impl Genl {
 /// What CONNECT gives the kernel.
 #[derive(Clone, Debug)]
 pub struct Connect {
+    /// Shown in /sys/block/nbdN/backend: which volume a device serves.
+    pub backend: String,
     pub size: u64,
     pub block_size: u64,
     /// NBD transmission flags (HAS_FLAGS, SEND_FLUSH, ...), as the handshake would send them.
@@ -219,6 +222,7 @@ fn connect_attrs(c: &Connect, fds: &[RawFd]) -> Attrs {
         .u64(NBD_ATTR_SERVER_FLAGS, c.flags)
         .u64(NBD_ATTR_TIMEOUT, c.timeout)
         .u64(NBD_ATTR_DEAD_CONN_TIMEOUT, c.dead_conn_timeout)
+        .str(NBD_ATTR_BACKEND_IDENTIFIER, &c.backend)
         .nested(NBD_ATTR_SOCKETS, &socks);
     a
 }
@@ -254,6 +258,11 @@ pub fn disconnect(index: u32) -> io::Result<()> {
     g.request(family, NBD_CMD_DISCONNECT, NBD_GENL_VERSION, &a).map(drop)
 }
 
+/// The backend identifier /dev/nbd`index` was connected with, if any.
+pub fn backend_of(index: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/block/nbd{index}/backend")).ok().map(|s| s.trim_end().to_string())
+}
+
 /// The index of `/dev/nbdN`.
 pub fn index_of(dev: &std::path::Path) -> Option<u32> {
     dev.file_name()?.to_str()?.strip_prefix("nbd")?.parse().ok()
@@ -281,7 +290,14 @@ mod tests {
 
     #[test]
     fn a_connect_request_carries_size_flags_and_every_socket() {
-        let c = Connect { size: 1 << 30, block_size: 4096, flags: 0x1ed, timeout: 0, dead_conn_timeout: 30 };
+        let c = Connect {
+            backend: "torus:v".into(),
+            size: 1 << 30,
+            block_size: 4096,
+            flags: 0x1ed,
+            timeout: 0,
+            dead_conn_timeout: 30,
+        };
         let msg = message(0x22, NLM_F_ACK, 5, NBD_CMD_CONNECT, NBD_GENL_VERSION, &connect_attrs(&c, &[3, 4]));
         assert_eq!(u32::from_ne_bytes(msg[0..4].try_into().unwrap()) as usize, msg.len());
         assert_eq!(u16::from_ne_bytes([msg[4], msg[5]]), 0x22);
@@ -292,6 +308,7 @@ mod tests {
         assert_eq!(u64::from_ne_bytes(get(NBD_ATTR_SIZE_BYTES).try_into().unwrap()), 1 << 30);
         assert_eq!(u64::from_ne_bytes(get(NBD_ATTR_SERVER_FLAGS).try_into().unwrap()), 0x1ed);
         assert_eq!(u64::from_ne_bytes(get(NBD_ATTR_DEAD_CONN_TIMEOUT).try_into().unwrap()), 30);
+        assert_eq!(get(NBD_ATTR_BACKEND_IDENTIFIER), b"torus:v\0");
         let socks = parse_attrs(get(NBD_ATTR_SOCKETS));
         let fds: Vec<u32> = socks
             .iter()

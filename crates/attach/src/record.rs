@@ -1,8 +1,13 @@
 //! What a keeper leaves on disk so that a restarted (or upgraded) node plugin
 //! finds its attachments again: `<state dir>/attach/<volume>/keeper.json`,
 //! written atomically once the device is ready and removed when the keeper
-//! has detached. A record is trusted only while the process it names is
-//! alive *and* started at the recorded time (pids are reused).
+//! has detached.
+//!
+//! Whether a keeper is alive is told by `keeper.lock`: the keeper holds an
+//! exclusive `flock` on it from its first step to its exit (the kernel drops
+//! it when the process dies, however it dies). A locked file with no record is
+//! a keeper still starting; an unlocked one, whatever the record says, a dead
+//! keeper whose leftovers may be cleaned up.
 
 use crate::AttachError;
 use serde::{Deserialize, Serialize};
@@ -23,10 +28,66 @@ pub struct KeeperRecord {
     pub backend: String,
     /// The writer's epoch (0 for read-only attachments).
     pub epoch: u64,
+    /// Set when the attachment can no longer serve as it should (the
+    /// writer's lease was lost: writes fail until the volume is staged again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 pub const RECORD: &str = "keeper.json";
 pub const LOG: &str = "keeper.log";
+pub const LOCK: &str = "keeper.lock";
+
+/// What is known of a volume's keeper from its directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeeperState {
+    /// Alive and serving: its record.
+    Ready(KeeperRecord),
+    /// Alive, not ready yet (opening the volume, waiting for a lock, mounting).
+    Starting,
+    /// No keeper runs for it (never started, detached, or dead).
+    Dead,
+}
+
+/// Takes the keeper lock of `dir` (blocking until a momentary holder lets go); held while the file lives.
+pub fn hold_lock(dir: &Path) -> Result<std::fs::File, AttachError> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK))
+        .map_err(AttachError::io(format!("opening {}", dir.join(LOCK).display())))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(AttachError::io(format!("locking {}", dir.join(LOCK).display()))(std::io::Error::last_os_error()));
+    }
+    Ok(f)
+}
+
+/// Whether a keeper holds `dir`'s lock now.
+pub fn locked(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::OpenOptions::new().write(true).open(dir.join(LOCK)) else { return false };
+    // SAFETY: flock on a descriptor we own; released again at once (and when f closes).
+    let got = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if got {
+        // SAFETY: as above.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+    }
+    !got
+}
+
+/// The state of the keeper of `dir`.
+pub fn keeper_state(dir: &Path) -> KeeperState {
+    if !locked(dir) {
+        return KeeperState::Dead;
+    }
+    match KeeperRecord::load(dir) {
+        Some(r) => KeeperState::Ready(r),
+        None => KeeperState::Starting,
+    }
+}
 
 /// The directory of one volume's attachment.
 pub fn attach_dir(state_dir: &Path, volume: &str) -> PathBuf {
@@ -45,7 +106,7 @@ impl KeeperRecord {
         }
     }
 
-    /// Writes the record atomically (temporary file, fsync, rename).
+    /// Writes the record atomically (temporary file, fsync, rename, fsync of the directory).
     pub fn store(&self, dir: &Path) -> Result<(), AttachError> {
         use std::io::Write;
         let tmp = dir.join(format!("{RECORD}.tmp"));
@@ -53,11 +114,16 @@ impl KeeperRecord {
         f.write_all(&serde_json::to_vec_pretty(self).expect("records serialise"))
             .and_then(|_| f.sync_all())
             .map_err(AttachError::io(format!("writing {}", tmp.display())))?;
-        std::fs::rename(&tmp, dir.join(RECORD)).map_err(AttachError::io(format!("renaming {}", tmp.display())))
+        std::fs::rename(&tmp, dir.join(RECORD)).map_err(AttachError::io(format!("renaming {}", tmp.display())))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(AttachError::io(format!("syncing {}", dir.display())))
     }
 
-    /// Whether the keeper this record names is still running.
-    pub fn alive(&self) -> bool {
+    /// Whether the process this record names still runs (and is the same
+    /// process: pids are reused). Liveness of a keeper is its lock; this is
+    /// for waiting on a process already told to stop.
+    pub fn running(&self) -> bool {
         start_time(self.pid) == Some(self.start_time)
     }
 }
@@ -100,11 +166,37 @@ mod tests {
             read_only: false,
             backend: "fuse".into(),
             epoch: 42,
+            problem: None,
         };
         rec.store(dir.path()).expect("store");
         let back = KeeperRecord::load(dir.path()).expect("load");
         assert_eq!(back, rec);
-        assert!(back.alive());
-        assert!(!KeeperRecord { start_time: rec.start_time + 1, ..rec }.alive(), "a reused pid is not our keeper");
+        assert!(back.running());
+        assert!(!KeeperRecord { start_time: rec.start_time + 1, ..rec }.running(), "a reused pid is not our keeper");
+    }
+
+    #[test]
+    fn the_lock_tells_a_live_keeper_a_starting_one_and_a_dead_one_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(keeper_state(dir.path()), KeeperState::Dead, "no lock file");
+        let held = hold_lock(dir.path()).expect("lock");
+        assert!(locked(dir.path()));
+        assert_eq!(keeper_state(dir.path()), KeeperState::Starting, "locked, no record yet");
+        let me = std::process::id();
+        let rec = KeeperRecord {
+            volume: "v".into(),
+            pid: me,
+            start_time: start_time(me).expect("start time"),
+            device: "/dev/loop7".into(),
+            size: 4096,
+            read_only: true,
+            backend: "fuse".into(),
+            epoch: 0,
+            problem: None,
+        };
+        rec.store(dir.path()).expect("store");
+        assert_eq!(keeper_state(dir.path()), KeeperState::Ready(rec.clone()));
+        drop(held);
+        assert_eq!(keeper_state(dir.path()), KeeperState::Dead, "a record without its lock is a dead keeper's");
     }
 }

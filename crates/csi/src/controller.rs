@@ -16,7 +16,7 @@
 use crate::pb::controller_server::Controller;
 use crate::pb::controller_service_capability::rpc::Type as CtlCap;
 use crate::pb::*;
-use crate::{caps, status};
+use crate::{caps, need, status};
 use std::collections::HashMap;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
@@ -156,13 +156,6 @@ fn parse_replication(params: &HashMap<String, String>) -> Result<Option<u32>, St
     }
 }
 
-fn need(field: &str, value: &str) -> Result<(), Status> {
-    if value.is_empty() {
-        return Err(Status::invalid_argument(format!("{field} is required")));
-    }
-    Ok(())
-}
-
 fn capabilities(list: &[CtlCap]) -> Vec<ControllerServiceCapability> {
     list.iter()
         .map(|t| ControllerServiceCapability {
@@ -260,7 +253,13 @@ impl Controller for ControllerService {
                 Err(e) => return Err(status::cluster(e)),
             }
         }
-        Ok(Response::new(ControllerPublishVolumeResponse { publish_context: HashMap::new() }))
+        // The node stages a read-only publish read-only (PUBLISH_READONLY).
+        let publish_context = if mode.read_only {
+            HashMap::from([(crate::PUBLISH_READONLY.to_string(), "true".to_string())])
+        } else {
+            HashMap::new()
+        };
+        Ok(Response::new(ControllerPublishVolumeResponse { publish_context }))
     }
 
     async fn controller_unpublish_volume(
@@ -445,9 +444,10 @@ impl Controller for ControllerService {
                 current.size
             )));
         }
-        let size = required.div_ceil(512) * 512;
+        // Whole 4 KiB blocks, as CreateVolume makes them (the devices use 4 KiB blocks).
+        let size = required.div_ceil(4096) * 4096;
         if limit > 0 && size > limit {
-            return Err(Status::out_of_range(format!("{size} bytes (whole sectors) exceeds limit_bytes {limit}")));
+            return Err(Status::out_of_range(format!("{size} bytes (whole 4 KiB blocks) exceeds limit_bytes {limit}")));
         }
         let info = self.cluster.grow_volume(&req.volume_id, size).await.map_err(status::cluster)?;
         if info.size > current.size {

@@ -31,4 +31,15 @@ pub const DRIVER_NAME: &str = "csi.torus.io";
 /// (`--label zone=a` -> `topology.csi.torus.io/zone: a`).
 pub const TOPOLOGY_PREFIX: &str = "topology.csi.torus.io/";
 
+/// The `publish_context` key ControllerPublishVolume sets for a read-only publish.
+pub const PUBLISH_READONLY: &str = "readonly";
+
 pub use server::{serve, Mode, Options, ServeError};
+
+/// A required string field, or INVALID_ARGUMENT naming it.
+pub(crate) fn need(field: &str, value: &str) -> Result<(), tonic::Status> {
+    if value.is_empty() {
+        return Err(tonic::Status::invalid_argument(format!("{field} is required")));
+    }
+    Ok(())
+}

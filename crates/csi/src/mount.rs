@@ -250,6 +250,13 @@ pub fn usage(path: &Path) -> Result<(u64, u64, u64, u64, u64, u64), Status> {
     Ok((total, avail, total - free, itotal, ifree, itotal - ifree))
 }
 
+/// The device number of a block device node (following bind mounts), if `path` is one.
+pub fn rdev(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let md = std::fs::metadata(path).ok()?;
+    md.file_type().is_block_device().then(|| md.rdev())
+}
+
 /// The size in bytes of a block device (BLKGETSIZE64).
 pub fn device_size(dev: &Path) -> Result<u64, Status> {
     use std::os::fd::AsRawFd;

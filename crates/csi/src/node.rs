@@ -15,13 +15,13 @@ use crate::caps::{self, Access, Capability};
 use crate::pb::node_server::Node;
 use crate::pb::node_service_capability::rpc::Type as NodeCap;
 use crate::pb::*;
-use crate::{mount, status, TOPOLOGY_PREFIX};
+use crate::{mount, need, status, TOPOLOGY_PREFIX};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-use torus_attach::{AttachRequest, Attacher};
+use torus_attach::{AttachRequest, Attacher, Attachment};
 use torus_meta::cluster::Cluster;
 
 /// What NodeStageVolume did for one volume.
@@ -44,13 +44,6 @@ pub struct NodeService<A: Attacher> {
     state_dir: PathBuf,
     /// One staging or publishing operation per volume at a time.
     busy: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-fn need(field: &str, value: &str) -> Result<(), Status> {
-    if value.is_empty() {
-        return Err(Status::invalid_argument(format!("{field} is required")));
-    }
-    Ok(())
 }
 
 fn io_status(what: String) -> impl FnOnce(std::io::Error) -> Status {
@@ -77,8 +70,15 @@ impl<A: Attacher> NodeService<A> {
     }
 
     fn staged(&self, volume: &str) -> Option<Staged> {
-        let bytes = std::fs::read(self.record_path(volume)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        let path = self.record_path(volume);
+        let bytes = std::fs::read(&path).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable staging record");
+                None
+            }
+        }
     }
 
     fn save(&self, s: &Staged) -> Result<(), Status> {
@@ -86,9 +86,15 @@ impl<A: Attacher> NodeService<A> {
         let dir = path.parent().expect("record path has a parent");
         std::fs::create_dir_all(dir).map_err(io_status(format!("creating {}", dir.display())))?;
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(s).expect("records serialise"))
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(io_status(format!("writing {}", path.display())))
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(s).expect("records serialise"))?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(io_status(format!("writing {}", path.display())))
     }
 
     async fn volume_exists(&self, volume: &str) -> Result<(), Status> {
@@ -143,6 +149,7 @@ impl<A: Attacher> NodeService<A> {
 
     fn condition(&self, volume: &str) -> VolumeCondition {
         match self.attacher.find(volume) {
+            Some(Attachment { problem: Some(p), .. }) => VolumeCondition { abnormal: true, message: p },
             Some(a) if a.device.exists() => VolumeCondition { abnormal: false, message: "attached".into() },
             Some(a) => VolumeCondition {
                 abnormal: true,
@@ -155,6 +162,31 @@ impl<A: Attacher> NodeService<A> {
             },
         }
     }
+}
+
+/// Whether the mount `m` at `path` shows the staged volume: its file system
+/// (bind mounts show the device as their source), or its device node, or a
+/// read-only loop device over it.
+fn publishes(path: &Path, m: &mount::MountEntry, staged: &Staged) -> bool {
+    if staged.fs_type.is_some() {
+        return Path::new(&m.source) == staged.device;
+    }
+    let (Some(at), Some(dev)) = (mount::rdev(path), mount::rdev(&staged.device)) else { return false };
+    at == dev
+        || torus_attach::loopdev::loop_of_rdev(at).and_then(|l| torus_attach::loopdev::backing_file(&l)).as_deref()
+            == Some(staged.device.as_path())
+}
+
+/// The read-only loop device a block publish at `target` set up, if any.
+fn read_only_loop_at(target: &Path) -> Option<PathBuf> {
+    let dev = torus_attach::loopdev::loop_of_rdev(mount::rdev(target)?)?;
+    let backing = torus_attach::loopdev::backing_file(&dev)?;
+    backing.starts_with("/dev/loop").then_some(dev)
+}
+
+/// Read-only by its access mode, or because ControllerPublishVolume published it read-only.
+fn stage_read_only(cap: &Capability, publish_context: &HashMap<String, String>) -> bool {
+    cap.read_only() || publish_context.get(crate::PUBLISH_READONLY).is_some_and(|v| v == "true")
 }
 
 fn capability(cap: Option<&VolumeCapability>) -> Result<Capability, Status> {
@@ -182,7 +214,7 @@ impl<A: Attacher> Node for NodeService<A> {
             let same = prev.staging_path == staging_path
                 && prev.fs_type == fs_type
                 && prev.mount_flags == mount_flags
-                && prev.read_only == cap.read_only();
+                && prev.read_only == stage_read_only(&cap, &req.publish_context);
             if !same {
                 return Err(Status::already_exists(format!(
                     "volume {} is already staged at {} with another capability",
@@ -191,10 +223,21 @@ impl<A: Attacher> Node for NodeService<A> {
                 )));
             }
         }
-        self.volume_exists(&req.volume_id).await?;
+        // Published read-only (ControllerPublishVolume's readonly): staged read-only too.
+        let read_only = stage_read_only(&cap, &req.publish_context);
+        let info = self.cluster.volume(&req.volume_id).await.map_err(status::cluster)?;
+        if read_only && fs_type.is_some() {
+            // A file system changing under a reader on another host reads as garbage (or worse).
+            if let Some((lock, _)) = self.cluster.volume_lock(info.id).await.map_err(status::cluster)? {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is being written by {}: its file system cannot be mounted read-only elsewhere meanwhile",
+                    req.volume_id, lock.holder
+                )));
+            }
+        }
         let attachment = self
             .attacher
-            .attach(&AttachRequest { volume: req.volume_id.clone(), read_only: cap.read_only() })
+            .attach(&AttachRequest { volume: req.volume_id.clone(), read_only })
             .await
             .map_err(status::attach)?;
         let staged = Staged {
@@ -202,7 +245,7 @@ impl<A: Attacher> Node for NodeService<A> {
             staging_path,
             fs_type,
             mount_flags,
-            read_only: cap.read_only(),
+            read_only,
             device: attachment.device.clone(),
         };
         if staged.fs_type.is_some() {
@@ -245,10 +288,7 @@ impl<A: Attacher> Node for NodeService<A> {
         if staging_path.exists() {
             mount::unmount(&staging_path)?;
         }
-        self.attacher.detach(&req.volume_id).await.map_err(|e| match e {
-            torus_attach::AttachError::Failed { .. } => Status::failed_precondition(e.to_string()),
-            e => status::attach(e),
-        })?;
+        self.attacher.detach(&req.volume_id).await.map_err(status::attach)?;
         if staged.is_some() {
             let p = self.record_path(&req.volume_id);
             std::fs::remove_file(&p).map_err(io_status(format!("removing {}", p.display())))?;
@@ -290,7 +330,7 @@ impl<A: Attacher> Node for NodeService<A> {
             )));
         }
         let target = PathBuf::from(&req.target_path);
-        let (source, flags) = match (&cap.access, &staged.fs_type) {
+        let (source, flags): (PathBuf, Vec<String>) = match (&cap.access, &staged.fs_type) {
             (Access::Block, None) => (staged.device.clone(), Vec::new()),
             (Access::Mount { flags, .. }, Some(_)) => (staged.staging_path.clone(), flags.clone()),
             _ => {
@@ -302,6 +342,13 @@ impl<A: Attacher> Node for NodeService<A> {
             }
         };
         if let Some(m) = mount::mounted_at(&target)? {
+            if !publishes(&target, &m, &staged) {
+                return Err(Status::already_exists(format!(
+                    "{} is already a mount of something else ({})",
+                    target.display(),
+                    m.source
+                )));
+            }
             let ro = m.options.split(',').any(|o| o == "ro");
             if ro != read_only {
                 return Err(Status::already_exists(format!(
@@ -312,6 +359,7 @@ impl<A: Attacher> Node for NodeService<A> {
             }
             return Ok(Response::new(NodePublishVolumeResponse {}));
         }
+        let mut source = source;
         if staged.fs_type.is_some() {
             std::fs::create_dir_all(&target).map_err(io_status(format!("creating {}", target.display())))?;
         } else {
@@ -323,8 +371,18 @@ impl<A: Attacher> Node for NodeService<A> {
                 .append(true)
                 .open(&target)
                 .map_err(io_status(format!("creating {}", target.display())))?;
+            if read_only && !staged.read_only {
+                // A read-only bind mount does not stop writes to a device node:
+                // a read-only loop device over the staged one does.
+                source = torus_attach::loopdev::attach(&staged.device, true).map_err(status::attach)?;
+            }
         }
-        mount::bind(&source, &target, read_only, &flags)?;
+        if let Err(e) = mount::bind(&source, &target, read_only, &flags) {
+            if source != staged.device && staged.fs_type.is_none() {
+                let _ = torus_attach::loopdev::detach(&source);
+            }
+            return Err(e);
+        }
         tracing::info!(volume = %req.volume_id, target = %target.display(), read_only, "published");
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
@@ -340,7 +398,12 @@ impl<A: Attacher> Node for NodeService<A> {
         let _held = lock.lock().await;
         let target = PathBuf::from(&req.target_path);
         if std::fs::symlink_metadata(&target).is_ok() {
+            // A read-only block publish has its own loop device over the staged one.
+            let ro_loop = read_only_loop_at(&target);
             mount::unmount(&target)?;
+            if let Some(dev) = ro_loop {
+                torus_attach::loopdev::detach(&dev).map_err(status::attach)?;
+            }
             let md = std::fs::symlink_metadata(&target).map_err(io_status(format!("stat {}", target.display())))?;
             if md.is_dir() { std::fs::remove_dir(&target) } else { std::fs::remove_file(&target) }
                 .map_err(io_status(format!("removing {}", target.display())))?;
@@ -372,8 +435,7 @@ impl<A: Attacher> Node for NodeService<A> {
                     req.volume_id
                 )));
             };
-            if m.source != staged.device.to_string_lossy() && path != staged.staging_path {
-                // A bind mount shows the device as its source too; anything else is another volume.
+            if !publishes(&path, &m, &staged) {
                 return Err(Status::not_found(format!(
                     "{} is not a mount of volume {}",
                     path.display(),
@@ -422,6 +484,21 @@ impl<A: Attacher> Node for NodeService<A> {
         let staged = self
             .staged(&req.volume_id)
             .ok_or_else(|| Status::not_found(format!("volume {} is not staged on this node", req.volume_id)))?;
+        let ours =
+            path == staged.staging_path || mount::mounted_at(&path)?.is_some_and(|m| publishes(&path, &m, &staged));
+        if !ours {
+            return Err(Status::not_found(format!(
+                "{} is not where volume {} is staged or published",
+                path.display(),
+                req.volume_id
+            )));
+        }
+        if staged.read_only {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is staged read-only here: it cannot be grown through this host",
+                req.volume_id
+            )));
+        }
         if let Some(r) = &req.capacity_range {
             if r.limit_bytes > 0 && info.size > r.limit_bytes as u64 {
                 return Err(Status::out_of_range(format!(
@@ -432,9 +509,6 @@ impl<A: Attacher> Node for NodeService<A> {
         }
         let attachment = self.attacher.grow(&req.volume_id, info.size).await.map_err(status::attach)?;
         if let Some(fs_type) = &staged.fs_type {
-            if staged.read_only {
-                return Err(Status::failed_precondition("a read-only staged file system cannot be grown here"));
-            }
             mount::grow_fs(&attachment.device, &staged.staging_path, fs_type)?;
             tracing::info!(volume = %req.volume_id, size = attachment.size, fs_type, "file system grown");
         }

@@ -38,7 +38,8 @@ pub fn attach(e: AttachError) -> Status {
     let msg = e.to_string();
     match e {
         AttachError::VolumeNotFound { .. } => Status::not_found(msg),
-        AttachError::InUse { .. } => Status::failed_precondition(msg),
+        AttachError::InUse { .. } | AttachError::DeviceBusy { .. } => Status::failed_precondition(msg),
+        AttachError::Unavailable { .. } => Status::unavailable(msg),
         AttachError::Incompatible { .. } => Status::already_exists(msg),
         AttachError::Failed { .. } | AttachError::Io { .. } | AttachError::Command { .. } => Status::internal(msg),
     }

@@ -219,6 +219,11 @@ impl Volume {
         self.guard.as_ref().map(|g| g.lease)
     }
 
+    /// A writable open whose lease is gone: it refuses writes for good.
+    pub fn lease_lost(&self) -> bool {
+        self.guard.is_some() && self.lease.is_lost()
+    }
+
     /// Copies on some node that lack writes, per node (empty when every copy is whole).
     pub fn missing(&self) -> std::collections::BTreeMap<NodeId, torus_meta::cluster::ExtentSet> {
         self.tracker.missing()

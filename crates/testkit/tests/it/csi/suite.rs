@@ -498,3 +498,133 @@ fn node_rpcs_are_idempotent_and_answer_with_the_specified_codes() {
     });
     drop((a, b));
 }
+
+/// Writes an MBR partition table (one Linux partition) at the start of `dev`.
+fn write_mbr(dev: &Path) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut sector = [0u8; 512];
+    sector[446 + 4] = 0x83; // Linux
+    sector[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    sector[446 + 12..446 + 16].copy_from_slice(&4096u32.to_le_bytes());
+    sector[510] = 0x55;
+    sector[511] = 0xaa;
+    let mut f = std::fs::OpenOptions::new().write(true).open(dev).expect("open the device");
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(&sector).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn node_refusals_read_only_publishes_and_a_keeper_that_dies() {
+    let c = Cluster::start(2, 2);
+    let a = c.start_csi("host-a", "all", &[]);
+    runtime().block_on(async {
+        let mut csi = connect(&a.socket).await;
+        let staging = a.path("staging");
+        std::fs::create_dir_all(&staging).unwrap();
+        let blk = block_cap(Mode::SingleNodeWriter);
+        let ext4 = mount_cap(Mode::SingleNodeWriter, "ext4");
+        let delete = |id: &str| DeleteVolumeRequest { volume_id: id.into(), ..Default::default() };
+
+        // A read-only publish of a block volume staged for writing refuses writes.
+        ok(csi.controller.create_volume(create_req("raw", 8 << 20, blk.clone())).await, "create raw");
+        ok(csi.node.node_stage_volume(stage_req("raw", &staging, blk.clone())).await, "stage raw");
+        let ro_target = a.path("pods/raw-ro");
+        for _ in 0..2 {
+            ok(
+                csi.node.node_publish_volume(publish_req("raw", &staging, &ro_target, blk.clone(), true)).await,
+                "publish raw ro",
+            );
+        }
+        // (Recent kernels let a read-only block device be opened for writing and refuse the writes.)
+        let refused = std::fs::OpenOptions::new().write(true).open(&ro_target).and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &[0xee; 4096])?;
+            f.sync_all()
+        });
+        let e = refused.expect_err("the read-only device refuses writes");
+        assert!(matches!(e.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)), "{e}");
+        std::fs::File::open(&ro_target).expect("but can be read");
+        ok(csi.node.node_unpublish_volume(unpublish_req("raw", &ro_target)).await, "unpublish raw ro");
+
+        // The device is still open here: unstaging is refused, nothing is detached.
+        let dev = staged_device(&a.state_dir, "raw");
+        let held = std::fs::File::open(&dev).expect("open the staged device");
+        let busy = csi.node.node_unstage_volume(unstage_req("raw", &staging)).await;
+        assert_eq!(code(busy), Code::FailedPrecondition);
+        assert!(dev.exists() && a.state_dir.join("attach/raw/keeper.json").exists());
+        drop(held);
+
+        // A partition table is never formatted over.
+        write_mbr(&dev);
+        ok(csi.node.node_unstage_volume(unstage_req("raw", &staging)).await, "unstage raw");
+        let r = csi.node.node_stage_volume(stage_req("raw", &staging, ext4.clone())).await;
+        let msg = r.as_ref().err().map(|s| s.message().to_string()).unwrap_or_default();
+        assert_eq!(code(r), Code::FailedPrecondition);
+        assert!(msg.contains("partition table"), "{msg}");
+        assert!(!a.log_text().contains("making a file system"), "{}", a.log_text());
+
+        // A blank volume staged read-only: nothing to mount, nothing formatted.
+        ok(csi.controller.create_volume(create_req("blank", 64 << 20, ext4.clone())).await, "create blank");
+        let ro = mount_cap(Mode::SingleNodeReaderOnly, "ext4");
+        assert_eq!(
+            code(csi.node.node_stage_volume(stage_req("blank", &staging, ro.clone())).await),
+            Code::FailedPrecondition
+        );
+        // Another file system than asked for: refused, not reformatted.
+        ok(csi.node.node_stage_volume(stage_req("blank", &staging, ext4.clone())).await, "stage blank as ext4");
+        ok(csi.node.node_unstage_volume(unstage_req("blank", &staging)).await, "unstage");
+        let xfs = mount_cap(Mode::SingleNodeWriter, "xfs");
+        let r = csi.node.node_stage_volume(stage_req("blank", &staging, xfs)).await;
+        let msg = r.as_ref().err().map(|s| s.message().to_string()).unwrap_or_default();
+        assert_eq!(code(r), Code::FailedPrecondition);
+        assert!(msg.contains("ext4"), "{msg}");
+
+        // ControllerPublishVolume read-only: the host stages it read-only.
+        let publish = ControllerPublishVolumeRequest {
+            volume_id: "blank".into(),
+            node_id: "host-a".into(),
+            volume_capability: Some(ext4.clone()),
+            readonly: true,
+            ..Default::default()
+        };
+        let ctx = ok(csi.controller.controller_publish_volume(publish).await, "publish read-only").publish_context;
+        assert_eq!(ctx.get("readonly").map(String::as_str), Some("true"));
+        let mut stage = stage_req("blank", &staging, ext4.clone());
+        stage.publish_context = ctx;
+        ok(csi.node.node_stage_volume(stage).await, "stage with the read-only publish context");
+        let target = a.path("pods/blank");
+        ok(csi.node.node_publish_volume(publish_req("blank", &staging, &target, ext4.clone(), true)).await, "publish");
+        let e = std::fs::write(target.join("x"), b"x").expect_err("read-only");
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+        let keeper: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(a.state_dir.join("attach/blank/keeper.json")).unwrap()).unwrap();
+        assert_eq!(keeper["read_only"], true, "the keeper holds no writer lock");
+
+        // The keeper dies on its own: the condition says so, and unstaging cleans up.
+        // SAFETY: kill(2) of the keeper this test's plugin started.
+        unsafe { libc::kill(keeper["pid"].as_u64().unwrap() as i32, libc::SIGKILL) };
+        let stats = NodeGetVolumeStatsRequest {
+            volume_id: "blank".into(),
+            volume_path: target.display().to_string(),
+            ..Default::default()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let s = ok(csi.node.node_get_volume_stats(stats.clone()).await, "stats");
+            if s.volume_condition.as_ref().is_some_and(|c| c.abnormal) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the condition never turned abnormal: {s:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        ok(csi.node.node_unpublish_volume(unpublish_req("blank", &target)).await, "unpublish after the keeper died");
+        ok(csi.node.node_unstage_volume(unstage_req("blank", &staging)).await, "unstage after the keeper died");
+        let loops = crate::ok(std::process::Command::new("losetup").arg("-a"));
+        assert!(!loops.contains(&a.dir.display().to_string()), "loop devices left: {loops}");
+        assert!(!a.state_dir.join("attach/blank").exists());
+        for id in ["raw", "blank"] {
+            ok(csi.controller.delete_volume(delete(id)).await, "delete");
+        }
+    });
+    drop(a);
+}
