@@ -181,7 +181,8 @@ fn publishes(path: &Path, m: &mount::MountEntry, staged: &Staged) -> bool {
 fn read_only_loop_at(target: &Path) -> Option<PathBuf> {
     let dev = torus_attach::loopdev::loop_of_rdev(mount::rdev(target)?)?;
     let backing = torus_attach::loopdev::backing_file(&dev)?;
-    backing.starts_with("/dev/loop").then_some(dev)
+    // (A string prefix: as a path, "/dev/loop0" does not start with "/dev/loop".)
+    backing.to_str().is_some_and(|b| b.starts_with("/dev/loop")).then_some(dev)
 }
 
 /// Read-only by its access mode, or because ControllerPublishVolume published it read-only.

@@ -249,17 +249,23 @@ fn unmount_below(dir: &Path, fuse: bool) {
     }
 }
 
-/// Detaches every loop device whose backing file is below `dir`.
+/// Detaches every loop device whose backing file is below `dir`, and first
+/// those stacked on them (a read-only block publish).
 fn detach_loops_below(dir: &Path) {
-    for e in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else { continue };
-        if Path::new(backing.trim_end()).starts_with(dir) {
-            let _ = Command::new("losetup").arg("-d").arg(format!("/dev/{name}")).stderr(Stdio::null()).status();
-        }
+    let loops: Vec<(String, String)> = std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            name.starts_with("loop").then(|| (name, backing.trim_end().to_string()))
+        })
+        .collect();
+    let ours: Vec<&String> = loops.iter().filter(|(_, b)| Path::new(b).starts_with(dir)).map(|(n, _)| n).collect();
+    let stacked = loops.iter().filter(|(_, b)| ours.iter().any(|n| *b == format!("/dev/{n}"))).map(|(n, _)| n);
+    for name in stacked.chain(ours.iter().copied()) {
+        let _ = Command::new("losetup").arg("-d").arg(format!("/dev/{name}")).stderr(Stdio::null()).status();
     }
 }
 

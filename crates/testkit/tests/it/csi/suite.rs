@@ -544,7 +544,17 @@ fn node_refusals_read_only_publishes_and_a_keeper_that_dies() {
         let e = refused.expect_err("the read-only device refuses writes");
         assert!(matches!(e.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)), "{e}");
         std::fs::File::open(&ro_target).expect("but can be read");
+        let ro_dev = crate::ok(
+            std::process::Command::new("losetup")
+                .args(["-j", &staged_device(&a.state_dir, "raw").display().to_string()]),
+        );
+        assert!(!ro_dev.trim().is_empty(), "a read-only loop device over the staged one");
         ok(csi.node.node_unpublish_volume(unpublish_req("raw", &ro_target)).await, "unpublish raw ro");
+        let ro_dev = crate::ok(
+            std::process::Command::new("losetup")
+                .args(["-j", &staged_device(&a.state_dir, "raw").display().to_string()]),
+        );
+        assert!(ro_dev.trim().is_empty(), "the read-only loop device is gone: {ro_dev}");
 
         // The device is still open here: unstaging is refused, nothing is detached.
         let dev = staged_device(&a.state_dir, "raw");
