@@ -73,6 +73,12 @@ pub const MAX_BACKGROUND: u16 = 128;
 
 impl<D: BlockDevice> Filesystem for DiskFs<D> {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Asynchronous direct I/O: without it the kernel turns the loop
+        // device's queued O_DIRECT requests into one synchronous request at a
+        // time (measured: 6.3k IOPS at queue depth 32 instead of ~30k).
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {
+            tracing::warn!(?missing, "the kernel's FUSE lacks asynchronous direct I/O: requests will go one at a time");
+        }
         let _ = config.set_max_background(MAX_BACKGROUND);
         let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
         Ok(())
