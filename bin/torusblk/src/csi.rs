@@ -133,8 +133,11 @@ pub async fn run(etcd: &EtcdArgs, args: CsiArgs) -> anyhow::Result<()> {
         "--node-timeout".into(),
         args.node_timeout.to_string().into(),
     ];
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating the state dir {}", args.state_dir.display()))?;
+    // Only the node service keeps state (the controller may run on a read-only root, unprivileged).
+    if mode.node() {
+        std::fs::create_dir_all(&args.state_dir)
+            .with_context(|| format!("creating the state dir {}", args.state_dir.display()))?;
+    }
     let attacher = Arc::new(torus_attach::ProcessAttacher::new(
         args.state_dir.clone(),
         command,
