@@ -32,9 +32,14 @@ impl Exports for VolumeExports {
     }
 
     async fn open(&self, name: &str) -> Result<Arc<Volume>, ExportError> {
-        self.manager.open(name, !self.read_only).await.map_err(|e| {
+        let v = self.manager.open(name, !self.read_only).await.map_err(|e| {
             tracing::warn!(export = name, error = %e, "open refused");
             export_error(e)
-        })
+        })?;
+        // The volume may have grown since this process opened it (`torusctl
+        // volume resize`): a new connection gets the size it has now.
+        let info = self.manager.cluster().volume(name).await.map_err(|e| export_error(e.into()))?;
+        v.grow(info.size);
+        Ok(v)
     }
 }

@@ -1,12 +1,14 @@
-//! `torusctl volume create-block | list | delete`.
+//! `torusctl volume create-block | list | resize | delete`.
 
 use crate::Output;
+use anyhow::{bail, Context};
 use clap::Subcommand;
 use std::time::Duration;
 use torus_cli::parse_size;
-use torus_meta::cluster::Cluster;
+use torus_meta::cluster::{Cluster, ClusterError};
 use torus_proto::PeerClient;
 use torus_types::format_size;
+use torus_volume::{BlockDevice, ManagerOptions, VolumeError, VolumeManager};
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
@@ -26,6 +28,17 @@ pub enum VolumeCmd {
     List {
         #[arg(long, short, value_enum, default_value_t)]
         output: Output,
+    },
+    /// Grow a volume (online: an open torusblk serves the new size to new
+    /// connections), or shrink it with --allow-shrink while nobody has it open.
+    Resize {
+        name: String,
+        /// New size, e.g. 20GiB (a multiple of 512 bytes).
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        /// Allow a smaller size: the data past the new end is zeroed, then dropped.
+        #[arg(long = "allow-shrink")]
+        allow_shrink: bool,
     },
     /// Delete a volume and its data on every node.
     #[command(alias = "rm")]
@@ -61,6 +74,7 @@ pub async fn run(cluster: &Cluster, cmd: VolumeCmd) -> anyhow::Result<()> {
                 }
             }
         }
+        VolumeCmd::Resize { name, size, allow_shrink } => resize(cluster, &name, size, allow_shrink).await?,
         VolumeCmd::Delete { name } => {
             let v = cluster.delete_volume(&name).await?;
             // The name is gone (the id is never reused); now free the space on every live node.
@@ -83,5 +97,57 @@ pub async fn run(cluster: &Cluster, cmd: VolumeCmd) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+async fn resize(cluster: &Cluster, name: &str, size: u64, allow_shrink: bool) -> anyhow::Result<()> {
+    let v = cluster.volume(name).await?;
+    if size == v.size {
+        println!("volume {name} is {} already", format_size(size));
+        return Ok(());
+    }
+    if size > v.size {
+        let g = cluster.grow_volume(name, size).await?;
+        println!(
+            "grew volume {name} from {} to {} (NBD clients see it on their next connection; \
+             a CSI volume's file system grows with NodeExpandVolume)",
+            format_size(v.size),
+            format_size(g.size)
+        );
+        return Ok(());
+    }
+    if !allow_shrink {
+        bail!(
+            "shrinking volume {name} from {} to {} drops the data past {}: refused without --allow-shrink",
+            format_size(v.size),
+            format_size(size),
+            format_size(size)
+        );
+    }
+    if size == 0 || size % 512 != 0 {
+        bail!("size {size} must be a positive multiple of 512 bytes");
+    }
+    // Take the volume as its writer: that proves nobody has it open, and only
+    // the writer may zero its tail and then shrink it.
+    let manager = VolumeManager::new(cluster.clone(), ManagerOptions::default());
+    let vol = match manager.open(name, true).await {
+        Ok(vol) => vol,
+        Err(VolumeError::Cluster(ClusterError::VolumeLocked { holder, .. })) => {
+            bail!("volume {name} is open for writing by {holder}: shrinking is refused while it is in use")
+        }
+        Err(e) => return Err(e).context("opening the volume to shrink it"),
+    };
+    let result = async {
+        // Zeroed (holes punched) before the size drops, so a later growth reads zeroes there.
+        vol.zero(size, v.size - size, true).await.context("zeroing the data past the new end")?;
+        vol.flush().await.context("flushing")?;
+        cluster.shrink_volume(name, size, vol.epoch()).await.context("recording the new size")
+    }
+    .await;
+    vol.release().await;
+    drop(vol);
+    manager.close_all().await;
+    let s = result?;
+    println!("shrank volume {name} from {} to {}", format_size(v.size), format_size(s.size));
     Ok(())
 }

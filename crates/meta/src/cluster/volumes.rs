@@ -164,6 +164,38 @@ impl Cluster {
         Err(ClusterError::Contended)
     }
 
+    /// Shrinks a volume to `new_size` bytes (a positive multiple of 512).
+    /// Only the writer holding the lock with `epoch` may: it must have zeroed
+    /// everything past the new end first, so that a later growth shows
+    /// zeroes there, never old data.
+    pub async fn shrink_volume(&self, name: &str, new_size: u64, epoch: Epoch) -> Result<VolumeInfo> {
+        if new_size == 0 || new_size % 512 != 0 {
+            return Err(ClusterError::InvalidVolumeSize {
+                size: new_size,
+                reason: "it must be a positive multiple of 512 bytes".into(),
+            });
+        }
+        let kv = self
+            .store
+            .get(&name_key(name))
+            .await?
+            .ok_or_else(|| ClusterError::VolumeNotFound { name: name.to_string() })?;
+        let mut info: VolumeInfo = decode(&kv.key, &kv.value)?;
+        if new_size >= info.size {
+            return Ok(info);
+        }
+        info.size = new_size;
+        let txn = Txn::when(vec![
+            Compare::mod_revision(name_key(name), kv.mod_revision),
+            Compare::create_revision(lock_key(info.id), epoch.0),
+        ])
+        .and_then(vec![TxnOp::put(name_key(name), encode(&info))]);
+        if self.store.txn(txn).await?.succeeded {
+            return Ok(info);
+        }
+        Err(ClusterError::LockLost { volume: info.id, epoch })
+    }
+
     pub async fn volume(&self, name: &str) -> Result<VolumeInfo> {
         match self.store.get(&name_key(name)).await? {
             Some(kv) => decode(&kv.key, &kv.value),

@@ -13,6 +13,7 @@ mod full;
 mod nbd_clients;
 mod node_loss;
 mod partition;
+mod resize;
 mod writer_crash;
 
 use std::process::{Command, Output};

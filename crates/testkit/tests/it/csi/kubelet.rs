@@ -139,6 +139,12 @@ fn the_kubelets_sequence_moves_a_volume_between_two_hosts_and_grows_it_online() 
         let (target, id, staging, gcap) = grow_target;
         let before = df_bytes(&target);
         let new_size = 1i64 << 30;
+        // ... while fio writes and verifies on it.
+        let busy = target.clone();
+        let fio_during = std::thread::spawn(move || {
+            fio_verify(&busy, "32m", &["--rw=randrw", "--time_based", "--runtime=6", "--verify_backlog=128"])
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         let r = ok(
             cc.controller
                 .controller_expand_volume(ControllerExpandVolumeRequest {
@@ -167,7 +173,9 @@ fn the_kubelets_sequence_moves_a_volume_between_two_hosts_and_grows_it_online() 
         assert_eq!(r.capacity_bytes, new_size);
         let after = df_bytes(&target);
         assert!(after > before + (256 << 20), "df shows the new size: {before} -> {after} bytes");
-        eprintln!("grown online: df {before} -> {after} bytes");
+        let during = fio_during.join().expect("fio thread");
+        assert!(during.contains("err= 0"), "fio during the growth: {during}");
+        eprintln!("grown online under fio (0 errors): df {before} -> {after} bytes");
         check_files(&b_target, &files);
 
         // Down on B and delete.
