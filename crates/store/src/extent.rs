@@ -27,6 +27,9 @@ pub(crate) struct Extent {
     dat: File,
     sum: File,
     state: RwLock<State>,
+    /// Test fault: when n > 0, data writes fail (ENOSPC) after n - 1 pieces.
+    #[cfg(test)]
+    pub(crate) fail_data_after: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -72,8 +75,13 @@ impl Extent {
                 .open(p)
                 .map_err(|e| StoreError::io("open", p, e))
         };
+        let existed = sum_path.exists();
         let sum = open(&sum_path)?;
         let dat = open(&dat_path)?;
+        if !existed {
+            // A new extent's files must survive a power loss once flushed: sync their directory.
+            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io("sync", dir, e))?;
+        }
         let len = sum.metadata().map_err(|e| StoreError::io("stat", &sum_path, e))?.len();
         let corrupt = |reason: String| StoreError::CorruptTable { extent: id, reason };
         let (table, dirty) = if len == 0 {
@@ -97,6 +105,8 @@ impl Extent {
             dat,
             sum,
             state: RwLock::new(State { table, generation: 0, header_dirty: dirty }),
+            #[cfg(test)]
+            fail_data_after: Default::default(),
         };
         if dirty {
             ext.recover()?;
@@ -146,6 +156,14 @@ impl Extent {
     /// overwrite several times dearer (see bench/README.md).
     fn write_data(&self, bytes: &[u8], offset: u64) -> Result<()> {
         const PIECE: usize = 64 << 10;
+        #[cfg(test)]
+        if let Some(after) = self.fail_data_after.load(std::sync::atomic::Ordering::Relaxed).checked_sub(1) {
+            // Test fault: write `after` pieces, then fail as a full disk would.
+            for (i, piece) in bytes.chunks(PIECE).take(after as usize).enumerate() {
+                self.dat.write_all_at(piece, offset + (i * PIECE) as u64).expect("test write");
+            }
+            return Err(StoreError::io("write", &self.dat_path, std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
         for (i, piece) in bytes.chunks(PIECE).enumerate() {
             self.dat
                 .write_all_at(piece, offset + (i * PIECE) as u64)
@@ -237,13 +255,48 @@ impl Extent {
         let new_blocks = (first..end).filter(|b| Self::entry(&st.table, *b).state != BlockState::Data).count() as u64;
         space(new_blocks * BS)?;
         self.begin_change(&mut st)?;
-        if st.table.len() < end as usize {
-            st.table.resize(end as usize, Entry::ABSENT);
-        }
-        st.table[first as usize..end as usize].copy_from_slice(&entries);
-        self.write_entries(first, &entries)?;
-        self.write_data(bytes, first * BS)?;
+        self.write_blocks(&mut st, first, &entries, bytes)?;
         Ok((new_blocks * BS) as i64)
+    }
+
+    /// Writes the entries, then the data (the order crash recovery relies
+    /// on). If either write fails, no block is left poisoned: each block of
+    /// the range gets back the entry that matches what its data now is — the
+    /// old one where the new data did not land, the new one where it did, a
+    /// re-derived one where a block was cut — in memory and, as far as the
+    /// disk lets us, in the table (which stays marked dirty, so the next open
+    /// re-derives whatever could not be written).
+    fn write_blocks(&self, st: &mut State, first: u64, entries: &[Entry], bytes: &[u8]) -> Result<()> {
+        let (lo, hi) = (first as usize, first as usize + entries.len());
+        if st.table.len() < hi {
+            st.table.resize(hi, Entry::ABSENT);
+        }
+        let old: Vec<Entry> = st.table[lo..hi].to_vec();
+        st.table[lo..hi].copy_from_slice(entries);
+        let written = self.write_entries(first, entries).and_then(|()| self.write_data(bytes, first * BS));
+        let Err(e) = written else { return Ok(()) };
+        let mut block = vec![0u8; BLOCK_SIZE];
+        for (i, (was, new)) in old.iter().zip(entries).enumerate() {
+            let b = first + i as u64;
+            st.table[lo + i] = match read_full(&self.dat, &self.dat_path, &mut block, b * BS) {
+                Ok(()) => {
+                    let crc = block_checksum(&block);
+                    if crc == new.crc {
+                        *new
+                    } else if was.state != BlockState::Data || crc == was.crc {
+                        *was
+                    } else {
+                        Entry { crc, state: BlockState::Data }
+                    }
+                }
+                Err(_) => *was,
+            };
+        }
+        if let Err(e2) = self.write_entries(first, &st.table[lo..hi]) {
+            tracing::error!(extent = %self.id, error = %e2, "could not restore checksum entries after a failed write; the next open re-derives them");
+        }
+        st.generation += 1;
+        Err(e)
     }
 
     /// Zeroes `[offset, offset+len)`: whole blocks become holes, edges are rewritten.
@@ -420,9 +473,7 @@ impl Extent {
             }
             self.begin_change(&mut st)?;
             let entry = Entry { crc: block_checksum(good), state: BlockState::Data };
-            st.table[b as usize] = entry;
-            self.write_entries(b, &[entry])?;
-            self.write_data(good, b * BS)?;
+            self.write_blocks(&mut st, b, &[entry], good)?;
             fixed += 1;
         }
         Ok(fixed)
@@ -438,4 +489,49 @@ impl Extent {
 pub(crate) fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use torus_types::VolumeId;
+
+    fn no_limit(_: u64) -> Result<()> {
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_data_write_leaves_every_block_readable_with_old_or_new_contents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = ExtentId::new(VolumeId(1), 0);
+        let ext = Extent::open(dir.path(), id, true).expect("open").expect("created");
+        let old = vec![0x11u8; 256 << 10];
+        ext.write(0, &old, &no_limit).expect("first write");
+
+        // 256 KiB in 64 KiB pieces: the first two land, then the disk is full.
+        ext.fail_data_after.store(3, Ordering::Relaxed);
+        let new = vec![0x22u8; 256 << 10];
+        assert!(ext.write(0, &new, &no_limit).is_err(), "the write fails");
+        ext.fail_data_after.store(0, Ordering::Relaxed);
+        let mut back = vec![0u8; 256 << 10];
+        ext.read(0, &mut back).expect("no block is poisoned: every one reads");
+        assert!(back[..128 << 10].iter().all(|&b| b == 0x22), "the pieces that landed read new");
+        assert!(back[128 << 10..].iter().all(|&b| b == 0x11), "the rest reads old");
+
+        // A write that fails before any data lands leaves the old contents, also after a reopen.
+        ext.fail_data_after.store(1, Ordering::Relaxed);
+        assert!(ext.write(192 << 10, &[0x33u8; 4096], &no_limit).is_err());
+        drop(ext);
+        let ext = Extent::open(dir.path(), id, false).expect("reopen").expect("exists");
+        let mut block = vec![0u8; 4096];
+        ext.read(192 << 10, &mut block).expect("readable after a reopen");
+        assert!(block.iter().all(|&b| b == 0x11));
+        // Unaligned writes (read-modify-write of the edges) too.
+        ext.fail_data_after.store(1, Ordering::Relaxed);
+        assert!(ext.write(100, &[0x44u8; 10], &no_limit).is_err());
+        ext.fail_data_after.store(0, Ordering::Relaxed);
+        ext.read(0, &mut block).expect("the edge block reads");
+        assert!(block.iter().all(|&b| b == 0x22));
+    }
 }

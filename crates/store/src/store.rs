@@ -140,8 +140,14 @@ impl Store {
             return Ok(Some(e.clone()));
         }
         let dir = self.vol_dir(id.volume);
-        if create {
+        if create && !dir.exists() {
             std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
+            // The volume's directory must survive a power loss too: sync its parent.
+            if let Some(parent) = dir.parent() {
+                std::fs::File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| StoreError::io("sync", parent, e))?;
+            }
         }
         let Some(ext) = Extent::open(&dir, id, create)? else {
             return Ok(None);
