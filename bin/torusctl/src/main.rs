@@ -3,6 +3,7 @@
 mod peer;
 mod status;
 mod volume;
+mod wait;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use torus_cli::{parse_size, EtcdArgs};
@@ -51,6 +52,14 @@ enum Cmd {
     /// Manage volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
+    /// Wait until the cluster is healthy, rebalanced or caught up (exit 0), or time out (non-zero, with the reason).
+    Wait {
+        #[arg(value_enum)]
+        condition: wait::Condition,
+        /// How long to wait: 90 (seconds), 30s, 5m, 2h.
+        #[arg(long, default_value = "5m", value_parser = wait::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -76,6 +85,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Ring(c) => peer::run_ring(&cluster, c).await,
         Cmd::Volume(c) => volume::run(&cluster, c).await,
         Cmd::Status => status::run(&cluster).await,
+        Cmd::Wait { condition, timeout } => wait::run(&cluster, condition, timeout).await,
     }
 }
 

@@ -1,9 +1,80 @@
-//! `torusctl status`: the cluster's health at a glance.
+//! `torusctl status`: the cluster's health at a glance; [`Health`] is what
+//! `status` and `wait` judge it from.
 
 use std::collections::HashSet;
 use torus_meta::cluster::Cluster;
 use torus_ring::Ring;
 use torus_types::{format_size, ExtentId, NodeId};
+
+/// What the cluster's health is judged from, read once.
+pub struct Health {
+    pub down: Vec<NodeId>,
+    /// Extent copies that missed writes, over every volume.
+    pub to_catch_up: usize,
+    /// Data moves between nodes (a ring change in progress).
+    pub moving: bool,
+    /// Nodes still deleting copies that moved away.
+    pub collecting: usize,
+    pub empty: bool,
+}
+
+impl Health {
+    pub async fn read(cluster: &Cluster) -> anyhow::Result<Health> {
+        let (ring, _) = cluster.ring().await?;
+        let up: HashSet<NodeId> = cluster.peers().await?.iter().map(|p| p.id).collect();
+        let down = ring.all_members().iter().filter(|m| !up.contains(&m.id)).map(|m| m.id).collect();
+        let to_catch_up = cluster.replica_states().await?.values().map(|s| s.missing_count()).sum();
+        Ok(Health {
+            down,
+            to_catch_up,
+            moving: ring.moving(),
+            collecting: ring.collecting.len(),
+            empty: ring.members.is_empty(),
+        })
+    }
+
+    pub fn word(&self) -> &'static str {
+        if !self.down.is_empty() {
+            "DEGRADED"
+        } else if self.to_catch_up > 0 {
+            "CATCHING UP"
+        } else if self.moving || self.collecting > 0 {
+            "REBALANCING"
+        } else if self.empty {
+            "EMPTY"
+        } else {
+            "OK"
+        }
+    }
+
+    /// Why the cluster is not healthy, or `None` if it is.
+    pub fn unhealthy(&self) -> Option<String> {
+        let mut why = Vec::new();
+        if !self.down.is_empty() {
+            let ids: Vec<String> = self.down.iter().map(|n| n.to_string()).collect();
+            why.push(format!("{} node(s) down: {}", self.down.len(), ids.join(", ")));
+        }
+        if self.to_catch_up > 0 {
+            why.push(format!("{} extent copies to catch up", self.to_catch_up));
+        }
+        why.extend(self.moving_reason());
+        if self.empty {
+            why.push("no node in the ring".into());
+        }
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+
+    /// Why data is still moving, or `None` if it is not.
+    pub fn moving_reason(&self) -> Option<String> {
+        if self.moving {
+            Some("data is moving between nodes".into())
+        } else if self.collecting > 0 {
+            Some(format!("{} node(s) still deleting copies that moved away", self.collecting))
+        } else {
+            None
+        }
+    }
+}
 
 pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
     let config = cluster.config().await?;
@@ -17,18 +88,14 @@ pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
     let to_catch_up: usize = states.values().map(|s| s.missing_count()).sum();
     let (cap, used) =
         peers.iter().filter(|p| ring.contains(p.id)).fold((0u64, 0u64), |(c, u), p| (c + p.capacity, u + p.used));
-
-    let health = if !down.is_empty() {
-        "DEGRADED"
-    } else if to_catch_up > 0 {
-        "CATCHING UP"
-    } else if ring.moving() || !ring.collecting.is_empty() {
-        "REBALANCING"
-    } else if ring.members.is_empty() {
-        "EMPTY"
-    } else {
-        "OK"
-    };
+    let health = Health {
+        down: down.iter().map(|m| m.id).collect(),
+        to_catch_up,
+        moving: ring.moving(),
+        collecting: ring.collecting.len(),
+        empty: ring.members.is_empty(),
+    }
+    .word();
     println!("health:      {health}");
     println!(
         "ring:        version {}, {} members, default replication {}",

@@ -14,6 +14,7 @@ mod nbd_clients;
 mod node_loss;
 mod partition;
 mod resize;
+mod wait;
 mod writer_crash;
 
 use std::process::{Command, Output};
