@@ -2,7 +2,6 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,16 +73,6 @@ fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-fn labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
-    raw.iter()
-        .filter(|s| !s.is_empty())
-        .map(|s| match s.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => bail!("label {s:?} is not KEY=VALUE"),
-        })
-        .collect()
-}
-
 /// The attach path this host uses.
 fn choose(attach: AttachArg) -> anyhow::Result<Backend> {
     let kernel_nbd = torus_attach::nbd_kernel::available();
@@ -119,7 +108,7 @@ pub async fn run(etcd: &EtcdArgs, args: CsiArgs) -> anyhow::Result<()> {
     if !(1..=60).contains(&args.lease_ttl) {
         bail!("--lease-ttl must be between 1 and 60 seconds");
     }
-    let labels = labels(&args.label)?;
+    let labels = torus_cli::parse_labels(&args.label)?;
     let backend = choose(args.attach)?;
     let cluster = etcd.connect().await?;
     cluster.config().await?;

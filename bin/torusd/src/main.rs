@@ -4,7 +4,6 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,16 +68,6 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
     }
 }
 
-fn labels(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
-    raw.iter()
-        .filter(|s| !s.is_empty())
-        .map(|s| match s.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => bail!("label {s:?} is not KEY=VALUE"),
-        })
-        .collect()
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.size < 1 << 20 {
         bail!("--size {} is too small: offer at least 1 MiB", args.size);
@@ -89,7 +78,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !(1..=3600).contains(&args.lease_ttl) {
         bail!("--lease-ttl must be between 1 and 3600 seconds");
     }
-    let labels = labels(&args.label)?;
+    let labels = torus_cli::parse_labels(&args.label)?;
     let cluster = args.etcd.connect().await?;
     cluster.config().await?;
     let id = identity::load_or_create(&args.data_dir)

@@ -72,6 +72,9 @@ impl Attrs {
     }
 }
 
+/// The attributes of each data message of a reply, as (type, payload) pairs.
+type Replies = Vec<Vec<(u16, Vec<u8>)>>;
+
 /// One generic netlink request: headers plus attributes.
 fn message(family: u16, flags: u16, seq: u32, cmd: u8, version: u8, attrs: &Attrs) -> Vec<u8> {
     let len = 16 + 4 + attrs.0.len();
@@ -155,7 +158,7 @@ impl Genl {
     }
 
     /// Sends one request and collects replies until its ack (or error).
-    fn request(&mut self, family: u16, cmd: u8, version: u8, attrs: &Attrs) -> io::Result<Vec<Vec<(u16, Vec<u8>)>>> {
+    fn request(&mut self, family: u16, cmd: u8, version: u8, attrs: &Attrs) -> io::Result<Replies> {
         self.seq += 1;
         let msg = message(family, NLM_F_ACK, self.seq, cmd, version, attrs);
         // SAFETY: msg is a valid buffer of msg.len() bytes; the kernel is the default destination.

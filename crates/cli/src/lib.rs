@@ -46,6 +46,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     torus_types::parse_size(s).map_err(|e| e.to_string())
 }
 
+/// Parses `KEY=VALUE` labels (failure domains: `zone=a`); empty items are skipped.
+pub fn parse_labels(raw: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    raw.iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => anyhow::bail!("label {s:?} is not KEY=VALUE"),
+        })
+        .collect()
+}
+
 /// Formats an error chain on one line: `connecting to etcd at X: unreachable: ...`.
 pub fn one_line(e: &anyhow::Error) -> String {
     e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")

@@ -98,7 +98,9 @@ impl Cluster {
     /// host has it). Claims of hosts that are no longer registered are dropped.
     pub async fn publish(&self, volume: &str, host: &str, mode: AttachMode) -> Result<()> {
         for _ in 0..16 {
-            self.volume(volume).await?;
+            // Compared in the transaction: a publish racing a delete must not
+            // leave a claim that a later volume of the same name inherits.
+            let (vol_kv, _) = self.volume_kv(volume).await?;
             if self.host(host).await?.is_none() {
                 return Err(ClusterError::UnknownHost { host: host.to_string() });
             }
@@ -137,7 +139,9 @@ impl Cluster {
                 Some(kv) => Compare::mod_revision(attachments_key(volume), kv.mod_revision),
                 None => Compare::exists(attachments_key(volume), false),
             };
-            let txn = Txn::when(vec![cmp]).and_then(vec![TxnOp::put(attachments_key(volume), encode(&doc))]);
+            let txn =
+                Txn::when(vec![cmp, Compare::mod_revision(super::volumes::name_key(volume), vol_kv.mod_revision)])
+                    .and_then(vec![TxnOp::put(attachments_key(volume), encode(&doc))]);
             if self.store.txn(txn).await?.succeeded {
                 return Ok(());
             }

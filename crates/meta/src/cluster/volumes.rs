@@ -61,7 +61,7 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn name_key(name: &str) -> String {
+pub(super) fn name_key(name: &str) -> String {
     format!("volumes/by-name/{name}")
 }
 
@@ -145,12 +145,7 @@ impl Cluster {
             });
         }
         for _ in 0..16 {
-            let kv = self
-                .store
-                .get(&name_key(name))
-                .await?
-                .ok_or_else(|| ClusterError::VolumeNotFound { name: name.to_string() })?;
-            let mut info: VolumeInfo = decode(&kv.key, &kv.value)?;
+            let (kv, mut info) = self.volume_kv(name).await?;
             if new_size <= info.size {
                 return Ok(info);
             }
@@ -175,12 +170,7 @@ impl Cluster {
                 reason: "it must be a positive multiple of 512 bytes".into(),
             });
         }
-        let kv = self
-            .store
-            .get(&name_key(name))
-            .await?
-            .ok_or_else(|| ClusterError::VolumeNotFound { name: name.to_string() })?;
-        let mut info: VolumeInfo = decode(&kv.key, &kv.value)?;
+        let (kv, mut info) = self.volume_kv(name).await?;
         if new_size >= info.size {
             return Ok(info);
         }
@@ -197,10 +187,18 @@ impl Cluster {
     }
 
     pub async fn volume(&self, name: &str) -> Result<VolumeInfo> {
-        match self.store.get(&name_key(name)).await? {
-            Some(kv) => decode(&kv.key, &kv.value),
-            None => Err(ClusterError::VolumeNotFound { name: name.to_string() }),
-        }
+        Ok(self.volume_kv(name).await?.1)
+    }
+
+    /// A volume's record and its key's revisions (for compare-and-swap).
+    pub(super) async fn volume_kv(&self, name: &str) -> Result<(crate::KeyValue, VolumeInfo)> {
+        let kv = self
+            .store
+            .get(&name_key(name))
+            .await?
+            .ok_or_else(|| ClusterError::VolumeNotFound { name: name.to_string() })?;
+        let info = decode(&kv.key, &kv.value)?;
+        Ok((kv, info))
     }
 
     /// Every volume, in name order.
@@ -218,12 +216,7 @@ impl Cluster {
 
     /// Deletes a volume's metadata. Refused while a writer holds it.
     pub async fn delete_volume(&self, name: &str) -> Result<VolumeInfo> {
-        let kv = self
-            .store
-            .get(&name_key(name))
-            .await?
-            .ok_or_else(|| ClusterError::VolumeNotFound { name: name.to_string() })?;
-        let info: VolumeInfo = decode(&kv.key, &kv.value)?;
+        let (kv, info) = self.volume_kv(name).await?;
         let txn = Txn::when(vec![
             Compare::mod_revision(name_key(name), kv.mod_revision),
             Compare::exists(lock_key(info.id), false),
