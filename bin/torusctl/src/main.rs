@@ -48,7 +48,10 @@ enum Cmd {
     #[command(subcommand)]
     Ring(peer::RingCmd),
     /// Cluster health at a glance: nodes up and down, capacity, rebalance progress.
-    Status,
+    Status {
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Manage volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
@@ -84,7 +87,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Peer(c) => peer::run(&cluster, c).await,
         Cmd::Ring(c) => peer::run_ring(&cluster, c).await,
         Cmd::Volume(c) => volume::run(&cluster, c).await,
-        Cmd::Status => status::run(&cluster).await,
+        Cmd::Status { output } => status::run(&cluster, output).await,
         Cmd::Wait { condition, timeout } => wait::run(&cluster, condition, timeout).await,
     }
 }

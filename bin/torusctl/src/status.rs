@@ -1,6 +1,8 @@
 //! `torusctl status`: the cluster's health at a glance; [`Health`] is what
 //! `status` and `wait` judge it from.
 
+use crate::Output;
+use serde::Serialize;
 use std::collections::HashSet;
 use torus_meta::cluster::Cluster;
 use torus_ring::Ring;
@@ -76,7 +78,37 @@ impl Health {
     }
 }
 
-pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
+/// Everything `status` shows, as `-o json` prints it.
+#[derive(Serialize)]
+struct Report {
+    health: &'static str,
+    ring_version: u64,
+    ring_members: usize,
+    default_replication: u32,
+    nodes_up: usize,
+    nodes_down: Vec<String>,
+    nodes_registered_not_in_ring: usize,
+    nodes_full: Vec<String>,
+    extents_with_a_replica_down: u64,
+    extent_copies_to_catch_up: usize,
+    nodes_behind: usize,
+    extents_being_written: usize,
+    capacity_bytes: u64,
+    used_bytes: u64,
+    volumes: usize,
+    provisioned_bytes: u64,
+    rebalance: Rebalance,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum Rebalance {
+    None,
+    Moving { extents_done: u64, extents_total: u64, bytes_copied: u64, nodes_finished: usize, nodes: usize },
+    Finishing { nodes_deleting: usize },
+}
+
+pub async fn run(cluster: &Cluster, output: Output) -> anyhow::Result<()> {
     let config = cluster.config().await?;
     let (ring, _) = cluster.ring().await?;
     let peers = cluster.peers().await?;
@@ -96,25 +128,6 @@ pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
         empty: ring.members.is_empty(),
     }
     .word();
-    println!("health:      {health}");
-    println!(
-        "ring:        version {}, {} members, default replication {}",
-        ring.version,
-        ring.members.len(),
-        config.replication
-    );
-    println!(
-        "nodes:       {} up, {} down, {} registered but not in the ring",
-        members.len() - down.len(),
-        down.len(),
-        peers.iter().filter(|p| !ring.contains(p.id) && !members.iter().any(|m| m.id == p.id)).count()
-    );
-    for m in &down {
-        println!("             down: {}", m.id);
-    }
-    for m in ring.members.iter().filter(|m| m.full) {
-        println!("             full: {} (keeps what it holds; new extents go to other nodes)", m.id);
-    }
     // Extents (of the volumes' whole address space) with a replica on a down node.
     let degraded = if down.is_empty() {
         0
@@ -131,36 +144,87 @@ pub async fn run(cluster: &Cluster) -> anyhow::Result<()> {
         }
         n
     };
-    println!("extents:     {degraded} with a replica on a down node");
     let behind: HashSet<NodeId> = states.values().flat_map(|s| s.missing.keys().copied()).collect();
-    let active: usize = states.values().map(|s| s.intent.len()).sum();
+    let rebalance = if ring.moving() {
+        let progress = cluster.progress().await?;
+        let current: Vec<_> = progress.iter().filter(|(_, p)| p.ring_version == ring.version).collect();
+        let (extents_done, extents_total, bytes_copied) = current
+            .iter()
+            .fold((0, 0, 0), |(d, t, b), (_, p)| (d + p.extents_done, t + p.extents_total, b + p.bytes_copied));
+        let nodes_finished = current.iter().filter(|(_, p)| p.done).count();
+        Rebalance::Moving { extents_done, extents_total, bytes_copied, nodes_finished, nodes: members.len() }
+    } else if !ring.collecting.is_empty() {
+        Rebalance::Finishing { nodes_deleting: ring.collecting.len() }
+    } else {
+        Rebalance::None
+    };
+    let r = Report {
+        health,
+        ring_version: ring.version,
+        ring_members: ring.members.len(),
+        default_replication: config.replication,
+        nodes_up: members.len() - down.len(),
+        nodes_down: down.iter().map(|m| m.id.to_string()).collect(),
+        nodes_registered_not_in_ring: peers
+            .iter()
+            .filter(|p| !ring.contains(p.id) && !members.iter().any(|m| m.id == p.id))
+            .count(),
+        nodes_full: ring.members.iter().filter(|m| m.full).map(|m| m.id.to_string()).collect(),
+        extents_with_a_replica_down: degraded,
+        extent_copies_to_catch_up: to_catch_up,
+        nodes_behind: behind.len(),
+        extents_being_written: states.values().map(|s| s.intent.len()).sum(),
+        capacity_bytes: cap,
+        used_bytes: used,
+        volumes: volumes.len(),
+        provisioned_bytes: volumes.iter().map(|v| v.size).sum(),
+        rebalance,
+    };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        Output::Table => print_table(&r),
+    }
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    println!("health:      {}", r.health);
     println!(
-        "replicas:    {to_catch_up} extent copies to catch up (on {} node(s)); {active} extents being written",
-        behind.len()
+        "ring:        version {}, {} members, default replication {}",
+        r.ring_version, r.ring_members, r.default_replication
+    );
+    println!(
+        "nodes:       {} up, {} down, {} registered but not in the ring",
+        r.nodes_up,
+        r.nodes_down.len(),
+        r.nodes_registered_not_in_ring
+    );
+    for id in &r.nodes_down {
+        println!("             down: {id}");
+    }
+    for id in &r.nodes_full {
+        println!("             full: {id} (keeps what it holds; new extents go to other nodes)");
+    }
+    println!("extents:     {} with a replica on a down node", r.extents_with_a_replica_down);
+    println!(
+        "replicas:    {} extent copies to catch up (on {} node(s)); {} extents being written",
+        r.extent_copies_to_catch_up, r.nodes_behind, r.extents_being_written
     );
     println!(
         "capacity:    {} used of {} ({} free)",
-        format_size(used),
-        format_size(cap),
-        format_size(cap.saturating_sub(used))
+        format_size(r.used_bytes),
+        format_size(r.capacity_bytes),
+        format_size(r.capacity_bytes.saturating_sub(r.used_bytes))
     );
-    println!("volumes:     {} ({} provisioned)", volumes.len(), format_size(volumes.iter().map(|v| v.size).sum()));
-    if ring.moving() {
-        let progress = cluster.progress().await?;
-        let current: Vec<_> = progress.iter().filter(|(_, p)| p.ring_version == ring.version).collect();
-        let (done, total, bytes) = current
-            .iter()
-            .fold((0, 0, 0), |(d, t, b), (_, p)| (d + p.extents_done, t + p.extents_total, b + p.bytes_copied));
-        let finished = current.iter().filter(|(_, p)| p.done).count();
-        println!(
-            "rebalance:   {done}/{total} extents moved ({} copied); {finished} of {} nodes finished",
-            format_size(bytes),
-            members.len()
-        );
-    } else if !ring.collecting.is_empty() {
-        println!("rebalance:   finishing: {} node(s) deleting copies that moved away", ring.collecting.len());
-    } else {
-        println!("rebalance:   none in progress");
+    println!("volumes:     {} ({} provisioned)", r.volumes, format_size(r.provisioned_bytes));
+    match &r.rebalance {
+        Rebalance::Moving { extents_done, extents_total, bytes_copied, nodes_finished, nodes } => println!(
+            "rebalance:   {extents_done}/{extents_total} extents moved ({} copied); {nodes_finished} of {nodes} nodes finished",
+            format_size(*bytes_copied)
+        ),
+        Rebalance::Finishing { nodes_deleting } => {
+            println!("rebalance:   finishing: {nodes_deleting} node(s) deleting copies that moved away")
+        }
+        Rebalance::None => println!("rebalance:   none in progress"),
     }
-    Ok(())
 }

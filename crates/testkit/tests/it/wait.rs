@@ -18,6 +18,9 @@ fn wait_returns_once_the_cluster_is_healthy_or_rebalanced_and_times_out_with_the
     // A node down: `wait healthy` times out and says why.
     c.node(2).kill9();
     wait_until(Duration::from_secs(30), "the node to be seen down", || c.ctl_ok(&["status"]).contains("DEGRADED"));
+    let status: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["health"], "DEGRADED");
+    assert_eq!(status["nodes_down"].as_array().map(Vec::len), Some(1), "{status}");
     let out = c.ctl(&["wait", "healthy", "--timeout", "2s"]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(
@@ -36,6 +39,10 @@ fn wait_returns_once_the_cluster_is_healthy_or_rebalanced_and_times_out_with_the
     let out = c.ctl_ok(&["wait", "rebalanced", "--timeout", "3m"]);
     assert!(out.contains("rebalanced: reached"), "{out}");
     assert!(c.ctl_ok(&["status"]).contains("none in progress"));
+    let status: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["health"], "OK");
+    assert_eq!(status["rebalance"]["state"], "none");
+    assert_eq!(status["ring_members"], 4);
     assert!(c.ctl_ok(&["wait", "caught-up", "--timeout", "10s"]).contains("caught-up: reached"));
 
     for bad in [&["wait", "sideways"][..], &["wait", "healthy", "--timeout", "5x"]] {
