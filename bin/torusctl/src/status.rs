@@ -3,10 +3,10 @@
 
 use crate::Output;
 use serde::Serialize;
-use std::collections::HashSet;
-use torus_meta::cluster::Cluster;
+use std::collections::{BTreeMap, HashSet};
+use torus_meta::cluster::{Cluster, ReplicaState, RingDoc};
 use torus_ring::Ring;
-use torus_types::{format_size, ExtentId, NodeId};
+use torus_types::{format_size, ExtentId, NodeId, VolumeId};
 
 /// What the cluster's health is judged from, read once.
 pub struct Health {
@@ -24,15 +24,18 @@ impl Health {
     pub async fn read(cluster: &Cluster) -> anyhow::Result<Health> {
         let (ring, _) = cluster.ring().await?;
         let up: HashSet<NodeId> = cluster.peers().await?.iter().map(|p| p.id).collect();
-        let down = ring.all_members().iter().filter(|m| !up.contains(&m.id)).map(|m| m.id).collect();
-        let to_catch_up = cluster.replica_states().await?.values().map(|s| s.missing_count()).sum();
-        Ok(Health {
-            down,
-            to_catch_up,
+        Ok(Health::of(&ring, &up, &cluster.replica_states().await?))
+    }
+
+    /// Judged from what was read: the ring, the nodes up, every volume's replica state.
+    fn of(ring: &RingDoc, up: &HashSet<NodeId>, states: &BTreeMap<VolumeId, ReplicaState>) -> Health {
+        Health {
+            down: ring.all_members().iter().filter(|m| !up.contains(&m.id)).map(|m| m.id).collect(),
+            to_catch_up: states.values().map(|s| s.missing_count()).sum(),
             moving: ring.moving(),
             collecting: ring.collecting.len(),
             empty: ring.members.is_empty(),
-        })
+        }
     }
 
     pub fn word(&self) -> &'static str {
@@ -117,17 +120,9 @@ pub async fn run(cluster: &Cluster, output: Output) -> anyhow::Result<()> {
     let members = ring.all_members();
     let down: Vec<_> = members.iter().filter(|m| !up.contains(&m.id)).collect();
     let states = cluster.replica_states().await?;
-    let to_catch_up: usize = states.values().map(|s| s.missing_count()).sum();
+    let health = Health::of(&ring, &up, &states);
     let (cap, used) =
         peers.iter().filter(|p| ring.contains(p.id)).fold((0u64, 0u64), |(c, u), p| (c + p.capacity, u + p.used));
-    let health = Health {
-        down: down.iter().map(|m| m.id).collect(),
-        to_catch_up,
-        moving: ring.moving(),
-        collecting: ring.collecting.len(),
-        empty: ring.members.is_empty(),
-    }
-    .word();
     // Extents (of the volumes' whole address space) with a replica on a down node.
     let degraded = if down.is_empty() {
         0
@@ -159,7 +154,7 @@ pub async fn run(cluster: &Cluster, output: Output) -> anyhow::Result<()> {
         Rebalance::None
     };
     let r = Report {
-        health,
+        health: health.word(),
         ring_version: ring.version,
         ring_members: ring.members.len(),
         default_replication: config.replication,
@@ -171,7 +166,7 @@ pub async fn run(cluster: &Cluster, output: Output) -> anyhow::Result<()> {
             .count(),
         nodes_full: ring.members.iter().filter(|m| m.full).map(|m| m.id.to_string()).collect(),
         extents_with_a_replica_down: degraded,
-        extent_copies_to_catch_up: to_catch_up,
+        extent_copies_to_catch_up: health.to_catch_up,
         nodes_behind: behind.len(),
         extents_being_written: states.values().map(|s| s.intent.len()).sum(),
         capacity_bytes: cap,

@@ -18,7 +18,7 @@
 //! socket pairs (hosts with the nbd module; see `nbd_kernel`).
 
 use crate::fuse::{DiskFs, DISK};
-use crate::record::{start_time, KeeperRecord, RECORD};
+use crate::record::{KeeperRecord, RECORD};
 use crate::{loopdev, nbd_kernel, AttachError};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -176,7 +176,6 @@ pub async fn run(cluster: Cluster, opts: KeeperOptions) -> Result<(), AttachErro
     let mut record = KeeperRecord {
         volume: opts.volume.clone(),
         pid: me,
-        start_time: start_time(me).unwrap_or_default(),
         device: device.clone(),
         size: vol.size(),
         read_only: opts.read_only,

@@ -17,8 +17,6 @@ use std::path::{Path, PathBuf};
 pub struct KeeperRecord {
     pub volume: String,
     pub pid: u32,
-    /// The process's start time in clock ticks since boot (/proc/PID/stat field 22).
-    pub start_time: u64,
     /// The local block device serving the volume (`/dev/loopN`, `/dev/nbdN`).
     pub device: PathBuf,
     /// Bytes, as the device shows them.
@@ -119,60 +117,31 @@ impl KeeperRecord {
             .and_then(|d| d.sync_all())
             .map_err(AttachError::io(format!("syncing {}", dir.display())))
     }
-
-    /// Whether the process this record names still runs (and is the same
-    /// process: pids are reused). Liveness of a keeper is its lock; this is
-    /// for waiting on a process already told to stop.
-    pub fn running(&self) -> bool {
-        start_time(self.pid) == Some(self.start_time)
-    }
-}
-
-/// A process's start time (clock ticks since boot), if it exists and is not a zombie.
-pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    // rest starts at field 3 (state); start time is field 22.
-    if fields.first() == Some(&"Z") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn our_own_start_time_is_read_and_stable() {
-        let me = std::process::id();
-        let t = start_time(me).expect("our own /proc entry");
-        assert_eq!(start_time(me), Some(t));
-        assert_eq!(start_time(u32::MAX), None);
+    fn record(read_only: bool) -> KeeperRecord {
+        KeeperRecord {
+            volume: "v".into(),
+            pid: std::process::id(),
+            device: "/dev/loop7".into(),
+            size: 1 << 30,
+            read_only,
+            backend: "fuse".into(),
+            epoch: if read_only { 0 } else { 42 },
+            problem: None,
+        }
     }
 
     #[test]
-    fn a_record_round_trips_and_names_a_live_process_only_with_the_right_start_time() {
+    fn a_record_round_trips() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let me = std::process::id();
-        let rec = KeeperRecord {
-            volume: "v".into(),
-            pid: me,
-            start_time: start_time(me).expect("start time"),
-            device: "/dev/loop7".into(),
-            size: 1 << 30,
-            read_only: false,
-            backend: "fuse".into(),
-            epoch: 42,
-            problem: None,
-        };
+        let rec = record(false);
         rec.store(dir.path()).expect("store");
-        let back = KeeperRecord::load(dir.path()).expect("load");
-        assert_eq!(back, rec);
-        assert!(back.running());
-        assert!(!KeeperRecord { start_time: rec.start_time + 1, ..rec }.running(), "a reused pid is not our keeper");
+        assert_eq!(KeeperRecord::load(dir.path()).expect("load"), rec);
     }
 
     #[test]
@@ -182,18 +151,7 @@ mod tests {
         let held = hold_lock(dir.path()).expect("lock");
         assert!(locked(dir.path()));
         assert_eq!(keeper_state(dir.path()), KeeperState::Starting, "locked, no record yet");
-        let me = std::process::id();
-        let rec = KeeperRecord {
-            volume: "v".into(),
-            pid: me,
-            start_time: start_time(me).expect("start time"),
-            device: "/dev/loop7".into(),
-            size: 4096,
-            read_only: true,
-            backend: "fuse".into(),
-            epoch: 0,
-            problem: None,
-        };
+        let rec = record(true);
         rec.store(dir.path()).expect("store");
         assert_eq!(keeper_state(dir.path()), KeeperState::Ready(rec.clone()));
         drop(held);

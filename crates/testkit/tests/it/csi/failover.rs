@@ -33,12 +33,7 @@ fn a_dead_hosts_volume_is_staged_elsewhere_as_soon_as_its_lease_lapses_and_the_o
         let mut cb = connect(&b.socket).await;
         let cap = mount_cap(Mode::SingleNodeWriter, "ext4");
         ok(cc.controller.create_volume(create_req("pvc-db", 256 << 20, cap.clone())).await, "create");
-        let publish = |node: &str| ControllerPublishVolumeRequest {
-            volume_id: "pvc-db".into(),
-            node_id: node.into(),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        };
+        let publish = |node: &str| controller_publish_req("pvc-db", node, &cap, false);
         ok(cc.controller.controller_publish_volume(publish("host-a")).await, "ControllerPublish A");
         let (a_staging, a_target) = (a.path("globalmount"), a.path("pods/db-0/volumes/data"));
         std::fs::create_dir_all(&a_staging).unwrap();

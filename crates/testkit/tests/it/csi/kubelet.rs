@@ -68,12 +68,7 @@ fn the_kubelets_sequence_moves_a_volume_between_two_hosts_and_grows_it_online() 
         let vol = ok(cc.controller.create_volume(create_req("pvc-data", 256 << 20, cap.clone())).await, "create")
             .volume
             .expect("volume");
-        let publish = |node: &str| ControllerPublishVolumeRequest {
-            volume_id: vol.volume_id.clone(),
-            node_id: node.into(),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        };
+        let publish = |node: &str| controller_publish_req(&vol.volume_id, node, &cap, false);
         let unpublish = |node: &str| ControllerUnpublishVolumeRequest {
             volume_id: vol.volume_id.clone(),
             node_id: node.into(),

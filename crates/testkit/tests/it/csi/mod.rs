@@ -66,6 +66,21 @@ pub fn create_req(name: &str, bytes: i64, cap: VolumeCapability) -> CreateVolume
     }
 }
 
+pub fn controller_publish_req(
+    volume: &str,
+    node: &str,
+    cap: &VolumeCapability,
+    ro: bool,
+) -> ControllerPublishVolumeRequest {
+    ControllerPublishVolumeRequest {
+        volume_id: volume.into(),
+        node_id: node.into(),
+        volume_capability: Some(cap.clone()),
+        readonly: ro,
+        ..Default::default()
+    }
+}
+
 pub fn stage_req(volume: &str, path: &Path, cap: VolumeCapability) -> NodeStageVolumeRequest {
     NodeStageVolumeRequest {
         volume_id: volume.into(),

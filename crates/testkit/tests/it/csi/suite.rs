@@ -149,13 +149,7 @@ fn identity_and_controller_rpcs_are_idempotent_and_answer_with_the_specified_cod
         }
 
         // ControllerPublishVolume / Unpublish: which host may attach.
-        let publish = |vol: &str, node: &str, ro: bool| ControllerPublishVolumeRequest {
-            volume_id: vol.into(),
-            node_id: node.into(),
-            volume_capability: Some(rwo.clone()),
-            readonly: ro,
-            ..Default::default()
-        };
+        let publish = |vol: &str, node: &str, ro: bool| controller_publish_req(vol, node, &rwo, ro);
         assert_eq!(
             code(csi.controller.controller_publish_volume(publish("", "host-a", false)).await),
             Code::InvalidArgument
@@ -590,13 +584,7 @@ fn node_refusals_read_only_publishes_and_a_keeper_that_dies() {
         assert!(msg.contains("ext4"), "{msg}");
 
         // ControllerPublishVolume read-only: the host stages it read-only.
-        let publish = ControllerPublishVolumeRequest {
-            volume_id: "blank".into(),
-            node_id: "host-a".into(),
-            volume_capability: Some(ext4.clone()),
-            readonly: true,
-            ..Default::default()
-        };
+        let publish = controller_publish_req("blank", "host-a", &ext4, true);
         let ctx = ok(csi.controller.controller_publish_volume(publish).await, "publish read-only").publish_context;
         assert_eq!(ctx.get("readonly").map(String::as_str), Some("true"));
         let mut stage = stage_req("blank", &staging, ext4.clone());
