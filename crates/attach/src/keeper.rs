@@ -4,7 +4,8 @@
 //! device, records itself in `keeper.json`, and then waits:
 //!
 //! - SIGHUP: the volume was grown; take the new size from the metadata and
-//!   show it on the device (FUSE attributes, `losetup --set-capacity`).
+//!   show it on the device (the FUSE file's size, `losetup --set-capacity`,
+//!   then a check that the device shows it).
 //! - SIGTERM / SIGINT: detach — unless the device is still open (mounted):
 //!   then it refuses and keeps serving, since stopping would fail the I/O of
 //!   whoever holds it. Detach = loop device off, flush, FUSE unmounted, the
@@ -349,6 +350,38 @@ fn stop_allowed(device: &Path) -> bool {
     true
 }
 
+/// Makes the kernel's size of the FUSE file `size` before the loop device is
+/// refreshed. The loop driver asks the file system for the size, but the FUSE
+/// inode's own size, which bounds direct reads, is only taken from a getattr
+/// no write raced with: a refresh under I/O could leave the device larger
+/// than the file, and reads of the new end fail with EIO (seen in CI). A
+/// truncate to the same size sets it unconditionally; `lseek(SEEK_END)`
+/// reports what the kernel holds, and is checked.
+fn fuse_file_size(file: &Path, size: u64, read_only: bool) -> Result<(), AttachError> {
+    use std::io::{Seek, SeekFrom};
+    let io = |what: &str| AttachError::io(format!("{what} {}", file.display()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if !read_only {
+            let f = std::fs::OpenOptions::new().write(true).open(file).map_err(io("opening"))?;
+            f.set_len(size).map_err(io("setting the size of"))?;
+        }
+        // A fresh open and seek: the kernel fetches the attributes again (TTL 0).
+        let mut f = std::fs::File::open(file).map_err(io("opening"))?;
+        let seen = f.seek(SeekFrom::End(0)).map_err(io("seeking to the end of"))?;
+        if seen == size {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(AttachError::Failed {
+                volume: file.display().to_string(),
+                reason: format!("the kernel still shows {seen} bytes, not {size}"),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 async fn grow(
     cluster: &Cluster,
     vol: &torus_volume::Volume,
@@ -363,9 +396,15 @@ async fn grow(
     vol.grow(info.size);
     match served {
         Served::Fuse { file, device, .. } => {
-            // Attributes are not cached: this stat makes the kernel take the new size.
-            std::fs::metadata(file).map_err(AttachError::io(format!("stat {}", file.display())))?;
+            fuse_file_size(file, vol.size(), vol.read_only())?;
             loopdev::refresh_size(device)?;
+            let shown = loopdev::size(device)?;
+            if shown != vol.size() {
+                return Err(AttachError::Failed {
+                    volume: record.volume.clone(),
+                    reason: format!("{} shows {shown} bytes after the refresh, not {}", device.display(), vol.size()),
+                });
+            }
         }
         Served::Nbd { index, .. } => {
             nbd_kernel::resize(*index, vol.size()).map_err(AttachError::io(format!("resizing /dev/nbd{index}")))?

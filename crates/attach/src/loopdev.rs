@@ -34,6 +34,17 @@ pub fn refresh_size(dev: &Path) -> Result<(), AttachError> {
     run(Command::new("losetup").arg("--set-capacity").arg(dev)).map(drop)
 }
 
+/// The device's size in bytes, as the block layer holds it (sysfs, in 512-byte sectors).
+pub fn size(dev: &Path) -> Result<u64, AttachError> {
+    let name = dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let path = format!("/sys/block/{name}/size");
+    let s = std::fs::read_to_string(&path).map_err(AttachError::io(format!("reading {path}")))?;
+    s.trim()
+        .parse::<u64>()
+        .map(|sectors| sectors * 512)
+        .map_err(|e| AttachError::io(format!("parsing {path}"))(std::io::Error::other(e)))
+}
+
 /// Detaches the device (idempotent: a device bound to nothing is fine).
 pub fn detach(dev: &Path) -> Result<(), AttachError> {
     if backing_file(dev).is_none() {
