@@ -121,6 +121,8 @@ pub async fn run(etcd: &EtcdArgs, args: CsiArgs) -> anyhow::Result<()> {
         args.lease_ttl.to_string().into(),
         "--node-timeout".into(),
         args.node_timeout.to_string().into(),
+        "--host-id".into(),
+        args.node_id.clone().into(),
     ];
     // Only the node service keeps state (the controller may run on a read-only root, unprivileged).
     if mode.node() {

@@ -18,6 +18,10 @@ pub struct KeeperArgs {
     read_only: bool,
     #[arg(long = "lock-wait-ms", default_value_t = 12_000)]
     lock_wait_ms: u64,
+    /// This host in lock records (the CSI node id): a lock of a dead keeper of
+    /// the same host is taken over at once.
+    #[arg(long = "host-id")]
+    host_id: Option<String>,
     #[arg(long = "lease-ttl", default_value_t = 10)]
     lease_ttl: u64,
     #[arg(long = "node-timeout", default_value_t = 10)]
@@ -45,6 +49,8 @@ pub async fn run(etcd: &EtcdArgs, args: KeeperArgs) -> anyhow::Result<()> {
             conns_per_node: 2,
             request_timeout: Duration::from_secs(args.node_timeout),
             io_hold: Duration::from_secs(args.io_hold),
+            host: args.host_id.unwrap_or_else(torus_volume::holder::hostname),
+            ..Default::default()
         },
     };
     if let Err(e) = keeper::run(cluster, opts).await {

@@ -45,6 +45,12 @@ enum Cmd {
         /// counts as unreachable (writes then go on without it; it catches up later).
         #[arg(long = "node-timeout", default_value_t = 10)]
         node_timeout: u64,
+        /// Seconds a client's open waits while another writer holds the volume
+        /// (a storage node's repair hands it over; a dead holder's lease lapses).
+        /// A live holder on this host is refused at once; a dead one on this host
+        /// is taken over at once. Default: the lease TTL + 2.
+        #[arg(long = "lock-wait")]
+        lock_wait: Option<u64>,
     },
     /// Serve the CSI driver (Identity, Controller, Node) on a unix socket.
     Csi(csi::CsiArgs),
@@ -57,12 +63,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Csi(args) => csi::run(&cli.etcd, args).await,
         Cmd::Keeper(args) => keeper::run(&cli.etcd, args).await,
-        Cmd::Nbdserve { listen, read_only, lease_ttl, io_hold, node_connections, node_timeout } => {
+        Cmd::Nbdserve { listen, read_only, lease_ttl, io_hold, node_connections, node_timeout, lock_wait } => {
             if !(1..=60).contains(&lease_ttl) {
                 bail!("--lease-ttl must be between 1 and 60 seconds");
             }
             if !(1..=600).contains(&node_timeout) {
                 bail!("--node-timeout must be between 1 and 600 seconds");
+            }
+            if lock_wait.is_some_and(|w| w > 3600) {
+                bail!("--lock-wait must be at most 3600 seconds");
             }
             if !(1..=64).contains(&node_connections) {
                 bail!("--node-connections must be between 1 and 64");
@@ -79,6 +88,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 conns_per_node: node_connections,
                 io_hold: Duration::from_secs(io_hold),
                 request_timeout: Duration::from_secs(node_timeout),
+                lock_wait: Duration::from_secs(lock_wait.unwrap_or(lease_ttl + 2)),
+                ..Default::default()
             };
             let manager = Arc::new(VolumeManager::new(cluster, opts));
             let exports = Arc::new(exports::VolumeExports { manager: manager.clone(), read_only });

@@ -96,11 +96,20 @@ struct Report {
     extent_copies_to_catch_up: usize,
     nodes_behind: usize,
     extents_being_written: usize,
+    /// Volumes a storage node is repairing now (no client has them open).
+    repairing: Vec<Repairing>,
     capacity_bytes: u64,
     used_bytes: u64,
     volumes: usize,
     provisioned_bytes: u64,
     rebalance: Rebalance,
+}
+
+#[derive(Serialize)]
+struct Repairing {
+    volume: String,
+    copies_left: usize,
+    by: String,
 }
 
 #[derive(Serialize)]
@@ -139,6 +148,15 @@ pub async fn run(cluster: &Cluster, output: Output) -> anyhow::Result<()> {
         }
         n
     };
+    // Only volumes with something to repair can be under repair: look at their locks.
+    let mut repairing = Vec::new();
+    for v in volumes.iter().filter(|v| states.get(&v.id).is_some_and(|s| !s.intent.is_empty() || s.missing_count() > 0))
+    {
+        if let Some((lock, _)) = cluster.volume_lock(v.id).await?.filter(|(l, _)| l.repair) {
+            let copies_left = states.get(&v.id).map_or(0, |s| s.missing_count());
+            repairing.push(Repairing { volume: v.name.clone(), copies_left, by: lock.holder });
+        }
+    }
     let behind: HashSet<NodeId> = states.values().flat_map(|s| s.missing.keys().copied()).collect();
     let rebalance = if ring.moving() {
         let progress = cluster.progress().await?;
@@ -169,6 +187,7 @@ pub async fn run(cluster: &Cluster, output: Output) -> anyhow::Result<()> {
         extent_copies_to_catch_up: health.to_catch_up,
         nodes_behind: behind.len(),
         extents_being_written: states.values().map(|s| s.intent.len()).sum(),
+        repairing,
         capacity_bytes: cap,
         used_bytes: used,
         volumes: volumes.len(),
@@ -205,6 +224,9 @@ fn print_table(r: &Report) {
         "replicas:    {} extent copies to catch up (on {} node(s)); {} extents being written",
         r.extent_copies_to_catch_up, r.nodes_behind, r.extents_being_written
     );
+    for rep in &r.repairing {
+        println!("             repairing: volume {} ({} copies left) by {}", rep.volume, rep.copies_left, rep.by);
+    }
     println!(
         "capacity:    {} used of {} ({} free)",
         format_size(r.used_bytes),

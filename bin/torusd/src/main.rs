@@ -59,6 +59,9 @@ struct Args {
     /// Seconds of silence after which etcd forgets this node.
     #[arg(long = "lease-ttl", default_value_t = 10)]
     lease_ttl: u64,
+    /// Seconds between looks for copies to repair in volumes nobody has open (0 turns repair off).
+    #[arg(long = "repair-interval", default_value_t = 2, env = "TORUS_REPAIR_INTERVAL")]
+    repair_interval: u64,
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
@@ -147,6 +150,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics: metrics.clone(),
     };
     let scrub_task = tokio::spawn(scrubber.run());
+    let repair = (args.repair_interval > 0).then(|| {
+        let host = torus_volume::holder::hostname();
+        let opts = torus_volume::ManagerOptions {
+            lease_ttl: Duration::from_secs(args.lease_ttl.min(60)),
+            holder: format!("torusd {id} repair on {host} (pid {})", std::process::id()),
+            ..Default::default()
+        };
+        let repairer =
+            torus_volume::repair::Repairer::new(cluster.clone(), id, opts, Duration::from_secs(args.repair_interval));
+        (repairer.manager(), tokio::spawn(repairer.run()))
+    });
     let liveness = Arc::new(torus_node::liveness::Liveness::default());
     let reg = Registration {
         liveness: liveness.clone(),
@@ -168,6 +182,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     reg_task.abort();
     reb_task.abort();
     scrub_task.abort();
+    if let Some((manager, task)) = repair {
+        task.abort();
+        manager.close_all().await;
+    }
     store.flush().await.context("final flush")?;
     Ok(())
 }

@@ -24,7 +24,7 @@ use crate::{loopdev, nbd_kernel, AttachError};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use torus_meta::cluster::{Cluster, ClusterError};
 use torus_volume::{BlockDevice, ManagerOptions, VolumeError, VolumeManager};
@@ -80,31 +80,21 @@ pub const EXIT_NOT_FOUND: i32 = 66;
 pub const EXIT_UNAVAILABLE: i32 = 69;
 pub const EXIT_IN_USE: i32 = 75;
 
-/// Opens the volume, waiting up to `lock_wait` while another writer holds it.
+/// Opens the volume; the manager waits up to `lock_wait` while another writer holds it
+/// (a dead holder's lease lapses, a repair hands it over).
 async fn open(manager: &VolumeManager, opts: &KeeperOptions) -> Result<Arc<torus_volume::Volume>, AttachError> {
-    let deadline = Instant::now() + opts.lock_wait;
-    let mut logged = false;
-    loop {
-        match manager.open(&opts.volume, !opts.read_only).await {
-            Ok(v) => return Ok(v),
-            Err(VolumeError::Cluster(ClusterError::VolumeLocked { holder, .. })) => {
-                if Instant::now() >= deadline {
-                    return Err(AttachError::InUse { volume: opts.volume.clone(), holder });
-                }
-                if !logged {
-                    tracing::info!(volume = %opts.volume, %holder, wait = ?opts.lock_wait, "volume held elsewhere; waiting for its lease");
-                    logged = true;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(VolumeError::Cluster(ClusterError::VolumeNotFound { .. })) => {
-                return Err(AttachError::VolumeNotFound { volume: opts.volume.clone() })
-            }
-            Err(VolumeError::Cluster(e)) if e.is_retryable() => {
-                return Err(AttachError::Unavailable { volume: opts.volume.clone(), reason: e.to_string() })
-            }
-            Err(e) => return Err(AttachError::Failed { volume: opts.volume.clone(), reason: e.to_string() }),
+    match manager.open(&opts.volume, !opts.read_only).await {
+        Ok(v) => Ok(v),
+        Err(VolumeError::Cluster(ClusterError::VolumeLocked { holder, .. })) => {
+            Err(AttachError::InUse { volume: opts.volume.clone(), holder })
         }
+        Err(VolumeError::Cluster(ClusterError::VolumeNotFound { .. })) => {
+            Err(AttachError::VolumeNotFound { volume: opts.volume.clone() })
+        }
+        Err(VolumeError::Cluster(e)) if e.is_retryable() => {
+            Err(AttachError::Unavailable { volume: opts.volume.clone(), reason: e.to_string() })
+        }
+        Err(e) => Err(AttachError::Failed { volume: opts.volume.clone(), reason: e.to_string() }),
     }
 }
 
@@ -155,7 +145,8 @@ pub async fn run(cluster: Cluster, opts: KeeperOptions) -> Result<(), AttachErro
     std::fs::create_dir_all(&opts.dir).map_err(AttachError::io(format!("creating {}", opts.dir.display())))?;
     // Held until this process ends: it is how others know this keeper lives.
     let _alive = crate::record::hold_lock(&opts.dir)?;
-    let manager = Arc::new(VolumeManager::new(cluster.clone(), opts.manager.clone()));
+    let manager_opts = ManagerOptions { lock_wait: opts.lock_wait, ..opts.manager.clone() };
+    let manager = Arc::new(VolumeManager::new(cluster.clone(), manager_opts));
     let vol = open(&manager, &opts).await?;
     let follower = tokio::spawn(manager.clone().follow_ring());
 

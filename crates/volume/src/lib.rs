@@ -9,14 +9,19 @@
 //! - [`manager`]: opening volumes by name: metadata, the writer's lock on a
 //!   lease, the epoch it yields, keep-alive, and sharing one open volume
 //!   between connections of one process.
+//! - [`holder`]: the process tag in a lock, and whether its process died here.
+//! - [`repair`]: the storage nodes' repairer, a writer with no client that
+//!   catches up copies of volumes nobody has open.
 //!
 //! Depends on types, meta, ring and proto; knows nothing of NBD.
 
 pub mod device;
 mod error;
+pub mod holder;
 pub mod lease;
 pub mod manager;
 pub mod pool;
+pub mod repair;
 mod resync;
 pub mod tracker;
 pub mod volume;

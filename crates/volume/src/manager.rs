@@ -18,9 +18,12 @@ use futures_util::future::join_all;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
-use torus_meta::cluster::{Cluster, PeerInfo, ReplicaState, RingDoc, RingMember, VolumeInfo};
+use torus_meta::cluster::{
+    Cluster, ClusterError, PeerInfo, ProcessTag, ReplicaState, RingDoc, RingMember, VolumeInfo, VolumeLock,
+};
 use torus_meta::{LeaseId, MetaError};
 use torus_ring::Ring;
+use torus_types::Epoch;
 
 #[derive(Clone, Debug)]
 pub struct ManagerOptions {
@@ -33,6 +36,16 @@ pub struct ManagerOptions {
     pub request_timeout: Duration,
     /// How long writes are held while the lease cannot be confirmed before they fail.
     pub io_hold: Duration,
+    /// How long a writable open waits for a lock held elsewhere (a repairer
+    /// yields it; a dead holder's lease lapses). A live holder on this host is
+    /// refused at once, a dead one on this host is taken over at once.
+    pub lock_wait: Duration,
+    /// This host, as recorded in locks: a lock of a dead process of the same
+    /// host (and boot, and PID namespace) is taken over at once.
+    pub host: String,
+    /// Opens are a storage node's repair: recorded in the lock, and the
+    /// volume is handed over to any client that waits for it.
+    pub repair: bool,
 }
 
 impl Default for ManagerOptions {
@@ -43,6 +56,9 @@ impl Default for ManagerOptions {
             conns_per_node: 2,
             request_timeout: Duration::from_secs(10),
             io_hold: Duration::from_secs(60),
+            lock_wait: Duration::ZERO,
+            host: crate::holder::hostname(),
+            repair: false,
         }
     }
 }
@@ -52,6 +68,9 @@ pub struct VolumeManager {
     pool: Arc<PeerPool>,
     opts: ManagerOptions,
     open: tokio::sync::Mutex<HashMap<(String, bool), Weak<Volume>>>,
+    /// One open in progress per (name, writable): a second waits for it and
+    /// shares its volume, while opens of other volumes go ahead.
+    opening: std::sync::Mutex<HashMap<(String, bool), Arc<tokio::sync::Mutex<()>>>>,
     closing: Closing,
 }
 
@@ -114,6 +133,7 @@ impl VolumeManager {
             pool,
             opts,
             open: tokio::sync::Mutex::new(HashMap::new()),
+            opening: Default::default(),
             closing: Closing::default(),
         }
     }
@@ -143,15 +163,89 @@ impl VolumeManager {
 
     /// Opens a volume, sharing an already open one of this process.
     pub async fn open(&self, name: &str, writable: bool) -> Result<Arc<Volume>, VolumeError> {
-        let mut open = self.open.lock().await;
         let key = (name.to_string(), writable);
-        if let Some(v) = open.get(&key).and_then(Weak::upgrade) {
+        let turn = self.opening.lock().expect("opening map poisoned").entry(key.clone()).or_default().clone();
+        let _turn = turn.lock().await;
+        if let Some(v) = self.open.lock().await.get(&key).and_then(Weak::upgrade) {
             return Ok(v);
         }
-        let v = self.open_new(name, writable).await?;
+        // The map is not held while opening: a writable open may wait for a lock.
+        let v = self.open_new(name, writable).await;
+        self.opening.lock().expect("opening map poisoned").retain(|_, t| Arc::strong_count(t) > 1);
+        let v = v?;
+        let mut open = self.open.lock().await;
         open.retain(|_, w| w.strong_count() > 0);
         open.insert(key, Arc::downgrade(&v));
         Ok(v)
+    }
+
+    /// Whether this process has the volume open (for writing if `writable`).
+    pub async fn is_open(&self, name: &str, writable: bool) -> bool {
+        self.open.lock().await.get(&(name.to_string(), writable)).is_some_and(|w| w.strong_count() > 0)
+    }
+
+    /// Takes the volume's writer lock on `lease` (granted by a request sent at
+    /// `granted_at`), as `ManagerOptions::lock_wait` says; keeps the lease alive
+    /// while it waits. Returns the epoch and when the lease was last confirmed.
+    async fn take_lock(
+        &self,
+        info: &VolumeInfo,
+        lease: LeaseId,
+        granted_at: Instant,
+        ring_version: u64,
+    ) -> Result<(Epoch, Instant), VolumeError> {
+        let mut confirmed = granted_at;
+        let lock = VolumeLock {
+            holder: self.opts.holder.clone(),
+            lease,
+            ring_version,
+            process: crate::holder::current(&self.opts.host),
+            repair: self.opts.repair,
+        };
+        let deadline = Instant::now() + self.opts.lock_wait;
+        let mut waiting = false;
+        loop {
+            let err = match self.cluster.lock_volume(info, &lock).await {
+                Ok(epoch) => {
+                    if waiting {
+                        if let Err(e) = self.cluster.unwant_volume(info.id).await {
+                            tracing::debug!(error = %e, "could not clear the wanted mark; it goes with the lease");
+                        }
+                    }
+                    return Ok((epoch, confirmed));
+                }
+                Err(e @ ClusterError::VolumeLocked { .. }) => e,
+                Err(e) => return Err(e.into()),
+            };
+            let Some((held, epoch)) = self.cluster.volume_lock(info.id).await? else { continue };
+            let me = lock.process.as_ref();
+            let here =
+                |f: fn(&ProcessTag, &ProcessTag) -> bool| held.process.as_ref().zip(me).is_some_and(|(h, m)| f(h, m));
+            if here(crate::holder::is_dead_here) {
+                if self.cluster.break_lock(info.id, epoch, held.lease).await? {
+                    tracing::warn!(volume = %info.name, holder = %held.holder, %epoch,
+                        "the lock's holder on this host is dead: taking over (its epoch is fenced)");
+                }
+                continue;
+            }
+            // A live holder here is no dead one whose lease lapses: refuse at once.
+            let alive_here = here(crate::holder::is_here);
+            if self.opts.repair || (alive_here && !held.repair) || Instant::now() >= deadline {
+                return Err(err.into());
+            }
+            if !waiting {
+                tracing::info!(volume = %info.name, holder = %held.holder, wait = ?self.opts.lock_wait,
+                    "volume held elsewhere: waiting for it");
+                self.cluster.want_volume(info.id, &self.opts.holder, lease).await?;
+                waiting = true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if confirmed.elapsed() >= self.opts.lease_ttl / 3 {
+                let sent = Instant::now();
+                self.cluster.store().keep_alive(lease).await.map_err(ClusterError::from)?;
+                confirmed = sent;
+            }
+        }
     }
 
     async fn refresh_peers(&self) -> Result<RingDoc, VolumeError> {
@@ -186,11 +280,11 @@ impl VolumeManager {
         let store = self.cluster.store();
         let granted_at = Instant::now();
         let lease = store.grant_lease(self.opts.lease_ttl).await.map_err(torus_meta::cluster::ClusterError::from)?;
-        let epoch = match self.cluster.lock_volume(&info, &self.opts.holder, lease.id, doc.version).await {
+        let (epoch, granted_at) = match self.take_lock(&info, lease.id, granted_at, doc.version).await {
             Ok(e) => e,
             Err(e) => {
                 let _ = store.revoke_lease(lease.id).await;
-                return Err(e.into());
+                return Err(e);
             }
         };
         // The ring may have changed before our lock existed, while nodes checked

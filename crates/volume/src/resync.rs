@@ -173,6 +173,11 @@ impl Volume {
         }
     }
 
+    /// Catches up `node`'s copies of `extents` now (a repairer's step; see `repair`).
+    pub async fn catch_up_extents(self: &Arc<Self>, node: NodeId, extents: Vec<u64>) -> Result<(), PeerError> {
+        self.catch_up_node(node, extents).await
+    }
+
     async fn catch_up_node(self: &Arc<Self>, node: NodeId, extents: Vec<u64>) -> Result<(), PeerError> {
         // Copies on a node that is no longer a replica (removed from the ring) are simply forgotten.
         let placement = self.placement.read().await.clone();
@@ -195,6 +200,9 @@ impl Volume {
         self.pool.get(node).await?.fence(self.info.id, self.epoch).await?;
         let (mut done, mut bytes) = (0usize, 0u64);
         for index in &todo {
+            if self.lease.is_lost() {
+                break; // released (handed to a client) or lost: a newer writer takes over
+            }
             let placement = self.placement.read().await.clone();
             let extent = ExtentId::new(self.info.id, *index);
             let order = placement.read_order(extent, self.r());

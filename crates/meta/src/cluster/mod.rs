@@ -9,6 +9,7 @@
 //! | `volumes/next-id`      | decimal u64    | counter, CAS-incremented           |
 //! | `volumes/by-name/<n>`  | [`VolumeInfo`] | until `volume delete`              |
 //! | `locks/<volume id>`    | [`VolumeLock`] | on the writer's lease              |
+//! | `wanted/<volume id>`   | the waiter's name | on a waiting client's lease: a repairer holding the lock yields |
 //! | `rebalance/<node uuid>`| [`RebalanceProgress`] | rewritten per ring version  |
 //! | `vstate/<volume id>`   | [`ReplicaState`] | by the writer: write intent, copies to catch up |
 //! | `hosts/<host id>`      | [`HostInfo`]   | on the host's lease (a CSI node plugin) |
@@ -29,7 +30,7 @@ pub use error::ClusterError;
 pub use peers::{PeerInfo, RebalanceProgress, RingDoc, RingMember};
 pub use replicas::{ExtentSet, ReplicaState};
 pub use ring_watch::RingWatch;
-pub use volumes::{validate_volume_name, VolumeInfo, VolumeLock, MAX_VOLUME_SIZE};
+pub use volumes::{validate_volume_name, ProcessTag, VolumeInfo, VolumeLock, MAX_VOLUME_SIZE};
 
 use crate::{MetaError, MetadataStore};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};

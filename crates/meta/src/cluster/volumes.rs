@@ -40,6 +40,28 @@ pub struct VolumeLock {
     /// reach a new version before they move data.
     #[serde(default)]
     pub ring_version: u64,
+    /// The process holding it, so that a successor on the same host can tell
+    /// that it died and take over at once (older records have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessTag>,
+    /// Held by a storage node's repairer (no client): it yields the volume to
+    /// any client that asks for it (`wanted/<id>`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub repair: bool,
+}
+
+/// Names one process on one host, across PID reuse and container PID
+/// namespaces: a process is the same only if all five fields match.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessTag {
+    pub host: String,
+    /// `/proc/sys/kernel/random/boot_id`: a reboot ends every process.
+    pub boot_id: String,
+    /// The PID namespace (`/proc/self/ns/pid`): PIDs mean something only within it.
+    pub pid_ns: String,
+    pub pid: u32,
+    /// Start time in clock ticks after boot (`/proc/<pid>/stat` field 22).
+    pub start_ticks: u64,
 }
 
 /// Checks a volume name: 1-128 characters of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.
@@ -67,6 +89,10 @@ pub(super) fn name_key(name: &str) -> String {
 
 pub(super) fn lock_key(id: VolumeId) -> String {
     format!("locks/{id}")
+}
+
+fn wanted_key(id: VolumeId) -> String {
+    format!("wanted/{id}")
 }
 
 impl Cluster {
@@ -237,17 +263,10 @@ impl Cluster {
         }
     }
 
-    /// Takes a volume's writer lock on `lease`. Returns the writer's epoch.
-    pub async fn lock_volume(
-        &self,
-        vol: &VolumeInfo,
-        holder: &str,
-        lease: LeaseId,
-        ring_version: u64,
-    ) -> Result<Epoch> {
-        let lock = VolumeLock { holder: holder.to_string(), lease, ring_version };
+    /// Takes a volume's writer lock on `lock.lease`. Returns the writer's epoch.
+    pub async fn lock_volume(&self, vol: &VolumeInfo, lock: &VolumeLock) -> Result<Epoch> {
         let txn = Txn::when(vec![Compare::exists(lock_key(vol.id), false), Compare::exists(name_key(&vol.name), true)])
-            .and_then(vec![TxnOp::put_leased(lock_key(vol.id), encode(&lock), lease)]);
+            .and_then(vec![TxnOp::put_leased(lock_key(vol.id), encode(lock), lock.lease)]);
         let out = self.store.txn(txn).await?;
         if out.succeeded {
             return Ok(Epoch(out.revision));
@@ -271,6 +290,38 @@ impl Cluster {
         let txn = Txn::when(vec![Compare::mod_revision(lock_key(id), kv.mod_revision)])
             .and_then(vec![TxnOp::put_leased(lock_key(id), encode(&lock), lease)]);
         self.store.txn(txn).await?;
+        Ok(())
+    }
+
+    /// Removes the lock of a holder known to be dead (its epoch, the lock's
+    /// create revision `epoch`, is fenced by the next writer anyway) and
+    /// revokes its lease. False if the lock changed meanwhile.
+    pub async fn break_lock(&self, id: VolumeId, epoch: Epoch, lease: LeaseId) -> Result<bool> {
+        let txn = Txn::when(vec![Compare::create_revision(lock_key(id), epoch.0)])
+            .and_then(vec![TxnOp::delete(lock_key(id))]);
+        let broken = self.store.txn(txn).await?.succeeded;
+        if broken {
+            // Its other keys (a `wanted` mark) go with the lease; it may have lapsed already.
+            let _ = self.store.revoke_lease(lease).await;
+        }
+        Ok(broken)
+    }
+
+    /// Asks a repairer holding the volume to hand it over: a client waits for
+    /// the lock. The mark lives on the waiter's lease.
+    pub async fn want_volume(&self, id: VolumeId, holder: &str, lease: LeaseId) -> Result<()> {
+        self.store.put(&wanted_key(id), holder.as_bytes().to_vec(), Some(lease)).await?;
+        Ok(())
+    }
+
+    /// Whether a client waits for the volume (see `want_volume`).
+    pub async fn volume_wanted(&self, id: VolumeId) -> Result<bool> {
+        Ok(self.store.get(&wanted_key(id)).await?.is_some())
+    }
+
+    /// The waiter got the lock: its mark goes.
+    pub async fn unwant_volume(&self, id: VolumeId) -> Result<()> {
+        self.store.delete(&wanted_key(id)).await?;
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
-use torus_meta::cluster::{Cluster, ClusterConfig, ClusterError};
+use torus_meta::cluster::{Cluster, ClusterConfig, ClusterError, VolumeLock};
 use torus_meta::{MemStore, MetadataStore};
 
 async fn cluster() -> Cluster {
@@ -68,18 +68,39 @@ async fn volumes_get_fresh_ids_and_names_are_unique() {
 async fn locks_are_exclusive_and_epochs_grow() {
     let c = cluster().await;
     let v = c.create_volume("v", 1 << 20, None).await.unwrap();
+    let lock = |holder: &str, lease| VolumeLock {
+        holder: holder.into(),
+        lease,
+        ring_version: 0,
+        process: None,
+        repair: false,
+    };
     let l1 = c.store().grant_lease(Duration::from_secs(1)).await.unwrap();
-    let e1 = c.lock_volume(&v, "first", l1.id, 0).await.unwrap();
+    let e1 = c.lock_volume(&v, &lock("first", l1.id)).await.unwrap();
     let l2 = c.store().grant_lease(Duration::from_secs(5)).await.unwrap();
-    match c.lock_volume(&v, "second", l2.id, 0).await {
+    match c.lock_volume(&v, &lock("second", l2.id)).await {
         Err(ClusterError::VolumeLocked { holder, .. }) => assert_eq!(holder, "first"),
         other => panic!("second writer got {other:?}"),
     }
     assert!(matches!(c.delete_volume("v").await, Err(ClusterError::VolumeLocked { .. })));
     // The first holder's lease lapses: the lock goes with it.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let e2 = c.lock_volume(&v, "second", l2.id, 0).await.unwrap();
+    let e2 = c.lock_volume(&v, &lock("second", l2.id)).await.unwrap();
     assert!(e2 > e1, "epochs grow from one writer to the next");
     c.unlock_volume(v.id, l2.id).await.unwrap();
     assert!(c.volume_lock(v.id).await.unwrap().is_none());
+
+    // A dead holder's lock is broken by its epoch only: a later lock is left alone.
+    let l3 = c.store().grant_lease(Duration::from_secs(30)).await.unwrap();
+    let e3 = c.lock_volume(&v, &lock("third", l3.id)).await.unwrap();
+    assert!(!c.break_lock(v.id, e2, l2.id).await.unwrap(), "an older epoch breaks nothing");
+    assert!(c.break_lock(v.id, e3, l3.id).await.unwrap());
+    assert!(c.volume_lock(v.id).await.unwrap().is_none());
+    // The wanted mark lives on the waiter's lease.
+    let l4 = c.store().grant_lease(Duration::from_secs(30)).await.unwrap();
+    assert!(!c.volume_wanted(v.id).await.unwrap());
+    c.want_volume(v.id, "waiter", l4.id).await.unwrap();
+    assert!(c.volume_wanted(v.id).await.unwrap());
+    c.store().revoke_lease(l4.id).await.unwrap();
+    assert!(!c.volume_wanted(v.id).await.unwrap());
 }

@@ -10,6 +10,7 @@ mod durability;
 mod failures;
 mod filesystem;
 mod full;
+mod healing;
 mod nbd_clients;
 mod node_loss;
 mod partition;
