@@ -14,6 +14,7 @@
 use crate::caps::{self, Access, Capability};
 use crate::pb::node_server::Node;
 use crate::pb::node_service_capability::rpc::Type as NodeCap;
+use crate::pb::volume_capability::access_mode::Mode;
 use crate::pb::*;
 use crate::{mount, need, status, TOPOLOGY_PREFIX};
 use serde::{Deserialize, Serialize};
@@ -175,6 +176,26 @@ fn publishes(path: &Path, m: &mount::MountEntry, staged: &Staged) -> bool {
     at == dev
         || torus_attach::loopdev::loop_of_rdev(at).and_then(|l| torus_attach::loopdev::backing_file(&l)).as_deref()
             == Some(staged.device.as_path())
+}
+
+/// A publish of the staged volume at another path than `target`, if any.
+fn published_elsewhere(staged: &Staged, target: &Path) -> Result<Option<PathBuf>, Status> {
+    let target = std::fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
+    for m in mount::mounts()? {
+        if m.mount_point == staged.staging_path || m.mount_point == target {
+            continue;
+        }
+        // A block publish is a bind of the device node (from devtmpfs); only those are worth a stat.
+        let candidate = if staged.fs_type.is_some() {
+            Path::new(&m.source) == staged.device
+        } else {
+            matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs")
+        };
+        if candidate && publishes(&m.mount_point, &m, staged) {
+            return Ok(Some(m.mount_point));
+        }
+    }
+    Ok(None)
 }
 
 /// The read-only loop device a block publish at `target` set up, if any.
@@ -359,6 +380,16 @@ impl<A: Attacher> Node for NodeService<A> {
                 )));
             }
             return Ok(Response::new(NodePublishVolumeResponse {}));
+        }
+        if cap.mode == Mode::SingleNodeSingleWriter {
+            // ReadWriteOncePod: one publish only (the spec's FAILED_PRECONDITION).
+            if let Some(other) = published_elsewhere(&staged, &target)? {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is single-writer and already published at {}",
+                    req.volume_id,
+                    other.display()
+                )));
+            }
         }
         let mut source = source;
         if staged.fs_type.is_some() {

@@ -64,7 +64,14 @@ pub async fn serve<A: Attacher>(
             registered: torus_types::unix_now(),
             lease_ttl: opts.lease_ttl.as_secs(),
         };
-        Some(tokio::spawn(keep_registered(cluster.clone(), host, opts.lease_ttl)))
+        let (registered, first) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(keep_registered(cluster.clone(), host, opts.lease_ttl, registered));
+        // ControllerPublishVolume to this host needs its registration: have it
+        // before serving, if etcd answers soon (else serve anyway; it retries).
+        if tokio::time::timeout(Duration::from_secs(10), first).await.is_err() {
+            tracing::warn!("serving before this host could register; publishes to it fail until it does");
+        }
+        Some(task)
     } else {
         None
     };
@@ -110,7 +117,13 @@ fn bind(socket: &Path) -> Result<tokio::net::UnixListener, ServeError> {
 }
 
 /// Registers the host on a lease and keeps it alive; a lost lease is replaced.
-async fn keep_registered(cluster: Cluster, host: HostInfo, ttl: Duration) {
+async fn keep_registered(
+    cluster: Cluster,
+    host: HostInfo,
+    ttl: Duration,
+    registered: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut registered = Some(registered);
     loop {
         let lease = match cluster.store().grant_lease(ttl).await {
             Ok(l) => l,
@@ -126,6 +139,9 @@ async fn keep_registered(cluster: Cluster, host: HostInfo, ttl: Duration) {
             continue;
         }
         tracing::info!(host = %host.id, "host registered");
+        if let Some(tx) = registered.take() {
+            let _ = tx.send(());
+        }
         loop {
             tokio::time::sleep(ttl / 3).await;
             match cluster.store().keep_alive(lease.id).await {

@@ -375,6 +375,15 @@ fn node_rpcs_are_idempotent_and_answer_with_the_specified_codes() {
             Code::AlreadyExists,
             "published read-only already"
         );
+        // ReadWriteOncePod: one publish only; another target is refused before anything is created there.
+        let rwop = mount_cap(Mode::SingleNodeSingleWriter, "xfs");
+        let other = a.path("pods/other");
+        assert_eq!(
+            code(csi.node.node_publish_volume(publish_req("v", &staging, &other, rwop.clone(), false)).await),
+            Code::FailedPrecondition,
+            "a single-writer volume published elsewhere"
+        );
+        assert!(!other.exists(), "the refused publish left {} behind", other.display());
 
         // NodeGetVolumeStats.
         let stats = |id: &str, path: &str| NodeGetVolumeStatsRequest {
