@@ -95,7 +95,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let exports = Arc::new(exports::VolumeExports { manager: manager.clone(), read_only });
             tracing::info!(%addr, read_only, "serving volumes over NBD (export name = volume name)");
             println!("torusblk: serving NBD on {addr}");
-            let server = tokio::spawn(torus_nbd::serve(listener, exports));
+            let server = tokio::spawn(torus_nbd::serve(listener, exports, torus_nbd::transmission::Budget::default()));
             let follower = tokio::spawn(manager.clone().follow_ring());
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("installing SIGTERM handler")?;

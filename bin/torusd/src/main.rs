@@ -192,6 +192,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() {
     torus_cli::init_logging("info");
+    torus_store::failpoints_from_env();
     let args = Args::parse();
     torus_cli::run_main("torusd", true, run(args));
 }

@@ -300,12 +300,13 @@ async fn serve_nbd(vol: Arc<torus_volume::Volume>) -> Result<Served, AttachError
     use std::os::fd::AsRawFd;
     let mut kernel_ends = Vec::new();
     let mut tasks = Vec::new();
+    let budget = torus_nbd::transmission::Budget::default();
     for _ in 0..NBD_CONNECTIONS {
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().map_err(AttachError::io("creating a socket pair"))?;
         ours.set_nonblocking(true).map_err(AttachError::io("setting a socket non-blocking"))?;
         let stream = tokio::net::UnixStream::from_std(ours).map_err(AttachError::io("registering a socket"))?;
-        tasks.push(tokio::spawn(torus_nbd::transmission::serve(stream, vol.clone())));
+        tasks.push(tokio::spawn(torus_nbd::transmission::serve(stream, vol.clone(), budget.clone())));
         kernel_ends.push(theirs);
     }
     let connect = nbd_kernel::Connect {

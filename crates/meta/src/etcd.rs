@@ -32,6 +32,27 @@ fn normalise(endpoint: &str) -> String {
     }
 }
 
+/// The endpoints that accept a TCP connection within a second (asked at once).
+async fn answering(endpoints: &[String]) -> Vec<String> {
+    let mut probes = tokio::task::JoinSet::new();
+    for (i, ep) in endpoints.iter().enumerate() {
+        let rest = ep.split_once("://").map_or(ep.as_str(), |(_, r)| r);
+        let addr = rest.split('/').next().unwrap_or(rest).to_string();
+        probes.spawn(async move {
+            let ok = matches!(
+                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await,
+                Ok(Ok(_))
+            );
+            (i, ok)
+        });
+    }
+    let mut up = vec![false; endpoints.len()];
+    while let Some(Ok((i, ok))) = probes.join_next().await {
+        up[i] = ok;
+    }
+    endpoints.iter().zip(up).filter(|(_, ok)| *ok).map(|(e, _)| e.clone()).collect()
+}
+
 impl EtcdStore {
     /// Connects and checks that etcd answers; `endpoints` is comma-separated.
     pub async fn connect(endpoints: &str, prefix: &str) -> Result<Self> {
@@ -49,10 +70,16 @@ impl EtcdStore {
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3));
         let unavailable = |reason: String| MetaError::Unavailable { endpoint: shown.clone(), reason };
-        let client = tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), Client::connect(&list, Some(opts)))
-            .await
-            .map_err(|_| unavailable("connection timed out".into()))?
-            .map_err(|e| unavailable(e.to_string()))?;
+        // The client balances requests over its endpoints and, at first, sends
+        // some to members that are down (failing them): start with the members
+        // that accept connections now, all of them if none does (the error then names them).
+        let live = answering(&list).await;
+        let use_list = if live.is_empty() { list.clone() } else { live };
+        let client =
+            tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), Client::connect(&use_list, Some(opts)))
+                .await
+                .map_err(|_| unavailable("connection timed out".into()))?
+                .map_err(|e| unavailable(e.to_string()))?;
         let store = EtcdStore { client, endpoints: list, prefix };
         // The channel connects lazily: ask for something so that a dead endpoint shows now.
         store.get("cluster/config").await?;
@@ -80,6 +107,28 @@ impl EtcdStore {
             version: kv.version() as u64,
             lease: kv.lease(),
         })
+    }
+
+    /// Runs one request, again (up to 4 times) while it fails to connect: the
+    /// client's balancer may pick a member that is down (it does not drop it at
+    /// once), and a request that never reached a server is safe to send again.
+    async fn retrying<T, F, Fut>(&self, mut call: F) -> std::result::Result<T, etcd_client::Error>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let mut tries = 0;
+        loop {
+            match call(self.client.clone()).await {
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if tries < 4 && format!("{:?}", s.code()) == "Unavailable" && s.message().contains("connect") =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * tries)).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     fn err(&self, e: etcd_client::Error) -> MetaError {
@@ -121,15 +170,24 @@ impl MetadataStore for EtcdStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let resp = self.client.clone().get(self.full(key), None).await.map_err(|e| self.err(e))?;
+        let k = self.full(key);
+        let resp = self
+            .retrying(|mut c| {
+                let k = k.clone();
+                async move { c.get(k, None).await }
+            })
+            .await
+            .map_err(|e| self.err(e))?;
         resp.kvs().first().map(|kv| self.kv(kv)).transpose()
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>> {
+        let k = self.full(prefix);
         let resp = self
-            .client
-            .clone()
-            .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
+            .retrying(|mut c| {
+                let k = k.clone();
+                async move { c.get(k, Some(GetOptions::new().with_prefix())).await }
+            })
             .await
             .map_err(|e| self.err(e))?;
         resp.kvs().iter().map(|kv| self.kv(kv)).collect()
@@ -137,7 +195,12 @@ impl MetadataStore for EtcdStore {
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision> {
         let opts = lease.map(|l| PutOptions::new().with_lease(l));
-        let resp = self.client.clone().put(self.full(key), value, opts).await.map_err(|e| match self.err(e) {
+        let k = self.full(key);
+        let put = |mut c: Client| {
+            let (k, value, opts) = (k.clone(), value.clone(), opts.clone());
+            async move { c.put(k, value, opts).await }
+        };
+        let resp = self.retrying(put).await.map_err(|e| match self.err(e) {
             MetaError::LeaseNotFound { .. } => MetaError::LeaseNotFound { lease: lease.unwrap_or(0) },
             other => other,
         })?;
@@ -145,7 +208,14 @@ impl MetadataStore for EtcdStore {
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        let resp = self.client.clone().delete(self.full(key), None).await.map_err(|e| self.err(e))?;
+        let k = self.full(key);
+        let resp = self
+            .retrying(|mut c| {
+                let k = k.clone();
+                async move { c.delete(k, None).await }
+            })
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(resp.deleted() > 0)
     }
 
@@ -180,7 +250,13 @@ impl MetadataStore for EtcdStore {
             .when(compares)
             .and_then(txn.success.iter().map(|o| self.op(o)).collect::<Vec<_>>())
             .or_else(txn.failure.iter().map(|o| self.op(o)).collect::<Vec<_>>());
-        let resp = self.client.clone().txn(t).await.map_err(|e| self.err(e))?;
+        let resp = self
+            .retrying(|mut c| {
+                let t = t.clone();
+                async move { c.txn(t).await }
+            })
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(TxnOutcome {
             succeeded: resp.succeeded(),
             revision: resp.header().map(|h| h.revision() as u64).unwrap_or(0),
@@ -189,15 +265,16 @@ impl MetadataStore for EtcdStore {
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
         let secs = ttl.as_secs().max(1) as i64;
-        let resp = self.client.clone().lease_grant(secs, None).await.map_err(|e| self.err(e))?;
+        let resp =
+            self.retrying(|mut c| async move { c.lease_grant(secs, None).await }).await.map_err(|e| self.err(e))?;
         Ok(Lease { id: resp.id(), ttl: Duration::from_secs(resp.ttl().max(0) as u64) })
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
         let not_found = MetaError::LeaseNotFound { lease };
-        let mut client = self.client.clone();
         let call = async {
-            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await.map_err(|e| self.err(e))?;
+            let (mut keeper, mut stream) =
+                self.retrying(|mut c| async move { c.lease_keep_alive(lease).await }).await.map_err(|e| self.err(e))?;
             keeper.keep_alive().await.map_err(|e| self.err(e))?;
             match stream.message().await.map_err(|e| self.err(e))? {
                 Some(resp) if resp.ttl() > 0 => Ok(Duration::from_secs(resp.ttl() as u64)),
@@ -212,7 +289,7 @@ impl MetadataStore for EtcdStore {
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
-        match self.client.clone().lease_revoke(lease).await {
+        match self.retrying(|mut c| async move { c.lease_revoke(lease).await }).await {
             Ok(_) => Ok(()),
             Err(e) => match self.err(e) {
                 MetaError::LeaseNotFound { .. } => Ok(()),

@@ -37,8 +37,8 @@ pub trait Exports: Send + Sync + 'static {
     fn open(&self, name: &str) -> impl Future<Output = Result<Arc<Self::Device>, ExportError>> + Send;
 }
 
-/// Accepts NBD clients on `listener` forever.
-pub async fn serve<E: Exports>(listener: TcpListener, exports: Arc<E>) {
+/// Accepts NBD clients on `listener` forever; all their requests share `budget`.
+pub async fn serve<E: Exports>(listener: TcpListener, exports: Arc<E>, budget: transmission::Budget) {
     loop {
         let (mut stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -49,7 +49,7 @@ pub async fn serve<E: Exports>(listener: TcpListener, exports: Arc<E>) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let exports = exports.clone();
+        let (exports, budget) = (exports.clone(), budget.clone());
         tokio::spawn(async move {
             let negotiated =
                 tokio::time::timeout(std::time::Duration::from_secs(60), negotiate(&mut stream, &*exports)).await;
@@ -70,7 +70,7 @@ pub async fn serve<E: Exports>(listener: TcpListener, exports: Arc<E>) {
                 }
             };
             tracing::info!(%peer, export = %n.name, "client connected");
-            match transmission::serve(stream, n.device).await {
+            match transmission::serve(stream, n.device, budget).await {
                 Ok(()) => tracing::info!(%peer, export = %n.name, "client disconnected"),
                 Err(e) => {
                     tracing::warn!(%peer, export = %n.name, error = %e, "connection ended with an error")

@@ -4,21 +4,70 @@
 //! A request we cannot parse (bad magic) or whose payload we will not read
 //! (a write longer than the advertised maximum) ends the connection, after an
 //! error reply where the spec allows one; everything else gets an errno.
+//!
+//! Memory is bounded with backpressure: before a request's payload is read
+//! (or a read is started), it takes a slot of the connection's 256, and its
+//! bytes from the connection's budget (`CONNECTION_BYTES`) and from the
+//! process's (`Budget`, shared by every connection); all three are given
+//! back only once its reply is written to the socket. A client that sends
+//! without reading its replies therefore stops being read, and holds at most
+//! its connection's budget. The process budget has two parts, so that small
+//! requests (up to 1 MiB) never queue behind large ones.
 
 use crate::consts::*;
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use torus_volume::{BlockDevice, VolumeError};
 
 /// How many requests of one connection may run at once.
 const MAX_IN_FLIGHT: usize = 256;
+/// Bytes of payloads and replies one connection may hold (two of the largest requests).
+pub const CONNECTION_BYTES: usize = 2 * MAX_BLOCK as usize;
+/// Bytes of payloads and replies of large requests all connections of a process may hold.
+pub const PROCESS_LARGE_BYTES: usize = 1 << 30;
+/// The same for small requests (up to `SMALL`).
+pub const PROCESS_SMALL_BYTES: usize = 256 << 20;
+/// The largest request that counts as small.
+pub const SMALL: u32 = 1 << 20;
+
+/// The process-wide budget of request bytes, shared by its connections. Each
+/// part is FIFO: a waiting request is not overtaken by a later one of its size class.
+#[derive(Clone)]
+pub struct Budget {
+    small: Arc<Semaphore>,
+    large: Arc<Semaphore>,
+}
+
+impl Budget {
+    async fn take(&self, bytes: u32) -> OwnedSemaphorePermit {
+        let part = if bytes <= SMALL { &self.small } else { &self.large };
+        part.clone().acquire_many_owned(bytes).await.expect("semaphore never closed")
+    }
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            small: Arc::new(Semaphore::new(PROCESS_SMALL_BYTES)),
+            large: Arc::new(Semaphore::new(PROCESS_LARGE_BYTES)),
+        }
+    }
+}
+
+/// What a request holds until its reply is written.
+struct Held {
+    _slot: OwnedSemaphorePermit,
+    _conn: OwnedSemaphorePermit,
+    _process: OwnedSemaphorePermit,
+}
 
 struct Reply {
     cookie: u64,
     error: u32,
     data: Bytes,
+    held: Option<Held>,
 }
 
 /// Maps the volume layer's errors to NBD errnos.
@@ -71,7 +120,7 @@ fn validate<D: BlockDevice>(d: &D, r: &Request) -> Option<u32> {
 }
 
 /// Serves requests until the client disconnects; waits for in-flight requests.
-pub async fn serve<S, D>(stream: S, device: Arc<D>) -> std::io::Result<()>
+pub async fn serve<S, D>(stream: S, device: Arc<D>, budget: Budget) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
     D: BlockDevice,
@@ -81,6 +130,8 @@ where
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(256 << 10, wr);
         while let Some(first) = rx.recv().await {
+            // What the batch's requests hold is given back once the batch is in the socket.
+            let mut written = Vec::new();
             let mut next = Some(first);
             while let Some(r) = next.take() {
                 let mut h = [0u8; 16];
@@ -91,13 +142,16 @@ where
                 if r.error == 0 {
                     w.write_all(&r.data).await?;
                 }
+                written.push(r.held);
                 next = rx.try_recv().ok();
             }
             w.flush().await?;
+            drop(written);
         }
         Ok::<(), std::io::Error>(())
     });
-    let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let conn_bytes = Arc::new(Semaphore::new(CONNECTION_BYTES));
     let result = loop {
         let mut h = [0u8; 28];
         match rd.read_exact(&mut h).await {
@@ -121,13 +175,24 @@ where
             break Ok(());
         }
         let refused = validate(&*device, &r);
-        // A write's payload follows its header whatever we answer; read it unless it is too big to.
+        if r.kind == CMD_WRITE && r.len > MAX_BLOCK {
+            let _ = tx.send(Reply { cookie: r.cookie, error: EOVERFLOW, data: Bytes::new(), held: None });
+            tracing::warn!(len = r.len, "write larger than the advertised maximum; closing the connection");
+            break Ok(());
+        }
+        // Backpressure: a slot and the request's bytes are taken before its payload is read.
+        let bytes = match r.kind {
+            CMD_WRITE => r.len,
+            CMD_READ if refused.is_none() => r.len,
+            _ => 0,
+        };
+        let held = Held {
+            _slot: slots.clone().acquire_owned().await.expect("semaphore never closed"),
+            _conn: conn_bytes.clone().acquire_many_owned(bytes).await.expect("semaphore never closed"),
+            _process: budget.take(bytes).await,
+        };
+        // A write's payload follows its header whatever we answer.
         let payload = if r.kind == CMD_WRITE {
-            if r.len > MAX_BLOCK {
-                let _ = tx.send(Reply { cookie: r.cookie, error: EOVERFLOW, data: Bytes::new() });
-                tracing::warn!(len = r.len, "write larger than the advertised maximum; closing the connection");
-                break Ok(());
-            }
             match read_payload(&mut rd, r.len as usize).await {
                 Ok(buf) => buf.freeze(),
                 Err(e) => break Err(e),
@@ -136,15 +201,14 @@ where
             Bytes::new()
         };
         if let Some(error) = refused {
-            let _ = tx.send(Reply { cookie: r.cookie, error, data: Bytes::new() });
+            let _ = tx.send(Reply { cookie: r.cookie, error, data: Bytes::new(), held: Some(held) });
             continue;
         }
-        let permit = limit.clone().acquire_owned().await.expect("semaphore never closed");
         let (device, tx) = (device.clone(), tx.clone());
         tokio::spawn(async move {
-            let reply = run(&*device, &r, payload).await;
+            let mut reply = run(&*device, &r, payload).await;
+            reply.held = Some(held);
             let _ = tx.send(reply);
-            drop(permit);
         });
     };
     drop(tx);
@@ -170,10 +234,10 @@ async fn run<D: BlockDevice>(d: &D, r: &Request, payload: Bytes) -> Reply {
         _ => unreachable!("validate() refuses other commands"),
     };
     match res {
-        Ok(data) => Reply { cookie: r.cookie, error: 0, data },
+        Ok(data) => Reply { cookie: r.cookie, error: 0, data, held: None },
         Err(e) => {
             tracing::warn!(cookie = r.cookie, kind = r.kind, offset = r.offset, len = r.len, error = %e, "request failed");
-            Reply { cookie: r.cookie, error: errno(&e), data: Bytes::new() }
+            Reply { cookie: r.cookie, error: errno(&e), data: Bytes::new(), held: None }
         }
     }
 }

@@ -1,6 +1,12 @@
 //! The peer-protocol server: one task per connection reads requests, runs
 //! them against the local store and queues replies to a writer task, so that
 //! replies go out as they complete (flushes don't hold up reads).
+//!
+//! Memory is bounded with backpressure: before a request's payload is read,
+//! it takes a slot of its connection's `SLOTS` and its bytes (the payload,
+//! or the reply a read will make) from the connection's `CONNECTION_BYTES`
+//! and from the process's `PROCESS_BYTES`; they are given back once its
+//! reply is in the socket. A peer that does not read its replies stops being read.
 
 use crate::liveness::Liveness;
 use crate::metrics::NodeMetrics;
@@ -8,21 +14,39 @@ use bytes::Bytes;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use torus_proto::frame::{self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, REQUEST_HEADER_LEN};
 use torus_store::{Store, StoreError};
 
 type Reply = (ReplyHeader, Bytes);
 
+/// Requests of one connection in flight at once.
+const SLOTS: usize = 256;
+/// Bytes of payloads and replies one connection may hold (two of the largest requests).
+const CONNECTION_BYTES: usize = 2 * frame::MAX_PAYLOAD as usize;
+/// Bytes of payloads and replies all connections may hold.
+const PROCESS_BYTES: usize = 1 << 30;
+
+/// What a request holds until its reply is in the socket.
+struct Held {
+    _slot: OwnedSemaphorePermit,
+    _conn: OwnedSemaphorePermit,
+    _process: OwnedSemaphorePermit,
+}
+
+type Queued = (Reply, Held);
+
 /// Serves the peer protocol on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, store: Arc<Store>, metrics: Arc<NodeMetrics>, liveness: Arc<Liveness>) {
+    let budget = Arc::new(Semaphore::new(PROCESS_BYTES));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let (store, metrics, liveness) = (store.clone(), metrics.clone(), liveness.clone());
+                let (store, metrics, liveness, budget) =
+                    (store.clone(), metrics.clone(), liveness.clone(), budget.clone());
                 tokio::spawn(async move {
-                    if let Err(reason) = connection(stream, store, metrics, liveness).await {
+                    if let Err(reason) = connection(stream, store, metrics, liveness, budget).await {
                         tracing::debug!(%peer, %reason, "peer connection closed");
                     }
                 });
@@ -87,22 +111,29 @@ async fn connection(
     store: Arc<Store>,
     metrics: Arc<NodeMetrics>,
     liveness: Arc<Liveness>,
+    budget: Arc<Semaphore>,
 ) -> Result<(), String> {
     let (mut rd, wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(256 << 10, wr);
         while let Some(first) = rx.recv().await {
+            // What the batch's requests hold is given back once the batch is in the socket.
+            let mut written = Vec::new();
             let mut next = Some(first);
-            while let Some((h, body)) = next.take() {
+            while let Some(((h, body), held)) = next.take() {
                 w.write_all(&h.encode()).await?;
                 w.write_all(&body).await?;
+                written.push(held);
                 next = rx.try_recv().ok();
             }
             w.flush().await?;
+            drop(written);
         }
         Ok::<(), std::io::Error>(())
     });
+    let slots = Arc::new(Semaphore::new(SLOTS));
+    let conn_bytes = Arc::new(Semaphore::new(CONNECTION_BYTES));
     let result = loop {
         let mut hb = [0u8; REQUEST_HEADER_LEN];
         if let Err(e) = rd.read_exact(&mut hb).await {
@@ -112,6 +143,12 @@ async fn connection(
             Ok(h) => h,
             // The stream cannot be resynchronised after a bad header: drop the connection.
             Err(e) => break Err(format!("bad request: {e}")),
+        };
+        let bytes = if h.op == Op::Read { h.len } else { h.payload_len() as u32 };
+        let held = Held {
+            _slot: slots.clone().acquire_owned().await.expect("semaphore never closed"),
+            _conn: conn_bytes.clone().acquire_many_owned(bytes).await.expect("semaphore never closed"),
+            _process: budget.clone().acquire_many_owned(bytes).await.expect("semaphore never closed"),
         };
         // Read into spare capacity (no zeroing of the buffer first).
         let mut payload = Vec::with_capacity(h.payload_len());
@@ -124,9 +161,9 @@ async fn connection(
             if liveness.is_isolated() && matches!(h.op, Op::Write | Op::Zero | Op::Fill | Op::Repair | Op::Fence) {
                 NodeMetrics::inc(&metrics.errors, 1);
                 let msg = Bytes::from_static(b"node is cut off from the metadata store; retry");
-                Some((ReplyHeader { status: Status::Isolated, id: h.id, len: msg.len() as u32 }, msg))
+                Some(((ReplyHeader { status: Status::Isolated, id: h.id, len: msg.len() as u32 }, msg), held))
             } else {
-                handle(h, payload, &store, &metrics, &tx)
+                handle(h, payload, &store, &metrics, &tx, held)
             };
         if let Some(r) = reply {
             if tx.send(r).is_err() {
@@ -145,8 +182,9 @@ fn handle(
     payload: Vec<u8>,
     store: &Arc<Store>,
     metrics: &Arc<NodeMetrics>,
-    tx: &mpsc::UnboundedSender<Reply>,
-) -> Option<Reply> {
+    tx: &mpsc::UnboundedSender<Queued>,
+    held: Held,
+) -> Option<Queued> {
     let id = h.id;
     let fua = h.flags & FLAG_FUA != 0;
     let off = h.offset as u64;
@@ -173,7 +211,7 @@ fn handle(
         }
         Op::Flush => {
             NodeMetrics::inc(&metrics.flushes, 1);
-            return spawn_flush(id, Ok(Bytes::new()), store, metrics, tx);
+            return spawn_flush(id, Ok(Bytes::new()), store, metrics, tx, held);
         }
         Op::Fence => store.fence(h.extent.volume, h.epoch).map(|e| Bytes::copy_from_slice(&e.0.to_le_bytes())),
         Op::DeleteVolume => {
@@ -198,9 +236,9 @@ fn handle(
         }),
     };
     if fua && res.is_ok() && matches!(h.op, Op::Write | Op::Zero) {
-        return spawn_flush(id, res, store, metrics, tx);
+        return spawn_flush(id, res, store, metrics, tx, held);
     }
-    Some(reply_of(id, res, metrics))
+    Some((reply_of(id, res, metrics), held))
 }
 
 fn spawn_flush(
@@ -208,15 +246,16 @@ fn spawn_flush(
     res: Result<Bytes, StoreError>,
     store: &Arc<Store>,
     metrics: &Arc<NodeMetrics>,
-    tx: &mpsc::UnboundedSender<Reply>,
-) -> Option<Reply> {
+    tx: &mpsc::UnboundedSender<Queued>,
+    held: Held,
+) -> Option<Queued> {
     let (store, metrics, tx) = (store.clone(), metrics.clone(), tx.clone());
     tokio::spawn(async move {
         let res = match store.flush().await {
             Ok(()) => res,
             Err(e) => Err(e),
         };
-        let _ = tx.send(reply_of(id, res, &metrics));
+        let _ = tx.send((reply_of(id, res, &metrics), held));
     });
     None
 }

@@ -38,6 +38,11 @@ impl PeerError {
     pub fn is_unreachable(&self) -> bool {
         matches!(self, PeerError::Connect { .. } | PeerError::Disconnected { .. } | PeerError::Timeout { .. })
     }
+
+    /// Whether the node's store has failed (a disk error): it takes no writes until repaired.
+    pub fn is_store_failed(&self) -> bool {
+        matches!(self, PeerError::Remote { status: crate::frame::Status::Failed, .. })
+    }
 }
 
 type Waiter = oneshot::Sender<Result<(ReplyHeader, Vec<u8>), PeerError>>;

@@ -164,6 +164,9 @@ impl Extent {
             }
             return Err(StoreError::io("write", &self.dat_path, std::io::Error::from_raw_os_error(libc::ENOSPC)));
         }
+        fail::fail_point!("store::data-write", |_| {
+            Err(StoreError::io("write", &self.dat_path, std::io::Error::from_raw_os_error(libc::EIO)))
+        });
         for (i, piece) in bytes.chunks(PIECE).enumerate() {
             self.dat
                 .write_all_at(piece, offset + (i * PIECE) as u64)
@@ -273,7 +276,10 @@ impl Extent {
         }
         let old: Vec<Entry> = st.table[lo..hi].to_vec();
         st.table[lo..hi].copy_from_slice(entries);
-        let written = self.write_entries(first, entries).and_then(|()| self.write_data(bytes, first * BS));
+        let written = self.write_entries(first, entries).and_then(|()| {
+            fail::fail_point!("store::crash-after-entries", |_| std::process::abort());
+            self.write_data(bytes, first * BS)
+        });
         let Err(e) = written else { return Ok(()) };
         let mut block = vec![0u8; BLOCK_SIZE];
         for (i, (was, new)) in old.iter().zip(entries).enumerate() {

@@ -23,5 +23,18 @@ pub use store::{ExtentStat, Store, StoreOptions};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Turns on the fail points named in `FAILPOINTS` (e.g.
+/// `store::data-write=5*off->return`), when built with the `failpoints`
+/// feature; does nothing otherwise. The points:
+/// - `store::data-write`: a data write fails with EIO;
+/// - `store::crash-after-entries`: the process aborts between a write's
+///   checksum entries and its data.
+pub fn failpoints_from_env() {
+    if cfg!(feature = "failpoints") {
+        // Configured for the life of the process.
+        std::mem::forget(fail::FailScenario::setup());
+    }
+}
+
 /// Largest extent a store accepts (offsets within an extent travel as u32).
 pub const MAX_EXTENT_SIZE: u64 = 1 << 30;

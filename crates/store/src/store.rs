@@ -127,6 +127,22 @@ impl Store {
         Ok(out)
     }
 
+    /// A write that failed with an I/O error (not a full disk) leaves the
+    /// disk in doubt: the store refuses further I/O, as after a failed flush,
+    /// so that clients write around it and its copies are caught up later.
+    fn fail_on_io_error<T>(&self, res: Result<T>) -> Result<T> {
+        if let Err(e @ StoreError::Io { source, .. }) = &res {
+            if source.kind() != std::io::ErrorKind::StorageFull {
+                tracing::error!(error = %e, "a data write failed; the store refuses further I/O");
+                let reason = e.to_string();
+                *self.failed.lock().expect("failed flag poisoned") = Some(reason.clone());
+                // Answered as a failed store, so that the writer writes around this node.
+                return Err(StoreError::Failed { reason });
+            }
+        }
+        res
+    }
+
     fn check_failed(&self) -> Result<()> {
         match &*self.failed.lock().expect("failed flag poisoned") {
             Some(reason) => Err(StoreError::Failed { reason: reason.clone() }),
@@ -251,7 +267,7 @@ impl Store {
                 continue;
             }
             let ext = self.extent_for(id, new_bytes)?;
-            let res = f(&ext);
+            let res = self.fail_on_io_error(f(&ext));
             self.mark_dirty(id, &ext);
             self.account(res?);
             return Ok(());
@@ -302,7 +318,7 @@ impl Store {
         }
         self.check_failed()?;
         let ext = self.extent_for(id, data.map_or(0, |d| d.len() as u64))?;
-        let res = ext.fill_absent(offset, len, data, &|b| self.reserve(b));
+        let res = self.fail_on_io_error(ext.fill_absent(offset, len, data, &|b| self.reserve(b)));
         self.mark_dirty(id, &ext);
         self.account(res?);
         Ok(())
@@ -318,7 +334,7 @@ impl Store {
         }
         self.check_failed()?;
         let Some(ext) = self.extent(id, false)? else { return Ok(0) };
-        let fixed = ext.repair(offset, data);
+        let fixed = self.fail_on_io_error(ext.repair(offset, data));
         self.mark_dirty(id, &ext);
         let fixed = fixed?;
         if fixed > 0 {

@@ -18,7 +18,7 @@ mod netns;
 mod procs;
 
 pub use netns::Netns;
-pub use procs::{bin, free_port, run, unique_prefix, wait_until, Blk, Cluster, Etcd, Node, Proc};
+pub use procs::{bin, free_port, run, unique_prefix, wait_until, Blk, Cluster, Etcd, Etcd3, Node, Proc};
 
 /// Deterministic pseudo-random bytes (xorshift), so failures are reproducible.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {

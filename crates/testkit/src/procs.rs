@@ -212,6 +212,28 @@ fn etcd_healthy(endpoint: &str) -> bool {
     body.contains("\"health\":\"true\"")
 }
 
+/// The command for one etcd member on `host` (client port `cp`, peer port `pp`).
+fn etcd_member(name: &str, data: &std::path::Path, host: &str, cp: u16, pp: u16, cluster: &str) -> Command {
+    let mut cmd = Command::new("etcd");
+    cmd.arg("--name")
+        .arg(name)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--listen-client-urls")
+        .arg(format!("http://{host}:{cp}"))
+        .arg("--advertise-client-urls")
+        .arg(format!("http://{host}:{cp}"))
+        .arg("--listen-peer-urls")
+        .arg(format!("http://{host}:{pp}"))
+        .arg("--initial-advertise-peer-urls")
+        .arg(format!("http://{host}:{pp}"))
+        .arg("--initial-cluster")
+        .arg(cluster)
+        .arg("--log-level")
+        .arg("warn");
+    cmd
+}
+
 /// An etcd server for tests.
 pub struct Etcd {
     pub endpoint: String,
@@ -241,40 +263,46 @@ impl Etcd {
     pub fn start_private_on(host: &str) -> Etcd {
         crate::require("etcd");
         let dir = tempfile::tempdir().expect("temp dir");
-        let (cp, pp) = (free_port(), free_port());
-        let path = dir.path().to_path_buf();
-        let mut e = Etcd {
-            endpoint: format!("{host}:{cp}"),
-            proc: None,
-            _dir: Some(dir),
-            restart: Some((path, host.to_string(), cp, pp)),
-        };
-        e.launch();
-        e
+        // A port found free can be taken by another test before etcd binds it:
+        // then etcd exits, and it starts again on other ports, in a fresh data dir.
+        for attempt in 0..3 {
+            let (cp, pp) = (free_port(), free_port());
+            let data = dir.path().join(format!("attempt-{attempt}"));
+            let mut e = Etcd {
+                endpoint: format!("{host}:{cp}"),
+                proc: None,
+                _dir: None,
+                restart: Some((data, host.to_string(), cp, pp)),
+            };
+            if e.try_launch() {
+                e._dir = Some(dir);
+                return e;
+            }
+        }
+        panic!("etcd did not start on three sets of ports; see the etcd.log files under {}", dir.path().display());
     }
 
     fn launch(&mut self) {
-        let (dir, host, cp, pp) = self.restart.clone().expect("a private etcd");
-        let mut cmd = Command::new("etcd");
-        cmd.arg("--name")
-            .arg("test")
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--listen-client-urls")
-            .arg(format!("http://{host}:{cp}"))
-            .arg("--advertise-client-urls")
-            .arg(format!("http://{host}:{cp}"))
-            .arg("--listen-peer-urls")
-            .arg(format!("http://{host}:{pp}"))
-            .arg("--initial-advertise-peer-urls")
-            .arg(format!("http://{host}:{pp}"))
-            .arg("--initial-cluster")
-            .arg(format!("test=http://{host}:{pp}"))
-            .arg("--log-level")
-            .arg("warn");
-        self.proc = Some(Proc::spawn("etcd", cmd, dir.join("etcd.log")));
+        assert!(self.try_launch(), "etcd exited at start: see its etcd.log");
+    }
+
+    /// Starts the private etcd and waits until it is healthy; false if it exited first.
+    fn try_launch(&mut self) -> bool {
+        let (data, host, cp, pp) = self.restart.clone().expect("a private etcd");
+        std::fs::create_dir_all(&data).expect("etcd dir");
+        let cmd = etcd_member("test", &data.join("data"), &host, cp, pp, &format!("test=http://{host}:{pp}"));
+        let mut proc = Proc::spawn("etcd", cmd, data.join("etcd.log"));
         let endpoint = self.endpoint.clone();
-        wait_until(Duration::from_secs(30), "etcd to become healthy", || etcd_healthy(&endpoint));
+        let mut exited = false;
+        wait_until(Duration::from_secs(30), "etcd to become healthy", || {
+            exited = !proc.is_running();
+            exited || etcd_healthy(&endpoint)
+        });
+        if exited {
+            return false;
+        }
+        self.proc = Some(proc);
+        true
     }
 
     /// Stops a private etcd (SIGTERM); `restart` brings it back with its data.
@@ -290,6 +318,73 @@ impl Etcd {
 
     pub fn proc(&mut self) -> Option<&mut Proc> {
         self.proc.as_mut()
+    }
+}
+
+/// A three-member etcd cluster, as users run it: `endpoint` lists all three.
+pub struct Etcd3 {
+    pub endpoint: String,
+    /// Each member's client endpoint and process (`None` once killed).
+    pub members: Vec<(String, Option<Proc>)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd3 {
+    pub fn start() -> Etcd3 {
+        crate::require("etcd");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let cluster: Vec<String> =
+            ports.iter().enumerate().map(|(i, (_, pp))| format!("m{i}=http://127.0.0.1:{pp}")).collect();
+        let token = format!("torus-test-{}", unique_prefix().trim_start_matches('/').replace('/', "-"));
+        let mut members = Vec::new();
+        for (i, (cp, pp)) in ports.iter().enumerate() {
+            let name = format!("m{i}");
+            let mut cmd = etcd_member(&name, &dir.path().join(&name), "127.0.0.1", *cp, *pp, &cluster.join(","));
+            cmd.arg("--initial-cluster-token").arg(&token);
+            let proc = Proc::spawn(&format!("etcd-m{i}"), cmd, dir.path().join(format!("m{i}.log")));
+            members.push((format!("127.0.0.1:{cp}"), Some(proc)));
+        }
+        for (ep, _) in &members {
+            wait_until(Duration::from_secs(60), &format!("etcd member {ep} to become healthy"), || etcd_healthy(ep));
+        }
+        let endpoint = members.iter().map(|(ep, _)| ep.clone()).collect::<Vec<_>>().join(",");
+        Etcd3 { endpoint, members, _dir: dir }
+    }
+
+    /// The index of the member that is the leader now (asked with etcdctl).
+    pub fn leader(&self) -> usize {
+        crate::require("etcdctl");
+        let out = run(
+            Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg("--endpoints")
+                .arg(&self.endpoint)
+                .args(["endpoint", "status", "-w", "json"]),
+            Duration::from_secs(30),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("etcdctl endpoint status JSON");
+        let list = v.as_array().expect("a list of endpoints");
+        for e in list {
+            let (member, leader) = (&e["Status"]["header"]["member_id"], &e["Status"]["leader"]);
+            if member == leader {
+                let ep = e["Endpoint"].as_str().expect("endpoint").trim_start_matches("http://");
+                return self.members.iter().position(|(m, _)| m == ep).expect("a known member");
+            }
+        }
+        panic!("no leader among {}", String::from_utf8_lossy(&out.stdout));
+    }
+
+    /// kill -9 of member `i`.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].1.take() {
+            p.kill9();
+        }
+    }
+
+    /// An `Etcd` naming all three members, for `Cluster::init`.
+    pub fn as_etcd(&self) -> Etcd {
+        Etcd { endpoint: self.endpoint.clone(), proc: None, _dir: None, restart: None }
     }
 }
 

@@ -405,7 +405,8 @@ impl Volume {
         for (n, r) in nodes.iter().zip(results) {
             match r {
                 Ok(()) => ok.push(*n),
-                Err(e) if e.is_unreachable() => unreachable.push((*n, e)),
+                // A failed store is written around like an unreachable node: its copy is marked missing.
+                Err(e) if e.is_unreachable() || e.is_store_failed() => unreachable.push((*n, e)),
                 Err(e) => {
                     refused.get_or_insert(Self::write_error(extent, e));
                 }
@@ -572,7 +573,7 @@ impl BlockDevice for Volume {
         for ((n, _), r) in snapshot.iter().zip(results) {
             match r {
                 Ok(()) => {}
-                Err(e) if e.is_unreachable() && !self.read_only => failed.push((*n, e)),
+                Err(e) if (e.is_unreachable() || e.is_store_failed()) && !self.read_only => failed.push((*n, e)),
                 Err(e) => {
                     return Err(VolumeError::Unavailable {
                         extent: ExtentId::new(self.info.id, 0),

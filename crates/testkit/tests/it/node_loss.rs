@@ -32,6 +32,12 @@ pub fn start_fio(uri: &str, offset: &str, size: &str, secs: u32) -> Child {
 
 /// Waits for fio, asserts it saw no error; returns (writes, bytes verified).
 pub fn finish_fio(fio: Child, what: &str) -> (u64, u64) {
+    let (ops, verified, _) = finish_fio_timed(fio, what);
+    (ops, verified)
+}
+
+/// Like `finish_fio`, also returning the longest write's latency (how long I/O paused at worst).
+pub fn finish_fio_timed(fio: Child, what: &str) -> (u64, u64, Duration) {
     let out = fio.wait_with_output().expect("fio");
     let s = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(&s[s.find('{').unwrap_or(0)..]).unwrap_or_default();
@@ -44,7 +50,8 @@ pub fn finish_fio(fio: Child, what: &str) -> (u64, u64) {
     let ops = job["write"]["total_ios"].as_u64().unwrap_or(0);
     let verified = job["read"]["io_bytes"].as_u64().unwrap_or(0);
     assert!(ops > 0 && verified > 0, "{what}: fio did nothing");
-    (ops, verified)
+    let worst = Duration::from_nanos(job["write"]["lat_ns"]["max"].as_f64().unwrap_or(0.0) as u64);
+    (ops, verified, worst)
 }
 
 /// Waits until no copy is left to catch up (per `torusctl status`).
