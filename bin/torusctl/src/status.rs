@@ -5,7 +5,6 @@ use crate::Output;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use torus_meta::cluster::{Cluster, ReplicaState, RingDoc};
-use torus_ring::Ring;
 use torus_types::{format_size, ExtentId, NodeId, VolumeId};
 
 /// What the cluster's health is judged from, read once.
@@ -136,7 +135,7 @@ pub async fn run(cluster: &Cluster, output: Output) -> anyhow::Result<()> {
     let degraded = if down.is_empty() {
         0
     } else {
-        let now = Ring::from_labeled(ring.version, ring.members.iter().map(|m| (m.id, m.weight, &m.labels, m.full)));
+        let now = ring.placement();
         let mut n = 0u64;
         for v in &volumes {
             for i in 0..v.extent_count() {

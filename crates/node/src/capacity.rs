@@ -9,6 +9,7 @@
 //! elsewhere would move back and could fill it again mid-move. An operator
 //! clears it (`torusctl peer clear-full`), which checks they fit.
 
+use crate::error::NodeError;
 use std::sync::Arc;
 use torus_meta::cluster::{Cluster, RingDoc};
 use torus_store::Store;
@@ -30,7 +31,7 @@ pub async fn update_mark(
     me: NodeId,
     doc: &RingDoc,
     ratio: f64,
-) -> Result<(), String> {
+) -> Result<(), NodeError> {
     if !doc.members.iter().any(|m| m.id == me && !m.full) {
         return Ok(());
     }
@@ -38,7 +39,7 @@ pub async fn update_mark(
     if !is_full(used, capacity, ratio) || doc.busy().is_some() {
         return Ok(());
     }
-    let ring = cluster.set_full(me, true).await.map_err(|e| e.to_string())?;
+    let ring = cluster.set_full(me, true).await?;
     tracing::warn!(
         used,
         capacity,

@@ -1,5 +1,6 @@
 //! torus-node: what a storage node runs.
 //!
+//! - [`error`]: `NodeError`, what the background work fails with.
 //! - [`identity`]: the node's UUID, kept in its data directory.
 //! - [`server`]: the peer-protocol server in front of the local store.
 //! - [`registration`]: the node's entry in the metadata store, on a lease,
@@ -14,6 +15,7 @@
 //! serves extents and knows nothing of volumes' layout or of clients' protocols.
 
 pub mod capacity;
+pub mod error;
 pub mod http;
 pub mod identity;
 pub mod liveness;

@@ -17,11 +17,12 @@
 //! Throughout, readers find every block: they read the old replicas first
 //! until the move is over, and old copies are deleted only after that.
 
+use crate::error::NodeError;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use torus_meta::cluster::{Cluster, RebalanceProgress, RingDoc, RingMember};
+use torus_meta::cluster::{Cluster, RebalanceProgress, RingDoc};
 use torus_proto::PeerClient;
 use torus_ring::Ring;
 use torus_store::{BlockState, Store};
@@ -49,10 +50,6 @@ fn prev_members(doc: &RingDoc) -> Vec<NodeId> {
     doc.previous.as_deref().unwrap_or_default().iter().map(|m| m.id).collect()
 }
 
-fn ring_of(version: u64, members: &[RingMember]) -> Ring {
-    Ring::from_labeled(version, members.iter().map(|m| (m.id, m.weight, &m.labels, m.full)))
-}
-
 /// How often the ring is read when nothing says it changed.
 const RING_QUIET: Duration = Duration::from_secs(2);
 
@@ -77,6 +74,34 @@ impl Throttle {
         let due = Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
         if let Some(wait) = due.checked_sub(self.start.elapsed()) {
             tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Where this node stands in a membership change, for the ring it sees.
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    /// Not a member (never was, or taken out): delete leftover copies.
+    Outside,
+    /// Nothing moves: nothing to do.
+    Stable,
+    /// Data moves to the new members; `copied`: this node's share is done,
+    /// so it watches for old replicas dying and for the move to finish.
+    Moving { copied: bool },
+    /// The move is over: delete the copies that moved away, then report.
+    Collecting,
+}
+
+impl Phase {
+    fn of(doc: &RingDoc, me: NodeId, moved: Option<u64>) -> Phase {
+        if !(doc.all_members().iter().any(|m| m.id == me) || doc.collecting.contains(&me)) {
+            Phase::Outside
+        } else if doc.moving() {
+            Phase::Moving { copied: moved == Some(doc.version) }
+        } else if doc.collecting.contains(&me) {
+            Phase::Collecting
+        } else {
+            Phase::Stable
         }
     }
 }
@@ -111,8 +136,7 @@ impl Rebalancer {
                     }
                 },
             };
-            let member = doc.all_members().iter().any(|m| m.id == self.me) || doc.collecting.contains(&self.me);
-            if !member {
+            if Phase::of(&doc, self.me, moved) == Phase::Outside {
                 if let Err(e) = self.forget_stale(&doc).await {
                     tracing::warn!(error = %e, "could not delete copies left from an earlier membership");
                 }
@@ -132,33 +156,33 @@ impl Rebalancer {
                     tracing::warn!(error = %e, "could not take a node that is down out of the ring");
                 }
             }
-            if doc.moving() {
-                if moved == Some(doc.version) {
-                    // One read of everyone's progress and liveness serves both questions.
-                    match self.view().await {
-                        Ok(view) if self.must_cover_more(&doc, &view) => {
-                            tracing::warn!(
-                                version = doc.version,
-                                "an old replica went down during the move: copying its share"
-                            );
-                            moved = None;
-                        }
-                        Ok(view) => {
-                            if let Err(e) = self.try_finish(&doc, &view).await {
-                                tracing::warn!(error = %e, "could not finish the rebalance");
-                            }
-                        }
-                        Err(e) => tracing::debug!(error = %e, "cannot read the rebalance progress"),
+            let mut phase = Phase::of(&doc, self.me, moved);
+            if phase == (Phase::Moving { copied: true }) {
+                // One read of everyone's progress and liveness serves both questions.
+                match self.view().await {
+                    Ok(view) if self.must_cover_more(&doc, &view) => {
+                        tracing::warn!(
+                            version = doc.version,
+                            "an old replica went down during the move: copying its share"
+                        );
+                        moved = None;
+                        phase = Phase::Moving { copied: false };
                     }
-                }
-                if moved != Some(doc.version) {
-                    tracing::info!(version = doc.version, "ring changed: moving data");
-                    match self.move_data(&doc, &mut clients).await {
-                        Ok(()) => moved = Some(doc.version),
-                        Err(e) => tracing::warn!(error = %e, "moving data failed; will retry"),
+                    Ok(view) => {
+                        if let Err(e) = self.try_finish(&doc, &view).await {
+                            tracing::warn!(error = %e, "could not finish the rebalance");
+                        }
                     }
+                    Err(e) => tracing::debug!(error = %e, "cannot read the rebalance progress"),
                 }
-            } else if doc.collecting.contains(&self.me) {
+            }
+            if phase == (Phase::Moving { copied: false }) {
+                tracing::info!(version = doc.version, "ring changed: moving data");
+                match self.move_data(&doc, &mut clients).await {
+                    Ok(()) => moved = Some(doc.version),
+                    Err(e) => tracing::warn!(error = %e, "moving data failed; will retry"),
+                }
+            } else if phase == Phase::Collecting {
                 match self.collect(&doc).await {
                     Ok(n) => {
                         tracing::info!(
@@ -180,16 +204,16 @@ impl Rebalancer {
     /// membership (it was taken out while down, and its extents were copied
     /// back up to R elsewhere), so that it never serves or keeps an outdated
     /// copy if it is added again.
-    async fn forget_stale(&self, doc: &RingDoc) -> Result<(), String> {
+    async fn forget_stale(&self, doc: &RingDoc) -> Result<(), NodeError> {
         if doc.version == 0 || doc.members.is_empty() {
             return Ok(());
         }
-        let held = self.store.extents().map_err(|e| e.to_string())?;
+        let held = self.store.extents()?;
         if held.is_empty() {
             return Ok(());
         }
         // Only if the ring has not changed meanwhile (it could have taken this node in).
-        let (now, _) = self.cluster.ring().await.map_err(|e| e.to_string())?;
+        let (now, _) = self.cluster.ring().await?;
         if now.version != doc.version {
             return Ok(());
         }
@@ -198,7 +222,7 @@ impl Rebalancer {
             "this node is not in the ring: deleting the copies left from when it was (they were re-replicated)"
         );
         for stat in held {
-            self.store.delete_extent(stat.id).map_err(|e| e.to_string())?;
+            self.store.delete_extent(stat.id)?;
         }
         Ok(())
     }
@@ -206,10 +230,9 @@ impl Rebalancer {
     /// Takes ring members that have been down longer than the cluster's
     /// down-out time out of the ring (their extents are then copied back up
     /// to R from the other replicas). The live member with the lowest id acts.
-    async fn down_out(&self, doc: &RingDoc, down_since: &mut HashMap<NodeId, Instant>) -> Result<(), String> {
-        let limit = self.cluster.config().await.map_err(|e| e.to_string())?.down_out_secs;
-        let alive: HashSet<NodeId> =
-            self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| p.id).collect();
+    async fn down_out(&self, doc: &RingDoc, down_since: &mut HashMap<NodeId, Instant>) -> Result<(), NodeError> {
+        let limit = self.cluster.config().await?.down_out_secs;
+        let alive: HashSet<NodeId> = self.cluster.peers().await?.into_iter().map(|p| p.id).collect();
         down_since.retain(|n, _| doc.contains(*n) && !alive.contains(n));
         for m in &doc.members {
             if !alive.contains(&m.id) {
@@ -233,16 +256,16 @@ impl Rebalancer {
             Err(e) => {
                 // Try again after another down-out period, not every half second.
                 down_since.insert(node, Instant::now());
-                Err(format!("node {node} is down past the down-out time but cannot be taken out: {e}"))
+                Err(format!("node {node} is down past the down-out time but cannot be taken out: {e}").into())
             }
         }
     }
 
     /// Waits until every writer of every volume uses ring `version` or newer.
-    async fn wait_writers(&self, version: u64) -> Result<(), String> {
+    async fn wait_writers(&self, version: u64) -> Result<(), NodeError> {
         let start = Instant::now();
         loop {
-            let locks = self.cluster.locks().await.map_err(|e| e.to_string())?;
+            let locks = self.cluster.locks().await?;
             let lagging: Vec<_> = locks.iter().filter(|l| l.ring_version < version).collect();
             if lagging.is_empty() {
                 return Ok(());
@@ -259,40 +282,40 @@ impl Rebalancer {
         clients: &mut HashMap<NodeId, Arc<PeerClient>>,
         addrs: &HashMap<NodeId, String>,
         id: NodeId,
-    ) -> Result<Arc<PeerClient>, String> {
+    ) -> Result<Arc<PeerClient>, NodeError> {
         if let Some(c) = clients.get(&id).filter(|c| !c.is_dead()) {
             return Ok(c.clone());
         }
         let addr = addrs.get(&id).ok_or_else(|| format!("node {id} is not registered"))?;
-        let c = Arc::new(PeerClient::connect(addr, Duration::from_secs(30)).await.map_err(|e| e.to_string())?);
+        let c = Arc::new(PeerClient::connect(addr, Duration::from_secs(30)).await?);
         clients.insert(id, c.clone());
         Ok(c)
     }
 
     /// Every registered node's peer address.
-    async fn addresses(&self) -> Result<HashMap<NodeId, String>, String> {
-        let peers = self.cluster.peers().await.map_err(|e| e.to_string())?;
+    async fn addresses(&self) -> Result<HashMap<NodeId, String>, NodeError> {
+        let peers = self.cluster.peers().await?;
         Ok(peers.into_iter().map(|p| (p.id, p.address)).collect())
     }
 
     /// Each volume's replication, by id.
-    async fn replication_by_volume(&self) -> Result<HashMap<VolumeId, usize>, String> {
-        let vols = self.cluster.volumes().await.map_err(|e| e.to_string())?;
+    async fn replication_by_volume(&self) -> Result<HashMap<VolumeId, usize>, NodeError> {
+        let vols = self.cluster.volumes().await?;
         Ok(vols.into_iter().map(|v| (v.id, v.replication as usize)).collect())
     }
 
-    async fn move_data(&self, doc: &RingDoc, clients: &mut HashMap<NodeId, Arc<PeerClient>>) -> Result<(), String> {
+    async fn move_data(&self, doc: &RingDoc, clients: &mut HashMap<NodeId, Arc<PeerClient>>) -> Result<(), NodeError> {
         self.wait_writers(doc.version).await?;
-        let prev = ring_of(doc.version, doc.previous.as_deref().unwrap_or_default());
-        let next = ring_of(doc.version, &doc.members);
+        let prev = doc.placement_of(doc.previous.as_deref().unwrap_or_default());
+        let next = doc.placement();
         let volumes = self.replication_by_volume().await?;
         let addrs = self.addresses().await?;
         // Copies that missed writes (their writer records them) are never copied from.
-        let states = self.cluster.replica_states().await.map_err(|e| e.to_string())?;
+        let states = self.cluster.replica_states().await?;
         let missing = |n: NodeId, e: ExtentId| states.get(&e.volume).is_some_and(|s| s.is_missing(n, e.index));
         let mut plan: Vec<(ExtentId, Vec<NodeId>)> = Vec::new();
         let mut held = HashMap::new();
-        for stat in self.store.extents().map_err(|e| e.to_string())? {
+        for stat in self.store.extents()? {
             let Some(r) = volumes.get(&stat.id.volume) else { continue };
             let (old, new) = self.moving_sets(&prev, &next, stat.id, *r, clients, &addrs, &mut held).await?;
             // One copier per extent: the first old replica that is up and whole.
@@ -311,7 +334,7 @@ impl Rebalancer {
             assumed_down,
             ..Default::default()
         };
-        self.cluster.put_progress(self.me, &progress).await.map_err(|e| e.to_string())?;
+        self.cluster.put_progress(self.me, &progress).await?;
         let mut throttle = Throttle { rate: self.rate, start: Instant::now(), bytes: 0 };
         let mut touched = HashSet::new();
         for (i, (extent, targets)) in plan.iter().enumerate() {
@@ -330,10 +353,10 @@ impl Rebalancer {
             }
         }
         for t in touched {
-            self.client(clients, &addrs, t).await?.flush().await.map_err(|e| e.to_string())?;
+            self.client(clients, &addrs, t).await?.flush().await?;
         }
         progress.done = true;
-        self.cluster.put_progress(self.me, &progress).await.map_err(|e| e.to_string())?;
+        self.cluster.put_progress(self.me, &progress).await?;
         tracing::info!(
             version = doc.version,
             extents = plan.len(),
@@ -357,7 +380,7 @@ impl Rebalancer {
         clients: &mut HashMap<NodeId, Arc<PeerClient>>,
         addrs: &HashMap<NodeId, String>,
         held: &mut HashMap<(NodeId, ExtentId), bool>,
-    ) -> Result<(Vec<NodeId>, Vec<NodeId>), String> {
+    ) -> Result<(Vec<NodeId>, Vec<NodeId>), NodeError> {
         loop {
             let known = |n: NodeId| if n == self.me { Some(true) } else { held.get(&(n, extent)).copied() };
             let ask = match torus_ring::moving_replicas(prev, next, extent, r, known) {
@@ -379,8 +402,8 @@ impl Rebalancer {
         extent: ExtentId,
         targets: &[Arc<PeerClient>],
         throttle: &mut Throttle,
-    ) -> Result<u64, String> {
-        let states = self.store.block_states(extent).map_err(|e| e.to_string())?.unwrap_or_default();
+    ) -> Result<u64, NodeError> {
+        let states = self.store.block_states(extent)?.unwrap_or_default();
         let mut copied = 0;
         let mut b = 0;
         while b < states.len() {
@@ -394,15 +417,15 @@ impl Rebalancer {
                 BlockState::Absent => {}
                 BlockState::Zero => {
                     for t in targets {
-                        t.fill(extent, off, len, None).await.map_err(|e| e.to_string())?;
+                        t.fill(extent, off, len, None).await?;
                     }
                 }
                 BlockState::Data => {
                     let mut buf = vec![0u8; len as usize];
-                    self.store.read(extent, off as u64, &mut buf).map_err(|e| e.to_string())?;
+                    self.store.read(extent, off as u64, &mut buf)?;
                     let data = Bytes::from(buf);
                     for t in targets {
-                        t.fill(extent, off, len, Some(data.clone())).await.map_err(|e| e.to_string())?;
+                        t.fill(extent, off, len, Some(data.clone())).await?;
                     }
                     copied += len as u64;
                     throttle.take(len as u64).await;
@@ -414,9 +437,9 @@ impl Rebalancer {
     }
 
     /// Every node's progress and which nodes are registered, read once per loop.
-    async fn view(&self) -> Result<MoveView, String> {
-        let progress = self.cluster.progress().await.map_err(|e| e.to_string())?.into_iter().collect();
-        let alive = self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| p.id).collect();
+    async fn view(&self) -> Result<MoveView, NodeError> {
+        let progress = self.cluster.progress().await?.into_iter().collect();
+        let alive = self.cluster.peers().await?.into_iter().map(|p| p.id).collect();
         Ok(MoveView { progress, alive })
     }
 
@@ -434,7 +457,7 @@ impl Rebalancer {
     /// Clears `previous` once every node of the old and the new ring has moved
     /// its share. A node removed from the ring while down for good is not
     /// waited for once every other node copied its share in its place.
-    async fn try_finish(&self, doc: &RingDoc, view: &MoveView) -> Result<(), String> {
+    async fn try_finish(&self, doc: &RingDoc, view: &MoveView) -> Result<(), NodeError> {
         let MoveView { progress, alive } = view;
         let done = |n: NodeId| progress.get(&n).filter(|p| p.ring_version == doc.version && p.done);
         let mut gone = Vec::new();
@@ -460,23 +483,23 @@ impl Rebalancer {
         if !gone.is_empty() {
             tracing::warn!(nodes = ?gone, "finishing without removed nodes that are down: their shares were copied from the other replicas");
         }
-        if self.cluster.finish_rebalance(doc.version, &gone).await.map_err(|e| e.to_string())? {
+        if self.cluster.finish_rebalance(doc.version, &gone).await? {
             tracing::info!(version = doc.version, "every node has moved its data: rebalance finished");
         }
         Ok(())
     }
 
     /// Deletes the extents this node no longer holds a replica of; returns how many.
-    async fn collect(&self, doc: &RingDoc) -> Result<usize, String> {
+    async fn collect(&self, doc: &RingDoc) -> Result<usize, NodeError> {
         self.wait_writers(doc.version).await?;
-        let ring = ring_of(doc.version, &doc.members);
+        let ring = doc.placement();
         // Every id below next-id is allocated: one not listed was deleted.
-        let next_id = self.cluster.next_volume_id().await.map_err(|e| e.to_string())?;
+        let next_id = self.cluster.next_volume_id().await?;
         let volumes = self.replication_by_volume().await?;
         let addrs = self.addresses().await?;
         let (mut clients, mut held) = (HashMap::new(), HashMap::new());
         let mut deleted = 0;
-        for stat in self.store.extents().map_err(|e| e.to_string())? {
+        for stat in self.store.extents()? {
             let keep = match volumes.get(&stat.id.volume) {
                 Some(r) => {
                     let sets = self.moving_sets(&ring, &ring, stat.id, *r, &mut clients, &addrs, &mut held).await?;
@@ -485,7 +508,7 @@ impl Rebalancer {
                 None => stat.id.volume.0 >= next_id,
             };
             if !keep {
-                self.store.delete_extent(stat.id).map_err(|e| e.to_string())?;
+                self.store.delete_extent(stat.id)?;
                 deleted += 1;
             }
         }

@@ -3,13 +3,13 @@
 //! another replica (REPAIR semantics: only blocks that still fail their
 //! checksum are replaced, so a scrub never undoes a newer write).
 
+use crate::error::NodeError;
 use crate::metrics::NodeMetrics;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use torus_meta::cluster::Cluster;
 use torus_proto::PeerClient;
-use torus_ring::Ring;
 use torus_store::{BlockState, Store, StoreError};
 use torus_types::{ExtentId, NodeId, BLOCK_SIZE};
 
@@ -44,11 +44,11 @@ impl Scrubber {
     }
 
     /// One pass over every extent; returns (blocks verified, bad blocks found).
-    async fn pass(&self) -> Result<(u64, u64), String> {
+    async fn pass(&self) -> Result<(u64, u64), NodeError> {
         let (mut verified, mut bad) = (0, 0);
         let start = Instant::now();
-        for stat in self.store.extents().map_err(|e| e.to_string())? {
-            let states = self.store.block_states(stat.id).map_err(|e| e.to_string())?.unwrap_or_default();
+        for stat in self.store.extents()? {
+            let states = self.store.block_states(stat.id)?.unwrap_or_default();
             let mut b = 0;
             while b < states.len() {
                 if states[b] != BlockState::Data {
@@ -75,7 +75,7 @@ impl Scrubber {
                         }
                         b = block as usize + 1;
                     }
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 }
                 // Throttle: never faster than `rate` bytes per second.
                 let due = Duration::from_secs_f64((verified * BLOCK_SIZE as u64) as f64 / self.rate as f64);
@@ -88,21 +88,20 @@ impl Scrubber {
     }
 
     /// Fetches a good copy of one block from another replica and repairs ours with it.
-    async fn repair(&self, extent: ExtentId, block: u64) -> Result<(), String> {
-        let (doc, _) = self.cluster.ring().await.map_err(|e| e.to_string())?;
+    async fn repair(&self, extent: ExtentId, block: u64) -> Result<(), NodeError> {
+        let (doc, _) = self.cluster.ring().await?;
         let vol = self
             .cluster
             .volumes()
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .into_iter()
             .find(|v| v.id == extent.volume)
             .ok_or("the volume no longer exists")?;
         let addrs: HashMap<NodeId, String> =
-            self.cluster.peers().await.map_err(|e| e.to_string())?.into_iter().map(|p| (p.id, p.address)).collect();
+            self.cluster.peers().await?.into_iter().map(|p| (p.id, p.address)).collect();
         let mut candidates = Vec::new();
         for members in std::iter::once(&doc.members).chain(doc.previous.iter()) {
-            let ring = Ring::from_labeled(doc.version, members.iter().map(|m| (m.id, m.weight, &m.labels, m.full)));
+            let ring = doc.placement_of(members);
             // Every node that may hold it (full nodes keep what they hold; others stand in for them).
             for n in ring.candidates(extent, vol.replication as usize) {
                 if n != self.me && !candidates.contains(&n) {
@@ -117,7 +116,7 @@ impl Scrubber {
             // Present blocks only: a replica that never got this block must not hand us zeroes.
             match c.read(extent, off, BLOCK_SIZE as u32, true).await {
                 Ok(good) => {
-                    let fixed = self.store.repair(extent, off as u64, &good).map_err(|e| e.to_string())?;
+                    let fixed = self.store.repair(extent, off as u64, &good)?;
                     NodeMetrics::inc(&self.metrics.repaired_blocks, fixed);
                     return Ok(());
                 }

@@ -18,11 +18,8 @@ use futures_util::future::join_all;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
-use torus_meta::cluster::{
-    Cluster, ClusterError, PeerInfo, ProcessTag, ReplicaState, RingDoc, RingMember, VolumeInfo, VolumeLock,
-};
+use torus_meta::cluster::{Cluster, ClusterError, PeerInfo, ProcessTag, ReplicaState, RingDoc, VolumeInfo, VolumeLock};
 use torus_meta::{LeaseId, MetaError};
-use torus_ring::Ring;
 use torus_types::Epoch;
 
 #[derive(Clone, Debug)]
@@ -76,10 +73,7 @@ pub struct VolumeManager {
 
 /// Builds the placement from the ring document.
 pub fn placement_of(doc: &RingDoc) -> Placement {
-    let ring = |members: &[RingMember]| {
-        Ring::from_labeled(doc.version, members.iter().map(|m| (m.id, m.weight, &m.labels, m.full)))
-    };
-    Placement::new(doc.version, ring(&doc.members), doc.previous.as_deref().map(ring))
+    Placement::new(doc.version, doc.placement(), doc.previous_placement())
 }
 
 /// Clean-close tasks still running (a volume's last handle was dropped):

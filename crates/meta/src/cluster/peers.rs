@@ -93,6 +93,21 @@ impl RingDoc {
         None
     }
 
+    /// The placement of `members` at this version (the one place a ring is built from members).
+    pub fn placement_of(&self, members: &[RingMember]) -> torus_ring::Ring {
+        torus_ring::Ring::from_labeled(self.version, members.iter().map(|m| (m.id, m.weight, &m.labels, m.full)))
+    }
+
+    /// The placement of the current members.
+    pub fn placement(&self) -> torus_ring::Ring {
+        self.placement_of(&self.members)
+    }
+
+    /// While data moves: the placement it moves from.
+    pub fn previous_placement(&self) -> Option<torus_ring::Ring> {
+        self.previous.as_deref().map(|p| self.placement_of(p))
+    }
+
     /// Every node that is in the ring or being drained out of it.
     pub fn all_members(&self) -> Vec<&RingMember> {
         let mut v: Vec<&RingMember> = self.members.iter().collect();
