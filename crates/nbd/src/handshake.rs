@@ -5,7 +5,7 @@
 //! unknown client flags, an option longer than we accept).
 
 use crate::consts::*;
-use crate::server::{ExportError, Exports};
+use crate::exports::{ExportError, Exports};
 use std::sync::Arc;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -6,14 +6,17 @@
 //!   (EXPORT_NAME, GO, INFO, LIST, ABORT; others answered ERR_UNSUP).
 //! - [`transmission`]: pipelined requests with out-of-order simple replies:
 //!   READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE, FUA), DISC.
-//! - [`server`]: the listener and the [`Exports`] trait that names and opens devices.
+//! - [`exports`]: the [`Exports`] trait that names and opens devices.
+//! - [`server`]: the listener.
 //!
 //! Depends on torus-volume only for the `BlockDevice` trait and its error
 //! type; knows nothing of etcd, placement or peers.
 
 pub mod consts;
+pub mod exports;
 pub mod handshake;
 pub mod server;
 pub mod transmission;
 
-pub use server::{serve, ExportError, ExportInfo, Exports};
+pub use exports::{ExportError, ExportInfo, Exports};
+pub use server::serve;

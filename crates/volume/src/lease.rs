@@ -1,4 +1,5 @@
-//! The writer's lease as the data path sees it.
+//! The writer's lease as the data path sees it, and the lock held on it
+//! ([`LockGuard`]: dropping it revokes the lease).
 //!
 //! A lease granted or kept alive by a request sent at `t` is valid until at
 //! least `t + TTL` (etcd cannot expire it sooner), so writes go ahead until
@@ -11,6 +12,8 @@
 use crate::VolumeError;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use torus_meta::cluster::Cluster;
+use torus_meta::LeaseId;
 
 /// Margin kept from the lease's earliest possible expiry (clock drift, scheduling).
 const MARGIN: Duration = Duration::from_secs(1);
@@ -94,6 +97,54 @@ impl LeaseState {
                 warned = true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Clean-close tasks still running (a volume's last handle was dropped):
+/// `close_all` waits for them, so that a stopping process still releases its locks.
+pub(crate) type Closing = std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>;
+
+/// Holds the writer's lock: dropping it stops the keep-alive and revokes the lease.
+pub(crate) struct LockGuard {
+    cluster: Cluster,
+    pub(crate) lease: LeaseId,
+    keeper: tokio::task::JoinHandle<()>,
+    pub(crate) closing: Closing,
+    released: std::sync::atomic::AtomicBool,
+}
+
+impl LockGuard {
+    /// The lock held on `lease`, kept alive by `keeper` (stopped when released).
+    pub(crate) fn new(cluster: Cluster, lease: LeaseId, keeper: tokio::task::JoinHandle<()>, closing: Closing) -> Self {
+        LockGuard { cluster, lease, keeper, closing, released: Default::default() }
+    }
+
+    /// Revokes the lease now (the lock goes with it).
+    pub(crate) async fn release(&self) {
+        self.keeper.abort();
+        if self.released.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = self.cluster.store().revoke_lease(self.lease).await {
+            tracing::warn!(error = %e, "could not release the volume lock; it lapses with its lease");
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.keeper.abort();
+        if self.released.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let (cluster, lease) = (self.cluster.clone(), self.lease);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = cluster.store().revoke_lease(lease).await {
+                    tracing::warn!(error = %e, "could not release the volume lock; it lapses with its lease");
+                }
+            });
         }
     }
 }

@@ -9,7 +9,7 @@
 //! whole TTL), the volume refuses writes from then on: a newer writer may
 //! exist.
 
-use crate::lease::LeaseState;
+use crate::lease::{Closing, LeaseState, LockGuard};
 use crate::pool::PeerPool;
 use crate::tracker::Tracker;
 use crate::volume::Placement;
@@ -74,49 +74,6 @@ pub struct VolumeManager {
 /// Builds the placement from the ring document.
 pub fn placement_of(doc: &RingDoc) -> Placement {
     Placement::new(doc.version, doc.placement(), doc.previous_placement())
-}
-
-/// Clean-close tasks still running (a volume's last handle was dropped):
-/// `close_all` waits for them, so that a stopping process still releases its locks.
-pub(crate) type Closing = Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>;
-
-/// Holds the writer's lock: dropping it stops the keep-alive and revokes the lease.
-pub(crate) struct LockGuard {
-    cluster: Cluster,
-    pub(crate) lease: LeaseId,
-    keeper: tokio::task::JoinHandle<()>,
-    pub(crate) closing: Closing,
-    released: std::sync::atomic::AtomicBool,
-}
-
-impl LockGuard {
-    /// Revokes the lease now (the lock goes with it).
-    pub(crate) async fn release(&self) {
-        self.keeper.abort();
-        if self.released.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            return;
-        }
-        if let Err(e) = self.cluster.store().revoke_lease(self.lease).await {
-            tracing::warn!(error = %e, "could not release the volume lock; it lapses with its lease");
-        }
-    }
-}
-
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        self.keeper.abort();
-        if self.released.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
-        let (cluster, lease) = (self.cluster.clone(), self.lease);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = cluster.store().revoke_lease(lease).await {
-                    tracing::warn!(error = %e, "could not release the volume lock; it lapses with its lease");
-                }
-            });
-        }
-    }
 }
 
 impl VolumeManager {
@@ -312,13 +269,7 @@ impl VolumeManager {
         }
         let state = Arc::new(LeaseState::new(granted_at, self.opts.lease_ttl, self.opts.io_hold));
         let keeper = tokio::spawn(keep_alive(self.cluster.clone(), lease.id, self.opts.lease_ttl, state.clone()));
-        let guard = LockGuard {
-            cluster: self.cluster.clone(),
-            lease: lease.id,
-            keeper,
-            closing: self.closing.clone(),
-            released: Default::default(),
-        };
+        let guard = LockGuard::new(self.cluster.clone(), lease.id, keeper, self.closing.clone());
         // What the previous writer left: extents it may have been writing, copies to catch up.
         let previous = self.cluster.replica_state(info.id).await?;
         let mine = ReplicaState { epoch, ..previous.clone() };

@@ -146,7 +146,7 @@ pub struct Volume {
     dirty: Mutex<HashMap<NodeId, Dirty>>,
     writes: AtomicU64,
     /// The writer's lock, released when the volume is dropped or closed.
-    guard: Option<crate::manager::LockGuard>,
+    guard: Option<crate::lease::LockGuard>,
 }
 
 #[derive(Default)]
@@ -174,7 +174,7 @@ impl Volume {
         read_only: bool,
         lease: Arc<crate::lease::LeaseState>,
         tracker: Arc<Tracker>,
-        guard: Option<crate::manager::LockGuard>,
+        guard: Option<crate::lease::LockGuard>,
     ) -> Self {
         Volume {
             size: AtomicU64::new(info.size),

@@ -12,6 +12,7 @@
 //! as the dead host's lease lapses. This record says who *may* attach; the
 //! data itself is guarded by the writer lock and its epoch (see `volumes`).
 
+use super::keys::{attachments_key, name_key};
 use super::{decode, encode, Cluster, ClusterError, Result};
 use crate::{Compare, LeaseId, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
@@ -47,10 +48,6 @@ pub struct AttachMode {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachments {
     pub hosts: BTreeMap<String, AttachMode>,
-}
-
-pub(super) fn attachments_key(volume: &str) -> String {
-    format!("attachments/{volume}")
 }
 
 fn host_key(id: &str) -> String {
@@ -139,9 +136,8 @@ impl Cluster {
                 Some(kv) => Compare::mod_revision(attachments_key(volume), kv.mod_revision),
                 None => Compare::exists(attachments_key(volume), false),
             };
-            let txn =
-                Txn::when(vec![cmp, Compare::mod_revision(super::volumes::name_key(volume), vol_kv.mod_revision)])
-                    .and_then(vec![TxnOp::put(attachments_key(volume), encode(&doc))]);
+            let txn = Txn::when(vec![cmp, Compare::mod_revision(name_key(volume), vol_kv.mod_revision)])
+                .and_then(vec![TxnOp::put(attachments_key(volume), encode(&doc))]);
             if self.store.txn(txn).await?.succeeded {
                 return Ok(());
             }

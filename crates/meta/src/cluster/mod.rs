@@ -20,6 +20,7 @@
 
 mod attachments;
 mod error;
+mod keys;
 mod peers;
 mod replicas;
 mod ring_watch;

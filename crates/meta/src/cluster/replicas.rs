@@ -7,6 +7,7 @@
 //! Only the volume's current writer may change it: every put compares the
 //! lock key's create revision (the writer's epoch) in the same transaction.
 
+use super::keys::{lock_key, state_key};
 use super::{decode, encode, Cluster, ClusterError, Result};
 use crate::{Compare, Txn, TxnOp};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -86,10 +87,6 @@ impl ReplicaState {
     }
 }
 
-pub(super) fn state_key(id: VolumeId) -> String {
-    format!("vstate/{id}")
-}
-
 impl Cluster {
     /// A volume's replica state (empty if it never had one).
     pub async fn replica_state(&self, id: VolumeId) -> Result<ReplicaState> {
@@ -113,7 +110,7 @@ impl Cluster {
 
     /// Writes a volume's replica state if `epoch` still holds its lock.
     pub async fn put_replica_state(&self, id: VolumeId, state: &ReplicaState) -> Result<()> {
-        let txn = Txn::when(vec![Compare::create_revision(super::volumes::lock_key(id), state.epoch.0)])
+        let txn = Txn::when(vec![Compare::create_revision(lock_key(id), state.epoch.0)])
             .and_then(vec![TxnOp::put(state_key(id), encode(state))]);
         if self.store.txn(txn).await?.succeeded {
             Ok(())

@@ -4,6 +4,7 @@
 //! `locks/<id>` on its own lease; the lock key's create revision is the
 //! writer's epoch, which only grows from one holder to the next.
 
+use super::keys::{attachments_key, lock_key, name_key, state_key};
 use super::{decode, encode, Cluster, ClusterError, Result};
 use crate::{Compare, LeaseId, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
@@ -81,14 +82,6 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
         return bad(&format!("character {c:?} is not allowed (use letters, digits, '.', '_' and '-')"));
     }
     Ok(())
-}
-
-pub(super) fn name_key(name: &str) -> String {
-    format!("volumes/by-name/{name}")
-}
-
-pub(super) fn lock_key(id: VolumeId) -> String {
-    format!("locks/{id}")
 }
 
 fn wanted_key(id: VolumeId) -> String {
@@ -249,8 +242,8 @@ impl Cluster {
         ])
         .and_then(vec![
             TxnOp::delete(name_key(name)),
-            TxnOp::delete(super::replicas::state_key(info.id)),
-            TxnOp::delete(super::attachments::attachments_key(name)),
+            TxnOp::delete(state_key(info.id)),
+            TxnOp::delete(attachments_key(name)),
         ]);
         if self.store.txn(txn).await?.succeeded {
             return Ok(info);
