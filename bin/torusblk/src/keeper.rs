@@ -42,13 +42,13 @@ pub async fn run(etcd: &EtcdArgs, args: KeeperArgs) -> anyhow::Result<()> {
         volume: args.volume.clone(),
         dir: args.dir,
         read_only: args.read_only,
-        lock_wait: Duration::from_millis(args.lock_wait_ms),
         manager: ManagerOptions {
             lease_ttl: Duration::from_secs(args.lease_ttl),
             holder: format!("torusblk keeper on {} (pid {})", host.trim(), std::process::id()),
             conns_per_node: 2,
             request_timeout: Duration::from_secs(args.node_timeout),
             io_hold: Duration::from_secs(args.io_hold),
+            lock_wait: Duration::from_millis(args.lock_wait_ms),
             host: args.host_id.unwrap_or_else(torus_volume::holder::hostname),
             ..Default::default()
         },

@@ -59,8 +59,7 @@ pub struct KeeperOptions {
     /// The attachment's directory (`<state dir>/attach/<volume>`).
     pub dir: PathBuf,
     pub read_only: bool,
-    /// How long to wait for another holder's writer lock to lapse.
-    pub lock_wait: Duration,
+    /// The volume's opens; its `lock_wait` is how long to wait for another holder's lock.
     pub manager: ManagerOptions,
 }
 
@@ -80,7 +79,7 @@ pub const EXIT_NOT_FOUND: i32 = 66;
 pub const EXIT_UNAVAILABLE: i32 = 69;
 pub const EXIT_IN_USE: i32 = 75;
 
-/// Opens the volume; the manager waits up to `lock_wait` while another writer holds it
+/// Opens the volume; the manager waits up to its `lock_wait` while another writer holds it
 /// (a dead holder's lease lapses, a repair hands it over).
 async fn open(manager: &VolumeManager, opts: &KeeperOptions) -> Result<Arc<torus_volume::Volume>, AttachError> {
     match manager.open(&opts.volume, !opts.read_only).await {
@@ -145,8 +144,7 @@ pub async fn run(cluster: Cluster, opts: KeeperOptions) -> Result<(), AttachErro
     std::fs::create_dir_all(&opts.dir).map_err(AttachError::io(format!("creating {}", opts.dir.display())))?;
     // Held until this process ends: it is how others know this keeper lives.
     let _alive = crate::record::hold_lock(&opts.dir)?;
-    let manager_opts = ManagerOptions { lock_wait: opts.lock_wait, ..opts.manager.clone() };
-    let manager = Arc::new(VolumeManager::new(cluster.clone(), manager_opts));
+    let manager = Arc::new(VolumeManager::new(cluster.clone(), opts.manager.clone()));
     let vol = open(&manager, &opts).await?;
     let follower = tokio::spawn(manager.clone().follow_ring());
 

@@ -26,6 +26,14 @@ impl Raw {
         (r, u16::from_be_bytes([g[16], g[17]]))
     }
 
+    /// Connects and opens `name` with GO (fixed newstyle, no zeroes); panics, naming `what`, if refused.
+    pub fn open(addr: &str, name: &str, what: &str) -> Raw {
+        let (mut r, _) = Raw::connect(addr);
+        r.send(&3u32.to_be_bytes());
+        r.go(name).unwrap_or_else(|e| panic!("{what}: GO {name}: {e:?}"));
+        r
+    }
+
     pub fn send(&mut self, b: &[u8]) {
         self.s.write_all(b).expect("send");
     }

@@ -278,7 +278,10 @@ impl VolumeManager {
         let p = placement_of(&doc);
         let v = Arc::new(Volume::new(info, epoch, p, self.pool.clone(), false, state, tracker, Some(guard)));
         v.recover(&previous).await?;
-        tokio::spawn(Volume::catch_up(Arc::downgrade(&v)));
+        // A repair catches up by itself, step by step (so that it can hand over): no second catch-up loop.
+        if !self.opts.repair {
+            tokio::spawn(Volume::catch_up(Arc::downgrade(&v)));
+        }
         Ok(v)
     }
 

@@ -17,10 +17,7 @@ const EOVERFLOW: u32 = 75;
 
 /// Opens `name` on a fresh raw connection (fixed newstyle, no zeroes).
 fn open(addr: &str, name: &str) -> Raw {
-    let (mut r, _) = Raw::connect(addr);
-    r.send(&3u32.to_be_bytes());
-    r.go(name).unwrap_or_else(|e| panic!("GO {name}: {e:?}"));
-    r
+    Raw::open(addr, name, "open")
 }
 
 #[test]

@@ -14,6 +14,14 @@ use torus_testkit::nbd::Raw;
 use torus_testkit::{random_bytes, Cluster, Proc};
 use torus_types::{Epoch, ExtentId, VolumeId};
 
+/// Writes `data` at offset 0 and flushes, each acknowledged.
+fn write_and_flush(w: &mut Raw, data: &[u8]) {
+    w.request(0, 1, 1, 0, data.len() as u32, data);
+    assert_eq!(w.reply(0).0, 0);
+    w.request(0, 3, 2, 0, 0, &[]);
+    assert_eq!(w.reply(0).0, 0);
+}
+
 #[test]
 fn a_write_that_reached_one_replica_before_the_writer_died_is_resynced_at_the_next_open() {
     // The nodes' own repair would resync the dead writer's extents first: this test is about the next writer.
@@ -27,13 +35,8 @@ fn a_write_that_reached_one_replica_before_the_writer_died_is_resynced_at_the_ne
     let old = c.start_blk(&["--lease-ttl", "2"]);
     let a = random_bytes(64 << 10, 0x10);
     let b = random_bytes(64 << 10, 0x20);
-    let mut w = Raw::connect(&old.addr).0;
-    w.send(&3u32.to_be_bytes());
-    w.go("w").expect("first writer opens");
-    w.request(0, 1, 1, 0, a.len() as u32, &a);
-    assert_eq!(w.reply(0).0, 0);
-    w.request(0, 3, 2, 0, 0, &[]);
-    assert_eq!(w.reply(0).0, 0);
+    let mut w = Raw::open(&old.addr, "w", "first writer opens");
+    write_and_flush(&mut w, &a);
     let mut old = old;
     old.proc.kill9();
 
@@ -132,21 +135,14 @@ fn a_torusblk_restarted_on_the_same_host_serves_its_dead_predecessors_volume_at_
     c.ctl_ok(&["volume", "create-block", "rs", "16MiB"]);
     let mut old = c.start_blk(&[]);
     let data = random_bytes(1 << 20, 0x7e57);
-    let mut w = Raw::connect(&old.addr).0;
-    w.send(&3u32.to_be_bytes());
-    w.go("rs").expect("first writer opens");
-    w.request(0, 1, 1, 0, data.len() as u32, &data);
-    assert_eq!(w.reply(0).0, 0);
-    w.request(0, 3, 2, 0, 0, &[]);
-    assert_eq!(w.reply(0).0, 0);
+    let mut w = Raw::open(&old.addr, "rs", "first writer opens");
+    write_and_flush(&mut w, &data);
     // kill -9: the lock stays in etcd until its 10 s lease lapses, unless the successor takes it over.
     old.proc.kill9();
     let killed = std::time::Instant::now();
     let new = c.start_blk(&[]);
     let listening = killed.elapsed();
-    let (mut r, _) = Raw::connect(&new.addr);
-    r.send(&3u32.to_be_bytes());
-    r.go("rs").expect("the successor opens the volume for writing");
+    let mut r = Raw::open(&new.addr, "rs", "the successor opens the volume for writing");
     r.request(0, 0, 3, 0, data.len() as u32, &[]);
     let (err, _, got) = r.reply(data.len());
     let served = killed.elapsed();
@@ -192,16 +188,12 @@ fn a_client_waits_in_the_handshake_while_a_dead_holders_lease_lapses() {
     torus_testkit::wait_until(Duration::from_secs(30), "the first torusblk to listen", || {
         std::net::TcpStream::connect(&addr).is_ok()
     });
-    let mut w = Raw::connect(&addr).0;
-    w.send(&3u32.to_be_bytes());
-    w.go("lw").expect("first writer opens");
+    let _w = Raw::open(&addr, "lw", "first writer opens");
     old.kill9();
     let killed = std::time::Instant::now();
 
     let new = c.start_blk(&["--lease-ttl", "3"]);
-    let (mut r, _) = Raw::connect(&new.addr);
-    r.send(&3u32.to_be_bytes());
-    r.go("lw").expect("the client waited for the dead holder's lease instead of being refused");
+    let _r = Raw::open(&new.addr, "lw", "the client waited for the dead holder's lease instead of being refused");
     let waited = killed.elapsed();
     let log = new.proc.log_text();
     assert!(log.contains("volume held elsewhere: waiting for it"), "{log}");
