@@ -139,6 +139,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rate: args.rebalance_rate,
         metrics: metrics.clone(),
         full_ratio: args.full_ratio,
+        transport: Arc::new(torus_proto::Tcp),
     };
     let reb_task = tokio::spawn(rebalancer.run());
     let scrubber = torus_node::scrub::Scrubber {
@@ -170,7 +171,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ttl: Duration::from_secs(args.lease_ttl),
     };
     let reg_task = tokio::spawn(reg.run());
-    let srv_task = tokio::spawn(server::serve(listener, store.clone(), metrics, liveness));
+    let srv_task = tokio::spawn(server::serve(listener, server::Handler::new(store.clone(), metrics), liveness));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing SIGTERM handler")?;

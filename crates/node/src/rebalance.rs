@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use torus_meta::cluster::{Cluster, RebalanceProgress, RingDoc};
-use torus_proto::PeerClient;
+use torus_proto::{PeerClient, Transport};
 use torus_ring::Ring;
 use torus_store::{BlockState, Store};
 use torus_types::{ExtentId, NodeId, VolumeId, BLOCK_SIZE};
@@ -37,6 +37,8 @@ pub struct Rebalancer {
     pub metrics: Arc<crate::metrics::NodeMetrics>,
     /// The share of its capacity at which this node marks itself full.
     pub full_ratio: f64,
+    /// How other nodes are reached: TCP, or in-memory nodes in tests.
+    pub transport: Arc<dyn Transport>,
 }
 
 /// What a node sees of a move in progress.
@@ -287,7 +289,7 @@ impl Rebalancer {
             return Ok(c.clone());
         }
         let addr = addrs.get(&id).ok_or_else(|| format!("node {id} is not registered"))?;
-        let c = Arc::new(PeerClient::connect(addr, Duration::from_secs(30)).await?);
+        let c = Arc::new(self.transport.connect(addr, Duration::from_secs(30)).await?);
         clients.insert(id, c.clone());
         Ok(c)
     }

@@ -1,6 +1,8 @@
 //! The peer-protocol server: one task per connection reads requests, runs
-//! them against the local store and queues replies to a writer task, so that
-//! replies go out as they complete (flushes don't hold up reads).
+//! each in a task of its own through the `Handler` (store I/O on the
+//! blocking pool) and queues replies to a writer task, so that replies go
+//! out as they complete (flushes don't hold up reads, a slow extent does not
+//! hold up the others).
 //!
 //! Memory is bounded with backpressure: before a request's payload is read,
 //! it takes a slot of its connection's `SLOTS` and its bytes (the payload,
@@ -37,16 +39,15 @@ struct Held {
 type Queued = (Reply, Held);
 
 /// Serves the peer protocol on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, store: Arc<Store>, metrics: Arc<NodeMetrics>, liveness: Arc<Liveness>) {
+pub async fn serve(listener: TcpListener, handler: Arc<Handler>, liveness: Arc<Liveness>) {
     let budget = Arc::new(Semaphore::new(PROCESS_BYTES));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let (store, metrics, liveness, budget) =
-                    (store.clone(), metrics.clone(), liveness.clone(), budget.clone());
+                let (handler, liveness, budget) = (handler.clone(), liveness.clone(), budget.clone());
                 tokio::spawn(async move {
-                    if let Err(reason) = connection(stream, store, metrics, liveness, budget).await {
+                    if let Err(reason) = connection(stream, handler, liveness, budget).await {
                         tracing::debug!(%peer, %reason, "peer connection closed");
                     }
                 });
@@ -73,43 +74,138 @@ fn status_of(e: &StoreError) -> Status {
     }
 }
 
-fn error_reply(id: u64, e: &StoreError, metrics: &NodeMetrics) -> Reply {
-    NodeMetrics::inc(&metrics.errors, 1);
-    let status = status_of(e);
-    let body = match e {
-        StoreError::Fenced { current, .. } => {
-            NodeMetrics::inc(&metrics.fenced_writes, 1);
-            tracing::warn!(error = %e, "stale writer refused");
-            Bytes::copy_from_slice(&current.0.to_le_bytes())
-        }
-        StoreError::Checksum { .. } | StoreError::CorruptTable { .. } => {
-            NodeMetrics::inc(&metrics.checksum_errors, 1);
-            tracing::error!(error = %e, "corrupt data detected");
-            Bytes::from(e.to_string())
-        }
-        _ => {
-            tracing::warn!(error = %e, "request failed");
-            Bytes::from(e.to_string())
-        }
-    };
-    (ReplyHeader { status, id, len: body.len() as u32 }, body)
+/// Runs requests against the local store: the node's side of the protocol,
+/// shared by the TCP server and by in-memory nodes in tests.
+///
+/// Store I/O blocks (pread, pwrite, fdatasync, opening and verifying an
+/// extent), so it runs on the blocking pool, at most `IO_THREADS` requests
+/// at once: a slow disk holds up requests of this store, never the async
+/// workers that read requests and write replies.
+pub struct Handler {
+    store: Arc<Store>,
+    metrics: Arc<NodeMetrics>,
+    io: Semaphore,
 }
 
-fn ok(id: u64, body: Bytes) -> Reply {
-    (ReplyHeader { status: Status::Ok, id, len: body.len() as u32 }, body)
-}
+/// Store requests of one node running at once.
+const IO_THREADS: usize = 32;
 
-fn reply_of(id: u64, res: Result<Bytes, StoreError>, metrics: &NodeMetrics) -> Reply {
-    match res {
-        Ok(body) => ok(id, body),
-        Err(e) => error_reply(id, &e, metrics),
+impl Handler {
+    pub fn new(store: Arc<Store>, metrics: Arc<NodeMetrics>) -> Arc<Handler> {
+        Arc::new(Handler { store, metrics, io: Semaphore::new(IO_THREADS) })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Runs one request; returns the reply's status and body.
+    pub async fn execute(self: &Arc<Self>, h: RequestHeader, payload: Vec<u8>) -> (Status, Bytes) {
+        let res = match h.op {
+            Op::Flush => {
+                NodeMetrics::inc(&self.metrics.flushes, 1);
+                self.store.flush().await.map(|()| Bytes::new())
+            }
+            Op::Ping => Ok(Bytes::new()),
+            _ => {
+                let res = match self.io.acquire().await {
+                    Ok(_permit) => {
+                        let me = self.clone();
+                        tokio::task::spawn_blocking(move || me.run(h, payload))
+                            .await
+                            .unwrap_or_else(|e| Err(StoreError::Failed { reason: format!("store task died: {e}") }))
+                    }
+                    Err(_) => Err(StoreError::Failed { reason: "the node is stopping".into() }),
+                };
+                if h.flags & FLAG_FUA != 0 && res.is_ok() && matches!(h.op, Op::Write | Op::Zero) {
+                    self.store.flush().await.and(res)
+                } else {
+                    res
+                }
+            }
+        };
+        match res {
+            Ok(body) => (Status::Ok, body),
+            Err(e) => self.error_reply(&e),
+        }
+    }
+
+    fn error_reply(&self, e: &StoreError) -> (Status, Bytes) {
+        let metrics = &self.metrics;
+        NodeMetrics::inc(&metrics.errors, 1);
+        let status = status_of(e);
+        let body = match e {
+            StoreError::Fenced { current, .. } => {
+                NodeMetrics::inc(&metrics.fenced_writes, 1);
+                tracing::warn!(error = %e, "stale writer refused");
+                Bytes::copy_from_slice(&current.0.to_le_bytes())
+            }
+            StoreError::Checksum { .. } | StoreError::CorruptTable { .. } => {
+                NodeMetrics::inc(&metrics.checksum_errors, 1);
+                tracing::error!(error = %e, "corrupt data detected");
+                Bytes::from(e.to_string())
+            }
+            _ => {
+                tracing::warn!(error = %e, "request failed");
+                Bytes::from(e.to_string())
+            }
+        };
+        (status, body)
+    }
+
+    /// Runs a request's store I/O (on a blocking thread).
+    fn run(&self, h: RequestHeader, payload: Vec<u8>) -> Result<Bytes, StoreError> {
+        let (store, metrics) = (&self.store, &self.metrics);
+        let off = h.offset as u64;
+        match h.op {
+            Op::Read => {
+                NodeMetrics::inc(&metrics.reads, 1);
+                NodeMetrics::inc(&metrics.read_bytes, h.len as u64);
+                let mut buf = vec![0u8; h.len as usize];
+                let res = if h.flags & frame::FLAG_PRESENT_ONLY != 0 {
+                    store.read_present(h.extent, off, &mut buf)
+                } else {
+                    store.read(h.extent, off, &mut buf)
+                };
+                res.map(|()| Bytes::from(buf))
+            }
+            Op::Write => {
+                NodeMetrics::inc(&metrics.writes, 1);
+                NodeMetrics::inc(&metrics.written_bytes, h.len as u64);
+                store.write(h.extent, off, &payload, h.epoch).map(|()| Bytes::new())
+            }
+            Op::Zero => {
+                NodeMetrics::inc(&metrics.zeroes, 1);
+                store.zero(h.extent, off, h.len as u64, h.epoch).map(|()| Bytes::new())
+            }
+            Op::Flush | Op::Ping => Ok(Bytes::new()),
+            Op::Fence => store.fence(h.extent.volume, h.epoch).map(|e| Bytes::copy_from_slice(&e.0.to_le_bytes())),
+            Op::DeleteVolume => {
+                tracing::info!(volume = %h.extent.volume, "deleting volume data");
+                store.delete_volume(h.extent.volume).map(|_| Bytes::new())
+            }
+            Op::ListExtents => store.extents().map(|list| {
+                let items: Vec<_> = list.into_iter().map(|s| (s.id, s.data_blocks)).collect();
+                Bytes::from(frame::encode_extent_list(&items))
+            }),
+            Op::Fill => {
+                let data = (h.flags & frame::FLAG_ZERO_FILL == 0).then_some(&payload[..]);
+                store.fill(h.extent, off, h.len as u64, data).map(|()| Bytes::new())
+            }
+            Op::BlockSums => store.block_sums(h.extent).map(|t| Bytes::from(t.unwrap_or_default())),
+            Op::Holds => store.holds(h.extent).map(|held| Bytes::copy_from_slice(&[held as u8])),
+            Op::DeleteExtent => store.delete_extent(h.extent).map(|()| Bytes::new()),
+            Op::Repair => store.repair(h.extent, off, &payload).map(|n| {
+                NodeMetrics::inc(&metrics.repaired_blocks, n);
+                Bytes::copy_from_slice(&n.to_le_bytes())
+            }),
+        }
     }
 }
 
 async fn connection(
     stream: TcpStream,
-    store: Arc<Store>,
-    metrics: Arc<NodeMetrics>,
+    handler: Arc<Handler>,
     liveness: Arc<Liveness>,
     budget: Arc<Semaphore>,
 ) -> Result<(), String> {
@@ -157,105 +253,22 @@ async fn connection(
             Ok(_) => break Err("connection closed mid-request".to_string()),
             Err(e) => break Err(e.to_string()),
         }
-        let reply =
-            if liveness.is_isolated() && matches!(h.op, Op::Write | Op::Zero | Op::Fill | Op::Repair | Op::Fence) {
-                NodeMetrics::inc(&metrics.errors, 1);
-                let msg = Bytes::from_static(b"node is cut off from the metadata store; retry");
-                Some(((ReplyHeader { status: Status::Isolated, id: h.id, len: msg.len() as u32 }, msg), held))
-            } else {
-                handle(h, payload, &store, &metrics, &tx, held)
-            };
-        if let Some(r) = reply {
-            if tx.send(r).is_err() {
+        let id = h.id;
+        if liveness.is_isolated() && matches!(h.op, Op::Write | Op::Zero | Op::Fill | Op::Repair | Op::Fence) {
+            NodeMetrics::inc(&handler.metrics.errors, 1);
+            let msg = Bytes::from_static(b"node is cut off from the metadata store; retry");
+            if tx.send(((ReplyHeader { status: Status::Isolated, id, len: msg.len() as u32 }, msg), held)).is_err() {
                 break Err("reply writer stopped".into());
             }
+            continue;
         }
+        let (handler, tx) = (handler.clone(), tx.clone());
+        tokio::spawn(async move {
+            let (status, body) = handler.execute(h, payload).await;
+            let _ = tx.send(((ReplyHeader { status, id, len: body.len() as u32 }, body), held));
+        });
     };
     drop(tx);
     let _ = writer.await;
     result
-}
-
-/// Runs one request. Returns the reply now, or `None` if a spawned task will send it.
-fn handle(
-    h: RequestHeader,
-    payload: Vec<u8>,
-    store: &Arc<Store>,
-    metrics: &Arc<NodeMetrics>,
-    tx: &mpsc::UnboundedSender<Queued>,
-    held: Held,
-) -> Option<Queued> {
-    let id = h.id;
-    let fua = h.flags & FLAG_FUA != 0;
-    let off = h.offset as u64;
-    let res: Result<Bytes, StoreError> = match h.op {
-        Op::Read => {
-            NodeMetrics::inc(&metrics.reads, 1);
-            NodeMetrics::inc(&metrics.read_bytes, h.len as u64);
-            let mut buf = vec![0u8; h.len as usize];
-            let res = if h.flags & frame::FLAG_PRESENT_ONLY != 0 {
-                store.read_present(h.extent, off, &mut buf)
-            } else {
-                store.read(h.extent, off, &mut buf)
-            };
-            res.map(|()| Bytes::from(buf))
-        }
-        Op::Write => {
-            NodeMetrics::inc(&metrics.writes, 1);
-            NodeMetrics::inc(&metrics.written_bytes, h.len as u64);
-            store.write(h.extent, off, &payload, h.epoch).map(|()| Bytes::new())
-        }
-        Op::Zero => {
-            NodeMetrics::inc(&metrics.zeroes, 1);
-            store.zero(h.extent, off, h.len as u64, h.epoch).map(|()| Bytes::new())
-        }
-        Op::Flush => {
-            NodeMetrics::inc(&metrics.flushes, 1);
-            return spawn_flush(id, Ok(Bytes::new()), store, metrics, tx, held);
-        }
-        Op::Fence => store.fence(h.extent.volume, h.epoch).map(|e| Bytes::copy_from_slice(&e.0.to_le_bytes())),
-        Op::DeleteVolume => {
-            tracing::info!(volume = %h.extent.volume, "deleting volume data");
-            store.delete_volume(h.extent.volume).map(|_| Bytes::new())
-        }
-        Op::ListExtents => store.extents().map(|list| {
-            let items: Vec<_> = list.into_iter().map(|s| (s.id, s.data_blocks)).collect();
-            Bytes::from(frame::encode_extent_list(&items))
-        }),
-        Op::Ping => Ok(Bytes::new()),
-        Op::Fill => {
-            let data = (h.flags & frame::FLAG_ZERO_FILL == 0).then_some(&payload[..]);
-            store.fill(h.extent, off, h.len as u64, data).map(|()| Bytes::new())
-        }
-        Op::BlockSums => store.block_sums(h.extent).map(|t| Bytes::from(t.unwrap_or_default())),
-        Op::Holds => store.holds(h.extent).map(|held| Bytes::copy_from_slice(&[held as u8])),
-        Op::DeleteExtent => store.delete_extent(h.extent).map(|()| Bytes::new()),
-        Op::Repair => store.repair(h.extent, off, &payload).map(|n| {
-            NodeMetrics::inc(&metrics.repaired_blocks, n);
-            Bytes::copy_from_slice(&n.to_le_bytes())
-        }),
-    };
-    if fua && res.is_ok() && matches!(h.op, Op::Write | Op::Zero) {
-        return spawn_flush(id, res, store, metrics, tx, held);
-    }
-    Some((reply_of(id, res, metrics), held))
-}
-
-fn spawn_flush(
-    id: u64,
-    res: Result<Bytes, StoreError>,
-    store: &Arc<Store>,
-    metrics: &Arc<NodeMetrics>,
-    tx: &mpsc::UnboundedSender<Queued>,
-    held: Held,
-) -> Option<Queued> {
-    let (store, metrics, tx) = (store.clone(), metrics.clone(), tx.clone());
-    tokio::spawn(async move {
-        let res = match store.flush().await {
-            Ok(()) => res,
-            Err(e) => Err(e),
-        };
-        let _ = tx.send((reply_of(id, res, &metrics), held));
-    });
-    None
 }

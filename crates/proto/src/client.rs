@@ -1,6 +1,8 @@
-//! A pipelined peer-protocol client over one TCP connection.
+//! A peer-protocol client: typed requests over one `Link` to a node.
 //!
-//! Any number of requests may be in flight; a writer task batches frames into
+//! The link is a pipelined TCP connection (`TcpLink`) in every binary, or
+//! whatever a `Transport` makes in tests (in-memory nodes). Over TCP any
+//! number of requests may be in flight; a writer task batches frames into
 //! the socket, a reader task matches replies to waiting callers by id. When
 //! the connection breaks, every waiting caller gets `Disconnected` and the
 //! client stays dead: callers (the volume layer's pool) make a new one.
@@ -8,6 +10,7 @@
 use crate::frame::{
     self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, FLAG_PRESENT_ONLY, FLAG_ZERO_FILL, REPLY_HEADER_LEN,
 };
+use crate::transport::{BoxFuture, Link};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,18 +66,26 @@ impl Shared {
     }
 }
 
-pub struct PeerClient {
+/// A pipelined TCP connection to one node: the link every real client uses.
+struct TcpLink {
     shared: Arc<Shared>,
     tx: mpsc::UnboundedSender<([u8; frame::REQUEST_HEADER_LEN], Option<Bytes>)>,
-    next_id: AtomicU64,
-    timeout: Duration,
-    /// The node runs on this host (the connection's two ends share an IP address).
-    local: bool,
 }
 
-impl PeerClient {
-    /// Connects to a node's peer address.
-    pub async fn connect(addr: &str, timeout: Duration) -> Result<PeerClient, PeerError> {
+/// Forgets a request's waiter when its caller gives up (timed out).
+struct Pending<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.shared.pending.lock().expect("client lock poisoned").remove(&self.id);
+    }
+}
+
+impl TcpLink {
+    async fn connect(addr: &str, timeout: Duration) -> Result<(TcpLink, bool), PeerError> {
         let conn_err = |reason: String| PeerError::Connect { addr: addr.to_string(), reason };
         let stream = tokio::time::timeout(timeout.min(Duration::from_secs(5)), TcpStream::connect(addr))
             .await
@@ -138,44 +149,81 @@ impl PeerClient {
             };
             sh.fail_all(reason);
         });
+        Ok((TcpLink { shared, tx }, local))
+    }
+}
 
-        Ok(PeerClient { shared, tx, next_id: AtomicU64::new(1), timeout, local })
+impl Link for TcpLink {
+    fn exchange(&self, h: RequestHeader, payload: Option<Bytes>) -> BoxFuture<'_, Result<(Status, Vec<u8>), PeerError>> {
+        Box::pin(async move {
+            let addr = &self.shared.addr;
+            let (wtx, wrx) = oneshot::channel();
+            {
+                let dead = self.shared.dead.lock().expect("client lock poisoned");
+                if let Some(reason) = &*dead {
+                    return Err(PeerError::Disconnected { addr: addr.clone(), reason: reason.clone() });
+                }
+                self.shared.pending.lock().expect("client lock poisoned").insert(h.id, wtx);
+            }
+            let _pending = Pending { shared: &self.shared, id: h.id };
+            if self.tx.send((h.encode(), payload)).is_err() {
+                return Err(PeerError::Disconnected { addr: addr.clone(), reason: "writer stopped".into() });
+            }
+            match wrx.await {
+                Ok(r) => r.map(|(reply, body)| (reply.status, body)),
+                Err(_) => Err(PeerError::Disconnected { addr: addr.clone(), reason: "reader stopped".into() }),
+            }
+        })
+    }
+
+    fn is_dead(&self) -> bool {
+        self.shared.dead.lock().expect("client lock poisoned").is_some() || self.tx.is_closed()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.shared.pending.lock().expect("client lock poisoned").len()
+    }
+}
+
+pub struct PeerClient {
+    addr: String,
+    link: Box<dyn Link>,
+    next_id: AtomicU64,
+    timeout: Duration,
+    /// The node runs on this host (the connection's two ends share an IP address).
+    local: bool,
+}
+
+impl PeerClient {
+    /// Connects to a node's peer address over TCP.
+    pub async fn connect(addr: &str, timeout: Duration) -> Result<PeerClient, PeerError> {
+        let (link, local) = TcpLink::connect(addr, timeout).await?;
+        Ok(PeerClient::over(addr, Box::new(link), timeout, local))
+    }
+
+    /// A client over any link (`Transport` implementations make these).
+    pub fn over(addr: &str, link: Box<dyn Link>, timeout: Duration, local: bool) -> PeerClient {
+        PeerClient { addr: addr.to_string(), link, next_id: AtomicU64::new(1), timeout, local }
     }
 
     pub fn addr(&self) -> &str {
-        &self.shared.addr
+        &self.addr
     }
 
     /// Whether the connection has broken (make a new client).
     pub fn is_dead(&self) -> bool {
-        self.shared.dead.lock().expect("client lock poisoned").is_some() || self.tx.is_closed()
+        self.link.is_dead()
     }
 
     /// Sends one request and waits for its reply payload.
     pub async fn call(&self, mut h: RequestHeader, payload: Option<Bytes>) -> Result<Vec<u8>, PeerError> {
-        let addr = &self.shared.addr;
+        let addr = &self.addr;
         h.id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (wtx, wrx) = oneshot::channel();
-        {
-            let dead = self.shared.dead.lock().expect("client lock poisoned");
-            if let Some(reason) = &*dead {
-                return Err(PeerError::Disconnected { addr: addr.clone(), reason: reason.clone() });
-            }
-            self.shared.pending.lock().expect("client lock poisoned").insert(h.id, wtx);
-        }
-        if self.tx.send((h.encode(), payload)).is_err() {
-            self.shared.pending.lock().expect("client lock poisoned").remove(&h.id);
-            return Err(PeerError::Disconnected { addr: addr.clone(), reason: "writer stopped".into() });
-        }
-        let (reply, body) = match tokio::time::timeout(self.timeout, wrx).await {
-            Ok(Ok(r)) => r?,
-            Ok(Err(_)) => return Err(PeerError::Disconnected { addr: addr.clone(), reason: "reader stopped".into() }),
-            Err(_) => {
-                self.shared.pending.lock().expect("client lock poisoned").remove(&h.id);
-                return Err(PeerError::Timeout { addr: addr.clone(), secs: self.timeout.as_secs() });
-            }
+        let (status, body) = match tokio::time::timeout(self.timeout, self.link.exchange(h, payload)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(PeerError::Timeout { addr: addr.clone(), secs: self.timeout.as_secs() }),
         };
-        match reply.status {
+        match status {
             Status::Ok => Ok(body),
             Status::Fenced => {
                 let current = body.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).unwrap_or(0);
@@ -205,7 +253,7 @@ impl PeerClient {
         let data = self.call(h, None).await?;
         if data.len() != len as usize {
             return Err(PeerError::Disconnected {
-                addr: self.addr().to_string(),
+                addr: self.addr.clone(),
                 reason: format!("read reply of {} bytes, asked for {len}", data.len()),
             });
         }
@@ -302,6 +350,6 @@ impl PeerClient {
 
     /// Requests this client is waiting for (a load signal for picking replicas).
     pub fn in_flight(&self) -> usize {
-        self.shared.pending.lock().expect("client lock poisoned").len()
+        self.link.in_flight()
     }
 }

@@ -38,6 +38,12 @@ pub struct Store {
     root: PathBuf,
     opts: StoreOptions,
     open: Mutex<HashMap<ExtentId, Arc<Extent>>>,
+    /// Extents being opened, a gate each: a second open of the same extent
+    /// waits for the first, opens of other extents go ahead (opening verifies
+    /// a dirty extent block by block, which takes a while).
+    opening: Mutex<HashMap<ExtentId, Arc<Mutex<()>>>>,
+    /// Bumped by every deletion: an open that raced one opens again.
+    deletions: AtomicU64,
     dirty: Mutex<HashMap<ExtentId, Arc<Extent>>>,
     used: AtomicU64,
     fences: Fences,
@@ -45,6 +51,14 @@ pub struct Store {
     flush_requests: AtomicU64,
     flushed_upto: AtomicU64,
     failed: Mutex<Option<String>>,
+}
+
+/// What an open at an extent's gate found.
+enum Opened {
+    /// The extent (`None`: it does not exist and was not to be created).
+    Here(Option<Arc<Extent>>),
+    /// A deletion ran meanwhile (the files opened may be gone): open again.
+    Raced,
 }
 
 impl Store {
@@ -57,6 +71,8 @@ impl Store {
             root: root.to_path_buf(),
             opts,
             open: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
+            deletions: AtomicU64::new(0),
             dirty: Mutex::new(HashMap::new()),
             used: AtomicU64::new(0),
             fences,
@@ -150,11 +166,54 @@ impl Store {
         }
     }
 
+    /// The open extent `id`, opened (or with `create`, created) if needed.
+    /// No store-wide lock is held while an extent is opened.
     fn extent(&self, id: ExtentId, create: bool) -> Result<Option<Arc<Extent>>> {
-        let mut open = self.open.lock().expect("extent map poisoned");
-        if let Some(e) = open.get(&id) {
-            return Ok(Some(e.clone()));
+        loop {
+            let gate = {
+                let open = self.open.lock().expect("extent map poisoned");
+                if let Some(e) = open.get(&id) {
+                    return Ok(Some(e.clone()));
+                }
+                self.opening.lock().expect("opening map poisoned").entry(id).or_default().clone()
+            };
+            let _gate = gate.lock().expect("extent gate poisoned");
+            let res = self.open_at_gate(id, create);
+            // The gate goes when nobody else waits at it (clones are made only
+            // under this lock: the map's and ours are the last two).
+            let mut opening = self.opening.lock().expect("opening map poisoned");
+            if Arc::strong_count(&gate) == 2 && opening.get(&id).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
+                opening.remove(&id);
+            }
+            match res? {
+                Opened::Here(ext) => return Ok(ext),
+                Opened::Raced => continue,
+            }
         }
+    }
+
+    /// Opens an extent while holding its gate.
+    fn open_at_gate(&self, id: ExtentId, create: bool) -> Result<Opened> {
+        let seen = self.deletions.load(Ordering::SeqCst);
+        if let Some(e) = self.open.lock().expect("extent map poisoned").get(&id) {
+            return Ok(Opened::Here(Some(e.clone())));
+        }
+        let Some(ext) = self.open_extent(id, create)? else {
+            return Ok(Opened::Here(None));
+        };
+        let mut open = self.open.lock().expect("extent map poisoned");
+        if self.deletions.load(Ordering::SeqCst) != seen {
+            return Ok(Opened::Raced);
+        }
+        if open.len() >= self.opts.max_open_extents {
+            let dirty = self.dirty.lock().expect("dirty map poisoned");
+            open.retain(|k, v| dirty.contains_key(k) || Arc::strong_count(v) > 1);
+        }
+        open.insert(id, ext.clone());
+        Ok(Opened::Here(Some(ext)))
+    }
+
+    fn open_extent(&self, id: ExtentId, create: bool) -> Result<Option<Arc<Extent>>> {
         let dir = self.vol_dir(id.volume);
         if create && !dir.exists() {
             std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
@@ -165,16 +224,7 @@ impl Store {
                     .map_err(|e| StoreError::io("sync", parent, e))?;
             }
         }
-        let Some(ext) = Extent::open(&dir, id, create)? else {
-            return Ok(None);
-        };
-        let ext = Arc::new(ext);
-        if open.len() >= self.opts.max_open_extents {
-            let dirty = self.dirty.lock().expect("dirty map poisoned");
-            open.retain(|k, v| dirty.contains_key(k) || Arc::strong_count(v) > 1);
-        }
-        open.insert(id, ext.clone());
-        Ok(Some(ext))
+        Ok(Extent::open(&dir, id, create)?.map(Arc::new))
     }
 
     /// The extent a change of `new_bytes` goes to, created if missing. An
@@ -348,6 +398,7 @@ impl Store {
         {
             let mut open = self.open.lock().expect("extent map poisoned");
             let mut dirty = self.dirty.lock().expect("dirty map poisoned");
+            self.deletions.fetch_add(1, Ordering::SeqCst);
             open.remove(&id);
             dirty.remove(&id);
         }
@@ -425,6 +476,7 @@ impl Store {
         {
             let mut open = self.open.lock().expect("extent map poisoned");
             let mut dirty = self.dirty.lock().expect("dirty map poisoned");
+            self.deletions.fetch_add(1, Ordering::SeqCst);
             open.retain(|k, _| k.volume != vol);
             dirty.retain(|k, _| k.volume != vol);
         }
@@ -652,5 +704,38 @@ mod tests {
         let mut buf = vec![1u8; 4096];
         s.read(E0, 0, &mut buf).unwrap();
         assert!(buf.iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn concurrent_first_writes_and_deletes_leave_every_extent_whole() {
+        // Threads write to the same new extents at once (each extent is opened
+        // once, outside any store-wide lock) while another deletes some.
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let ids: Vec<ExtentId> = (0..16).map(|i| ExtentId::new(VolumeId(7), i)).collect();
+        std::thread::scope(|scope| {
+            for t in 0..8u8 {
+                let (s, ids) = (&s, &ids);
+                scope.spawn(move || {
+                    for id in ids {
+                        s.write(*id, t as u64 * 4096, &pattern(4096, t), Epoch(0)).unwrap();
+                    }
+                });
+            }
+            scope.spawn(|| {
+                for id in ids.iter().step_by(4) {
+                    s.delete_extent(*id).unwrap();
+                }
+            });
+        });
+        for id in &ids {
+            let mut buf = vec![0u8; 8 * 4096];
+            s.read(*id, 0, &mut buf).unwrap();
+            for t in 0..8u8 {
+                let block = &buf[t as usize * 4096..(t as usize + 1) * 4096];
+                // A block is the write's, or zero if a deletion came after it.
+                assert!(block == pattern(4096, t) || block.iter().all(|b| *b == 0), "extent {id} block {t}");
+            }
+        }
     }
 }

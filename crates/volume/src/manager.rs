@@ -20,6 +20,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use torus_meta::cluster::{Cluster, ClusterError, PeerInfo, ProcessTag, ReplicaState, RingDoc, VolumeInfo, VolumeLock};
 use torus_meta::{LeaseId, MetaError};
+use torus_proto::Transport;
 use torus_types::Epoch;
 
 #[derive(Clone, Debug)]
@@ -43,6 +44,8 @@ pub struct ManagerOptions {
     /// Opens are a storage node's repair: recorded in the lock, and the
     /// volume is handed over to any client that waits for it.
     pub repair: bool,
+    /// How nodes are reached: TCP, or in-memory nodes in tests.
+    pub transport: Arc<dyn Transport>,
 }
 
 impl Default for ManagerOptions {
@@ -56,6 +59,7 @@ impl Default for ManagerOptions {
             lock_wait: Duration::ZERO,
             host: crate::holder::hostname(),
             repair: false,
+            transport: Arc::new(torus_proto::Tcp),
         }
     }
 }
@@ -78,7 +82,7 @@ pub fn placement_of(doc: &RingDoc) -> Placement {
 
 impl VolumeManager {
     pub fn new(cluster: Cluster, opts: ManagerOptions) -> Self {
-        let pool = Arc::new(PeerPool::new(opts.conns_per_node, opts.request_timeout));
+        let pool = Arc::new(PeerPool::new(opts.conns_per_node, opts.request_timeout, opts.transport.clone()));
         VolumeManager {
             cluster,
             pool,

@@ -1,15 +1,17 @@
 //! Connections to storage nodes, keyed by node id. A few connections per node
 //! are used round-robin so that a node serves one volume on several tasks;
-//! a broken connection is replaced on next use.
+//! a broken connection is replaced on next use. Connections are made by the
+//! pool's `Transport` (TCP, or in-memory nodes in tests).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use torus_proto::{PeerClient, PeerError};
+use torus_proto::{PeerClient, PeerError, Transport};
 use torus_types::NodeId;
 
 pub struct PeerPool {
+    transport: Arc<dyn Transport>,
     addrs: Mutex<HashMap<NodeId, String>>,
     conns: Mutex<HashMap<NodeId, Vec<Option<Arc<PeerClient>>>>>,
     per_node: usize,
@@ -26,8 +28,9 @@ const RETRY_AFTER: Duration = Duration::from_millis(500);
 const SLOW_CONNECT: Duration = Duration::from_millis(200);
 
 impl PeerPool {
-    pub fn new(per_node: usize, timeout: Duration) -> Self {
+    pub fn new(per_node: usize, timeout: Duration, transport: Arc<dyn Transport>) -> Self {
         PeerPool {
+            transport,
             addrs: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             per_node: per_node.max(1),
@@ -87,7 +90,7 @@ impl PeerPool {
             }
         }
         let started = std::time::Instant::now();
-        let client = match PeerClient::connect(&addr, self.timeout).await {
+        let client = match self.transport.connect(&addr, self.timeout).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 // Only slow failures (no answer at all) are remembered: a refused
