@@ -20,6 +20,25 @@ mod procs;
 pub use netns::Netns;
 pub use procs::{bin, free_port, run, unique_prefix, wait_until, Blk, Cluster, Etcd, Etcd3, Node, Proc};
 
+/// splitmix64: a small, seedable generator (no dependency), for the fuzzer
+/// and the seeded simulation.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (0 if `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
 /// Deterministic pseudo-random bytes (xorshift), so failures are reproducible.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;

@@ -281,7 +281,11 @@ impl VolumeManager {
         tokio::spawn(Tracker::run_commits(Arc::downgrade(&tracker)));
         let p = placement_of(&doc);
         let v = Arc::new(Volume::new(info, epoch, p, self.pool.clone(), false, state, tracker, Some(guard)));
-        v.recover(&previous).await?;
+        if let Err(e) = v.recover(&previous).await {
+            // The dead writer's intent must outlive this failed open: no clean close.
+            v.abandon().await;
+            return Err(e);
+        }
         // A repair catches up by itself, step by step (so that it can hand over): no second catch-up loop.
         if !self.opts.repair {
             tokio::spawn(Volume::catch_up(Arc::downgrade(&v)));

@@ -242,6 +242,15 @@ impl Volume {
         }
     }
 
+    /// Gives the lock up without recording a clean close (an open whose
+    /// resync failed): the write intent it took over stays for the next writer.
+    pub(crate) async fn abandon(&self) {
+        self.lease.lose();
+        if let Some(g) = &self.guard {
+            g.release().await;
+        }
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size() => Ok(()),
@@ -428,7 +437,40 @@ impl Volume {
             tracing::warn!(%extent, node = %n, error = %e, "a replica is unreachable: writing on without it; it will catch up");
             marks.extend(self.failure_marks(*n, Some(extent.index)));
         }
+        let down: HashSet<NodeId> = unreachable.iter().map(|(n, _)| *n).collect();
+        let marks = self.spare_sole_copies(p, extent.index, marks, &down);
         self.tracker.mark_missing(&marks).await
+    }
+
+    /// Of the marks for nodes that went `down` while writing `written`, drops
+    /// those for other extents (marked only because the node may have lost
+    /// unflushed writes) whose every other copy is already missing: that node
+    /// holds the only copy with every acknowledged write, and marking it would
+    /// leave the extent with none to catch up from. Such an extent stays
+    /// dirty on the node, so the next flush must reach it (or fail).
+    fn spare_sole_copies(
+        &self,
+        p: &Placement,
+        written: u64,
+        marks: Vec<(NodeId, u64)>,
+        down: &HashSet<NodeId>,
+    ) -> Vec<(NodeId, u64)> {
+        let mut keep = Vec::with_capacity(marks.len());
+        for (n, index) in marks {
+            let extent = ExtentId::new(self.info.id, index);
+            let whole_elsewhere = p
+                .write_set(extent, self.r())
+                .into_iter()
+                .any(|m| !down.contains(&m) && !self.tracker.is_missing(m, index));
+            if index == written || whole_elsewhere {
+                keep.push((n, index));
+            } else {
+                tracing::warn!(%extent, node = %n,
+                    "an unreachable node holds the only copy with every write: not marked missing; the next flush must reach it");
+                self.note_written(&[n], index);
+            }
+        }
+        keep
     }
 }
 
