@@ -337,6 +337,8 @@ impl Rebalancer {
             ..Default::default()
         };
         self.cluster.put_progress(self.me, &progress).await?;
+        // The node dies right after recording its plan (the test restarts it).
+        fail::fail_point!("rebalance::after-progress", |_| std::process::abort());
         let mut throttle = Throttle { rate: self.rate, start: Instant::now(), bytes: 0 };
         let mut touched = HashSet::new();
         for (i, (extent, targets)) in plan.iter().enumerate() {
@@ -352,6 +354,7 @@ impl Rebalancer {
             self.metrics.rebalance_extents_done.store(progress.extents_done, std::sync::atomic::Ordering::Relaxed);
             if i % 16 == 15 {
                 let _ = self.cluster.put_progress(self.me, &progress).await;
+                fail::fail_point!("rebalance::after-progress", |_| std::process::abort());
             }
         }
         for t in touched {

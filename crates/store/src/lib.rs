@@ -28,7 +28,11 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// feature; does nothing otherwise. The points:
 /// - `store::data-write`: a data write fails with EIO;
 /// - `store::crash-after-entries`: the process aborts between a write's
-///   checksum entries and its data.
+///   checksum entries and its data;
+/// - `rebalance::after-progress` (torus-node): the process aborts right
+///   after a node records its rebalance progress;
+/// - `volume::after-mark-missing` (torus-volume): a write fails after its
+///   unreachable replicas were recorded missing, before it is acknowledged.
 pub fn failpoints_from_env() {
     if cfg!(feature = "failpoints") {
         // Configured for the life of the process.

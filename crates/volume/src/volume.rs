@@ -439,7 +439,13 @@ impl Volume {
         }
         let down: HashSet<NodeId> = unreachable.iter().map(|(n, _)| *n).collect();
         let marks = self.spare_sole_copies(p, extent.index, marks, &down);
-        self.tracker.mark_missing(&marks).await
+        self.tracker.mark_missing(&marks).await?;
+        // The writer fails (or dies) after recording the missing copy, before its ack.
+        fail::fail_point!("volume::after-mark-missing", |_| Err(VolumeError::Unavailable {
+            extent,
+            reason: "fail point volume::after-mark-missing".into(),
+        }));
+        Ok(())
     }
 
     /// Of the marks for nodes that went `down` while writing `written`, drops

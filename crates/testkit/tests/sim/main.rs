@@ -7,7 +7,9 @@
 //! then 60 steps, each one of: a few concurrent writes or zeroes of random
 //! block ranges, a flush, a read, a node cut off (connections reset, or
 //! requests never answered), crashed (store dropped, reopened from disk
-//! later), healed, or slowed (replies delayed and reordered). Every block
+//! later), healed, or slowed (replies delayed and reordered); in one
+//! schedule in four, the fail point `volume::after-mark-missing` makes every
+//! write that marks a copy missing fail before its ack. Every block
 //! written carries its write's tag, so a read tells which write it returns.
 //!
 //! What it asserts:
@@ -168,6 +170,13 @@ async fn schedule(seed: u64) -> Result<String, String> {
     // Some schedules may take every replica of an extent down at once.
     let most_faults = if rng.below(5) == 0 { r } else { r - 1 };
     let mut writers = 1;
+    // In one schedule in four, a write that marks a copy missing fails before its ack.
+    let fail_after_mark = rng.below(4) == 0;
+    if fail_after_mark {
+        fail::cfg("volume::after-mark-missing", "return").map_err(|e| e.to_string())?;
+    } else {
+        fail::remove("volume::after-mark-missing");
+    }
 
     let mut sim = Sim { net: net.clone(), addrs: addrs.clone(), faults: BTreeMap::new() };
     let mut model = Model::new();
@@ -334,9 +343,10 @@ async fn schedule(seed: u64) -> Result<String, String> {
     }
     manager.close_all().await;
     Ok(format!(
-        "R={r}, {} steps, {writes} writes ({failed} failed during faults), {faults} faults ({most_faults} allowed \
+        "R={r}, {} steps{}, {writes} writes ({failed} failed during faults), {faults} faults ({most_faults} allowed \
          at once), {writers} writer(s), up to {most_missing} copies missing at once, all caught up",
-        log.len()
+        log.len(),
+        if fail_after_mark { " (writes fail after marking a copy missing)" } else { "" }
     ))
 }
 
