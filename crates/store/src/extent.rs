@@ -164,8 +164,15 @@ impl Extent {
             }
             return Err(StoreError::io("write", &self.dat_path, std::io::Error::from_raw_os_error(libc::ENOSPC)));
         }
-        fail::fail_point!("store::data-write", |_| {
-            Err(StoreError::io("write", &self.dat_path, std::io::Error::from_raw_os_error(libc::EIO)))
+        // `return` fails with EIO; `return(enospc)` as a full disk would; `return(torn)`
+        // writes the first half of the data, then fails with EIO.
+        fail::fail_point!("store::data-write", |arg: Option<String>| {
+            let errno = if arg.as_deref() == Some("enospc") { libc::ENOSPC } else { libc::EIO };
+            if arg.as_deref() == Some("torn") {
+                let half = &bytes[..bytes.len() / 2];
+                self.dat.write_all_at(half, offset).map_err(|e| StoreError::io("write", &self.dat_path, e))?;
+            }
+            Err(StoreError::io("write", &self.dat_path, std::io::Error::from_raw_os_error(errno)))
         });
         for (i, piece) in bytes.chunks(PIECE).enumerate() {
             self.dat

@@ -26,7 +26,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// Turns on the fail points named in `FAILPOINTS` (e.g.
 /// `store::data-write=5*off->return`), when built with the `failpoints`
 /// feature; does nothing otherwise. The points:
-/// - `store::data-write`: a data write fails with EIO;
+/// - `store::data-write`: a data write fails with EIO (`return`), ENOSPC
+///   (`return(enospc)`), or writes half its data first (`return(torn)`);
 /// - `store::crash-after-entries`: the process aborts between a write's
 ///   checksum entries and its data;
 /// - `rebalance::after-progress` (torus-node): the process aborts right

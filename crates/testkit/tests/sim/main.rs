@@ -17,8 +17,10 @@
 //!   acknowledged write's, or — after writes that failed — one of those;
 //!   never an older one, never a mix within a block;
 //! - while no fault is active, every request succeeds;
-//! - after every node is healed, the writer catches up every copy within 60
-//!   s (simulated); then every replica of every extent, read straight from
+//! - after every node is healed, every copy is caught up within 60 s
+//!   (simulated) — by the writer, or in one schedule in three by the nodes'
+//!   repairers (`torus_volume::repair`) after the writer died with nobody
+//!   reopening; then every replica of every extent, read straight from
 //!   its node's store (checksums verified), agrees with the others and with
 //!   what the volume returns.
 //!
@@ -39,6 +41,7 @@ use torus_meta::cluster::{Cluster, ClusterConfig, PeerInfo};
 use torus_meta::{MemStore, MetadataStore};
 use torus_testkit::Rng;
 use torus_types::{ExtentId, NodeId};
+use torus_volume::repair::Repairer;
 use torus_volume::{BlockDevice, ManagerOptions, VolumeManager};
 
 const BLOCK: u64 = 4096;
@@ -308,11 +311,46 @@ async fn schedule(seed: u64) -> Result<String, String> {
         tokio::time::sleep(Duration::from_millis(rng.below(1500) as u64)).await;
     }
 
-    // Heal everything; the writer must catch every copy up.
+    // Heal everything; every copy must be caught up: by the writer, or — in
+    // one schedule in three — by the nodes' repairers after the writer died.
     for n in 0..NODES {
         sim.heal(n);
     }
     let healed = tokio::time::Instant::now();
+    let by_repair = rng.below(3) == 0;
+    if by_repair {
+        let id = vol.info().id;
+        if let Some(lease) = vol.lease() {
+            let _ = meta.revoke_lease(lease).await;
+        }
+        drop(vol);
+        drop(manager);
+        let repairers: Vec<_> = peers
+            .iter()
+            .map(|p| {
+                let opts = ManagerOptions { holder: format!("repair on {}", p.address), ..opts.clone() };
+                let repairer = Repairer::new(cluster.clone(), p.id, opts, Duration::from_secs(2));
+                (repairer.manager(), tokio::spawn(repairer.run()))
+            })
+            .collect();
+        loop {
+            let state = cluster.replica_state(id).await.map_err(|e| e.to_string())?;
+            let clean = state.intent.is_empty() && state.missing.values().all(|m| m.is_empty());
+            if clean && cluster.volume_lock(id).await.map_err(|e| e.to_string())?.is_none() {
+                break;
+            }
+            if healed.elapsed() > Duration::from_secs(60) {
+                return Err(format!("the repairers left {state:?} 60 s after every node was healed"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for (m, task) in repairers {
+            task.abort();
+            m.close_all().await;
+        }
+        manager = VolumeManager::new(cluster.clone(), opts.clone());
+        vol = manager.open("v", true).await.map_err(|e| format!("open after the repair: {e}"))?;
+    }
     while !vol.missing().is_empty() {
         if healed.elapsed() > Duration::from_secs(60) {
             return Err(format!("copies still missing 60 s after every node was healed: {:?}", vol.missing()));
@@ -344,9 +382,10 @@ async fn schedule(seed: u64) -> Result<String, String> {
     manager.close_all().await;
     Ok(format!(
         "R={r}, {} steps{}, {writes} writes ({failed} failed during faults), {faults} faults ({most_faults} allowed \
-         at once), {writers} writer(s), up to {most_missing} copies missing at once, all caught up",
+         at once), {writers} writer(s), up to {most_missing} copies missing at once, all caught up{}",
         log.len(),
-        if fail_after_mark { " (writes fail after marking a copy missing)" } else { "" }
+        if fail_after_mark { " (writes fail after marking a copy missing)" } else { "" },
+        if by_repair { " by the nodes' repairers (the writer died)" } else { "" }
     ))
 }
 
