@@ -154,7 +154,11 @@ impl TcpLink {
 }
 
 impl Link for TcpLink {
-    fn exchange(&self, h: RequestHeader, payload: Option<Bytes>) -> BoxFuture<'_, Result<(Status, Vec<u8>), PeerError>> {
+    fn exchange(
+        &self,
+        h: RequestHeader,
+        payload: Option<Bytes>,
+    ) -> BoxFuture<'_, Result<(Status, Vec<u8>), PeerError>> {
         Box::pin(async move {
             let addr = &self.shared.addr;
             let (wtx, wrx) = oneshot::channel();

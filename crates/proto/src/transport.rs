@@ -16,7 +16,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// One open link to a node: carries a request and brings back its reply's
 /// status and body. `PeerClient` adds ids, timeouts and typed requests.
 pub trait Link: Send + Sync {
-    fn exchange(&self, h: RequestHeader, payload: Option<Bytes>) -> BoxFuture<'_, Result<(Status, Vec<u8>), PeerError>>;
+    fn exchange(&self, h: RequestHeader, payload: Option<Bytes>)
+        -> BoxFuture<'_, Result<(Status, Vec<u8>), PeerError>>;
     /// The link has broken for good: the caller makes a new one.
     fn is_dead(&self) -> bool;
     /// Requests waiting for their replies (a load signal for picking replicas).

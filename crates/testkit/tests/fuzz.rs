@@ -21,7 +21,6 @@ use torus_nbd::{ExportError, ExportInfo, Exports};
 use torus_testkit::Rng;
 use torus_volume::{BlockDevice, VolumeError};
 
-
 /// Values that make parsers take their edge paths.
 const INTERESTING: [u32; 10] = [0, 1, 0x7f, 0x80, 0xff, 0xffff, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 32 << 20];
 

@@ -52,7 +52,6 @@ const BLOCKS: usize = (SIZE / BLOCK) as usize;
 const NODES: usize = 4;
 const STEPS: usize = 60;
 
-
 /// A block's contents: its tag in every 8 bytes (tag 0 is zeroes).
 fn block_of(tag: u64) -> Vec<u8> {
     tag.to_le_bytes().repeat((BLOCK / 8) as usize)
@@ -90,7 +89,9 @@ impl Model {
             let b = first + i;
             match tag_of(block) {
                 Some(t) if self.blocks[b].contains(&t) => {}
-                Some(t) => return Err(format!("{what}: block {b} holds write {t:#x}, may hold only {:x?}", self.blocks[b])),
+                Some(t) => {
+                    return Err(format!("{what}: block {b} holds write {t:#x}, may hold only {:x?}", self.blocks[b]))
+                }
                 None => return Err(format!("{what}: block {b} is not one write's block (torn or mixed)")),
             }
         }
@@ -126,12 +127,9 @@ fn env_u64(name: &str) -> Option<u64> {
 /// Runs one schedule; `Err` says what went wrong, at which step.
 async fn schedule(seed: u64) -> Result<String, String> {
     let mut rng = Rng(seed);
-    let tmp = if std::path::Path::new("/dev/shm").is_dir() {
-        tempfile::tempdir_in("/dev/shm")
-    } else {
-        tempfile::tempdir()
-    }
-    .map_err(|e| e.to_string())?;
+    let tmp =
+        if std::path::Path::new("/dev/shm").is_dir() { tempfile::tempdir_in("/dev/shm") } else { tempfile::tempdir() }
+            .map_err(|e| e.to_string())?;
     let r = 2 + rng.below(2);
     let net = SimNet::new(seed);
     let meta: Arc<dyn MetadataStore> = Arc::new(MemStore::new());
@@ -275,7 +273,9 @@ async fn schedule(seed: u64) -> Result<String, String> {
                 log.push(format!("read {first}+{len}"));
                 match vol.read(first as u64 * BLOCK, (len as u64 * BLOCK) as u32).await {
                     Ok(data) => model.check(first, &data, "read").map_err(|e| at(step, &log, e))?,
-                    Err(e) if !faulty => return Err(at(step, &log, format!("a read failed with no fault active: {e}"))),
+                    Err(e) if !faulty => {
+                        return Err(at(step, &log, format!("a read failed with no fault active: {e}")))
+                    }
                     Err(_) => {}
                 }
             }
@@ -397,11 +397,8 @@ fn run_schedules(base: u64) {
     let mut failures = Vec::new();
     for i in 0..count {
         let seed = one.unwrap_or_else(|| Rng(base ^ i).next());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("a runtime");
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().expect("a runtime");
         match rt.block_on(schedule(seed)) {
             Ok(summary) if one.is_some() => eprintln!("seed {seed}: {summary}"),
             Ok(_) => {}

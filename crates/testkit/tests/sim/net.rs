@@ -193,7 +193,11 @@ impl SimLink {
 }
 
 impl Link for SimLink {
-    fn exchange(&self, h: RequestHeader, payload: Option<Bytes>) -> BoxFuture<'_, Result<(Status, Vec<u8>), PeerError>> {
+    fn exchange(
+        &self,
+        h: RequestHeader,
+        payload: Option<Bytes>,
+    ) -> BoxFuture<'_, Result<(Status, Vec<u8>), PeerError>> {
         Box::pin(async move {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
             let res = self.exchange_inner(h, payload).await;
