@@ -448,6 +448,13 @@ impl Volume {
         Ok(())
     }
 
+    /// Whether a replica of `extent` outside `down` holds every acknowledged write.
+    fn whole_copy_outside(&self, p: &Placement, extent: ExtentId, down: &HashSet<NodeId>) -> bool {
+        p.write_set(extent, self.r())
+            .into_iter()
+            .any(|m| !down.contains(&m) && !self.tracker.is_missing(m, extent.index))
+    }
+
     /// Of the marks for nodes that went `down` while writing `written`, drops
     /// those for other extents (marked only because the node may have lost
     /// unflushed writes) whose every other copy is already missing: that node
@@ -464,11 +471,7 @@ impl Volume {
         let mut keep = Vec::with_capacity(marks.len());
         for (n, index) in marks {
             let extent = ExtentId::new(self.info.id, index);
-            let whole_elsewhere = p
-                .write_set(extent, self.r())
-                .into_iter()
-                .any(|m| !down.contains(&m) && !self.tracker.is_missing(m, index));
-            if index == written || whole_elsewhere {
+            if index == written || self.whole_copy_outside(p, extent, down) {
                 keep.push((n, index));
             } else {
                 tracing::warn!(%extent, node = %n,
@@ -640,11 +643,7 @@ impl BlockDevice for Volume {
             }
             for (_, index) in &marks {
                 let extent = ExtentId::new(self.info.id, *index);
-                let whole = placement
-                    .write_set(extent, self.r())
-                    .into_iter()
-                    .any(|m| !down.contains(&m) && !self.tracker.is_missing(m, *index));
-                if !whole {
+                if !self.whole_copy_outside(&placement, extent, &down) {
                     return Err(VolumeError::Unavailable {
                         extent,
                         reason: "flush reached no replica that holds every write".into(),
