@@ -39,12 +39,16 @@ fn clients_that_never_read_their_replies_cannot_grow_the_servers_memory() {
     // The flood goes on for 12 s and until more than the cap was sent (a loaded machine drains it slower), 60 s at most.
     let start = Instant::now();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Each client writes blocking: a client the server stops reading waits, connected and holding what it sent,
+    // until the server reads on or the test shuts its socket down at the end. (A write timeout would make a
+    // client give up for good while the server holds its budget, and on a loaded machine all of them would.)
+    let mut sockets = Vec::new();
     let hostile: Vec<_> = (0..CONNECTIONS)
         .map(|i| {
             let mut r = Raw::open(&blk.addr, "m", "open the volume");
+            sockets.push(r.s.try_clone().expect("clone a client socket"));
             let (payload, sent, stop) = (payload.clone(), sent.clone(), stop.clone());
             std::thread::spawn(move || {
-                r.s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let offset = ((i as u64 * 7 + n) % 32) * WRITE as u64;
@@ -55,16 +59,11 @@ fn clients_that_never_read_their_replies_cannot_grow_the_servers_memory() {
                     h.extend_from_slice(&offset.to_be_bytes());
                     h.extend_from_slice(&WRITE.to_be_bytes());
                     if r.s.write_all(&h).and_then(|()| r.s.write_all(&payload)).is_err() {
-                        // The server stopped reading us: stay connected, holding what we sent, until the end.
-                        while !stop.load(Ordering::Relaxed) {
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                        break;
+                        break; // shut down by the test
                     }
                     sent.fetch_add(WRITE as u64, Ordering::Relaxed);
                     n += 1;
                 }
-                r // never read a reply; closed when the test drops it
             })
         })
         .collect();
@@ -85,7 +84,12 @@ fn clients_that_never_read_their_replies_cannot_grow_the_servers_memory() {
     }
     stop.store(true, Ordering::Relaxed);
     peak = peak.max(rss_bytes(pid));
-    let conns: Vec<Raw> = hostile.into_iter().map(|h| h.join().expect("hostile client thread")).collect();
+    for s in &sockets {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    for h in hostile {
+        h.join().expect("hostile client thread");
+    }
     let sent = sent.load(Ordering::Relaxed);
     assert!(reads > 0);
     assert!(sent > RSS_CAP, "the hostile clients sent only {sent} bytes: not enough to test the cap");
@@ -95,7 +99,6 @@ fn clients_that_never_read_their_replies_cannot_grow_the_servers_memory() {
         peak >> 20,
         RSS_CAP >> 20
     );
-    drop(conns);
     eprintln!(
         "hostile clients: {CONNECTIONS} connections sent {} MiB of 32 MiB writes without reading a reply; torusblk RSS \
          {} MiB before, peak {} MiB (cap {} MiB); another client's {reads} 4 KiB reads all served, slowest {} ms",
