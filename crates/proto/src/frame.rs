@@ -87,7 +87,7 @@ pub enum Status {
     Fenced = 4,
     OutOfRange = 5,
     Invalid = 6,
-    /// The node's store failed and refuses I/O.
+    /// The node's store failed and refuses writes.
     Failed = 7,
     /// A PRESENT_ONLY read found blocks the node has not received.
     Absent = 8,

@@ -20,7 +20,7 @@ pub enum StoreError {
     OutOfRange { offset: u64, len: u64, max: u64 },
     #[error("extent {extent} has blocks this node has not received yet")]
     Absent { extent: ExtentId },
-    #[error("the store failed earlier ({reason}) and refuses I/O until restarted")]
+    #[error("the store failed earlier ({reason}) and refuses writes until restarted")]
     Failed { reason: String },
 }
 

@@ -9,11 +9,9 @@
 //! unflushed write was cut between the table and the data write, and its
 //! entry is re-derived from the data on disk (old or new, never unreadable).
 
+use crate::io::{Disk, DiskFile};
 use crate::layout::{self, BlockState, Entry, ENTRY_SIZE, HEADER_SIZE};
 use crate::{Result, StoreError};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use torus_types::{block_checksum, ExtentId, BLOCK_SIZE};
@@ -24,12 +22,9 @@ pub(crate) struct Extent {
     pub id: ExtentId,
     dat_path: PathBuf,
     sum_path: PathBuf,
-    dat: File,
-    sum: File,
+    dat: Box<dyn DiskFile>,
+    sum: Box<dyn DiskFile>,
     state: RwLock<State>,
-    /// Test fault: when n > 0, data writes fail (ENOSPC) after n - 1 pieces.
-    #[cfg(test)]
-    pub(crate) fail_data_after: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -40,7 +35,7 @@ struct State {
 }
 
 /// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zeroes.
-fn read_full(f: &File, path: &Path, mut buf: &mut [u8], mut off: u64) -> Result<()> {
+fn read_full(f: &dyn DiskFile, path: &Path, mut buf: &mut [u8], mut off: u64) -> Result<()> {
     while !buf.is_empty() {
         match f.read_at(buf, off) {
             Ok(0) => {
@@ -60,36 +55,28 @@ fn read_full(f: &File, path: &Path, mut buf: &mut [u8], mut off: u64) -> Result<
 
 impl Extent {
     /// Opens an extent's files; `create` makes them if missing (else `Ok(None)`).
-    pub fn open(dir: &Path, id: ExtentId, create: bool) -> Result<Option<Extent>> {
+    pub fn open(disk: &dyn Disk, dir: &Path, id: ExtentId, create: bool) -> Result<Option<Extent>> {
         let dat_path = dir.join(format!("{}.dat", id.index));
         let sum_path = dir.join(format!("{}.sum", id.index));
         if !create && !sum_path.exists() {
             return Ok(None);
         }
-        let open = |p: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(create)
-                .truncate(false)
-                .open(p)
-                .map_err(|e| StoreError::io("open", p, e))
-        };
+        let open = |p: &Path| disk.open(p, create).map_err(|e| StoreError::io("open", p, e));
         let existed = sum_path.exists();
         let sum = open(&sum_path)?;
         let dat = open(&dat_path)?;
         if !existed {
             // A new extent's files must survive a power loss once flushed: sync their directory.
-            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io("sync", dir, e))?;
+            disk.sync_dir(dir).map_err(|e| StoreError::io("sync", dir, e))?;
         }
-        let len = sum.metadata().map_err(|e| StoreError::io("stat", &sum_path, e))?.len();
+        let len = sum.len().map_err(|e| StoreError::io("stat", &sum_path, e))?;
         let corrupt = |reason: String| StoreError::CorruptTable { extent: id, reason };
         let (table, dirty) = if len == 0 {
             sum.write_all_at(&layout::encode_header(false), 0).map_err(|e| StoreError::io("write", &sum_path, e))?;
             (Vec::new(), false)
         } else {
             let mut raw = vec![0u8; len as usize];
-            read_full(&sum, &sum_path, &mut raw, 0)?;
+            read_full(&*sum, &sum_path, &mut raw, 0)?;
             let dirty = layout::decode_header(&raw).map_err(corrupt)?;
             let body = &raw[HEADER_SIZE as usize..];
             let mut table = Vec::with_capacity(body.len() / ENTRY_SIZE);
@@ -105,8 +92,6 @@ impl Extent {
             dat,
             sum,
             state: RwLock::new(State { table, generation: 0, header_dirty: dirty }),
-            #[cfg(test)]
-            fail_data_after: Default::default(),
         };
         if dirty {
             ext.recover()?;
@@ -123,7 +108,7 @@ impl Extent {
             if e.state != BlockState::Data {
                 continue;
             }
-            read_full(&self.dat, &self.dat_path, &mut block, i as u64 * BS)?;
+            read_full(&*self.dat, &self.dat_path, &mut block, i as u64 * BS)?;
             let crc = block_checksum(&block);
             if crc != e.crc {
                 fixed.push((i, Entry { crc, state: BlockState::Data }));
@@ -156,14 +141,6 @@ impl Extent {
     /// overwrite several times dearer (see bench/README.md).
     fn write_data(&self, bytes: &[u8], offset: u64) -> Result<()> {
         const PIECE: usize = 64 << 10;
-        #[cfg(test)]
-        if let Some(after) = self.fail_data_after.load(std::sync::atomic::Ordering::Relaxed).checked_sub(1) {
-            // Test fault: write `after` pieces, then fail as a full disk would.
-            for (i, piece) in bytes.chunks(PIECE).take(after as usize).enumerate() {
-                self.dat.write_all_at(piece, offset + (i * PIECE) as u64).expect("test write");
-            }
-            return Err(StoreError::io("write", &self.dat_path, std::io::Error::from_raw_os_error(libc::ENOSPC)));
-        }
         // `return` fails with EIO; `return(enospc)` as a full disk would; `return(torn)`
         // writes the first half of the data, then fails with EIO.
         fail::fail_point!("store::data-write", |arg: Option<String>| {
@@ -197,7 +174,7 @@ impl Extent {
             out.fill(0);
             return Ok(());
         }
-        read_full(&self.dat, &self.dat_path, out, first * BS)?;
+        read_full(&*self.dat, &self.dat_path, out, first * BS)?;
         for (i, chunk) in out.chunks_exact_mut(BLOCK_SIZE).enumerate() {
             let b = first + i as u64;
             let e = Self::entry(table, b);
@@ -291,7 +268,7 @@ impl Extent {
         let mut block = vec![0u8; BLOCK_SIZE];
         for (i, (was, new)) in old.iter().zip(entries).enumerate() {
             let b = first + i as u64;
-            st.table[lo + i] = match read_full(&self.dat, &self.dat_path, &mut block, b * BS) {
+            st.table[lo + i] = match read_full(&*self.dat, &self.dat_path, &mut block, b * BS) {
                 Ok(()) => {
                     let crc = block_checksum(&block);
                     if crc == new.crc {
@@ -349,24 +326,14 @@ impl Extent {
     }
 
     fn punch(&self, offset: u64, len: u64) -> Result<()> {
-        // SAFETY: fallocate on an open descriptor with in-range arguments.
-        let rc = unsafe {
-            libc::fallocate(
-                self.dat.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
+        match self.dat.punch_hole(offset, len) {
             // Without hole punching the entries still say "zero": reads stay correct,
             // only the space is not returned.
-            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(StoreError::io("punch hole in", &self.dat_path, err));
+            Err(e) if e.kind() != std::io::ErrorKind::Unsupported => {
+                Err(StoreError::io("punch hole in", &self.dat_path, e))
             }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// The generation now: pass it to `mark_clean` after syncing.
@@ -480,7 +447,7 @@ impl Extent {
             if e.state != BlockState::Data {
                 continue;
             }
-            read_full(&self.dat, &self.dat_path, &mut block, b * BS)?;
+            read_full(&*self.dat, &self.dat_path, &mut block, b * BS)?;
             if block_checksum(&block) == e.crc {
                 continue;
             }
@@ -507,44 +474,90 @@ pub(crate) fn allocated(path: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
+    use crate::io::{Fault, FaultyDisk, LocalDisk, Op, Rule};
+    use std::sync::Arc;
     use torus_types::VolumeId;
 
     fn no_limit(_: u64) -> Result<()> {
         Ok(())
     }
 
+    fn faulty_extent() -> (tempfile::TempDir, FaultyDisk, ExtentId, Extent) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = FaultyDisk::new(Arc::new(LocalDisk));
+        let id = ExtentId::new(VolumeId(1), 0);
+        let ext = Extent::open(&disk, dir.path(), id, true).expect("open").expect("created");
+        (dir, disk, id, ext)
+    }
+
     #[test]
     fn a_failed_data_write_leaves_every_block_readable_with_old_or_new_contents() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let id = ExtentId::new(VolumeId(1), 0);
-        let ext = Extent::open(dir.path(), id, true).expect("open").expect("created");
+        let (dir, disk, id, ext) = faulty_extent();
         let old = vec![0x11u8; 256 << 10];
         ext.write(0, &old, &no_limit).expect("first write");
 
         // 256 KiB in 64 KiB pieces: the first two land, then the disk is full.
-        ext.fail_data_after.store(3, Ordering::Relaxed);
+        disk.fail(Rule::once(Op::Write, ".dat", Fault::NoSpace).after(2));
         let new = vec![0x22u8; 256 << 10];
         assert!(ext.write(0, &new, &no_limit).is_err(), "the write fails");
-        ext.fail_data_after.store(0, Ordering::Relaxed);
         let mut back = vec![0u8; 256 << 10];
         ext.read(0, &mut back).expect("no block is poisoned: every one reads");
         assert!(back[..128 << 10].iter().all(|&b| b == 0x22), "the pieces that landed read new");
         assert!(back[128 << 10..].iter().all(|&b| b == 0x11), "the rest reads old");
 
         // A write that fails before any data lands leaves the old contents, also after a reopen.
-        ext.fail_data_after.store(1, Ordering::Relaxed);
+        disk.fail(Rule::once(Op::Write, ".dat", Fault::Eio));
         assert!(ext.write(192 << 10, &[0x33u8; 4096], &no_limit).is_err());
         drop(ext);
-        let ext = Extent::open(dir.path(), id, false).expect("reopen").expect("exists");
+        let ext = Extent::open(&disk, dir.path(), id, false).expect("reopen").expect("exists");
         let mut block = vec![0u8; 4096];
         ext.read(192 << 10, &mut block).expect("readable after a reopen");
         assert!(block.iter().all(|&b| b == 0x11));
         // Unaligned writes (read-modify-write of the edges) too.
-        ext.fail_data_after.store(1, Ordering::Relaxed);
+        disk.fail(Rule::once(Op::Write, ".dat", Fault::Eio));
         assert!(ext.write(100, &[0x44u8; 10], &no_limit).is_err());
-        ext.fail_data_after.store(0, Ordering::Relaxed);
         ext.read(0, &mut block).expect("the edge block reads");
         assert!(block.iter().all(|&b| b == 0x22));
+    }
+
+    #[test]
+    fn a_torn_data_write_leaves_each_block_old_or_new_now_and_after_a_reopen() {
+        let (dir, disk, id, ext) = faulty_extent();
+        ext.write(0, &[0x11u8; 64 << 10], &no_limit).expect("first write");
+        // A 64 KiB write torn in the middle: blocks 0-7 new, 8-15 old.
+        disk.fail(Rule::once(Op::Write, ".dat", Fault::Torn));
+        assert!(ext.write(0, &[0x22u8; 64 << 10], &no_limit).is_err());
+        let check = |ext: &Extent| {
+            let mut back = vec![0u8; 64 << 10];
+            ext.read(0, &mut back).expect("every block reads");
+            assert!(back[..32 << 10].iter().all(|&b| b == 0x22) && back[32 << 10..].iter().all(|&b| b == 0x11));
+        };
+        check(&ext);
+        drop(ext);
+        check(&Extent::open(&disk, dir.path(), id, false).expect("reopen").expect("exists"));
+    }
+
+    #[test]
+    fn a_failed_checksum_write_leaves_the_old_contents() {
+        let (_dir, disk, _id, ext) = faulty_extent();
+        ext.write(0, &[0x11u8; 8192], &no_limit).expect("first write");
+        // The header is already dirty: the next .sum write is the entries'.
+        disk.fail(Rule::once(Op::Write, ".sum", Fault::Eio));
+        assert!(ext.write(0, &[0x22u8; 8192], &no_limit).is_err());
+        let mut back = vec![0u8; 8192];
+        ext.read(0, &mut back).expect("reads");
+        assert!(back.iter().all(|&b| b == 0x11));
+    }
+
+    #[test]
+    fn a_new_extent_syncs_its_directory_and_an_existing_one_does_not() {
+        let (dir, disk, id, ext) = faulty_extent();
+        assert_eq!(disk.count(Op::SyncDir), 1);
+        drop(ext);
+        Extent::open(&disk, dir.path(), id, false).expect("reopen").expect("exists");
+        assert_eq!(disk.count(Op::SyncDir), 1);
+        // A directory that cannot be synced fails the creation.
+        disk.fail(Rule::always(Op::SyncDir, "", Fault::Eio));
+        assert!(Extent::open(&disk, dir.path(), ExtentId::new(VolumeId(1), 1), true).is_err());
     }
 }

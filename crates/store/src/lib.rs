@@ -6,7 +6,8 @@
 //! checksum; flushes are group-committed with fdatasync; TRIM and
 //! WRITE_ZEROES punch holes; a crash (kill -9) mid-write leaves each block
 //! either old or new, never unreadable. It also keeps the newest writer epoch
-//! seen per volume, so that a stale writer's requests are refused.
+//! seen per volume, so that a stale writer's requests are refused. Its file
+//! I/O goes through a `Disk` (`io`), which tests replace with one that fails.
 //!
 //! Depends on torus-types only: it knows nothing of the network, of etcd or
 //! of other nodes.
@@ -14,10 +15,12 @@
 mod error;
 mod extent;
 mod fence;
+pub mod io;
 mod layout;
 mod store;
 
 pub use error::StoreError;
+pub use io::{Disk, LocalDisk};
 pub use layout::BlockState;
 pub use store::{ExtentStat, Store, StoreOptions};
 

@@ -6,6 +6,7 @@
 
 use crate::extent::{allocated, Extent};
 use crate::fence::Fences;
+use crate::io::{Disk, LocalDisk};
 use crate::{Result, StoreError, MAX_EXTENT_SIZE};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,11 +20,13 @@ pub struct StoreOptions {
     pub capacity: u64,
     /// Extent files kept open at once (dirty ones are never closed before their flush).
     pub max_open_extents: usize,
+    /// Where the extents' bytes go: the local filesystem, or a disk that fails on purpose in tests.
+    pub disk: Arc<dyn Disk>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { capacity: u64::MAX, max_open_extents: 1024 }
+        StoreOptions { capacity: u64::MAX, max_open_extents: 1024, disk: Arc::new(LocalDisk) }
     }
 }
 
@@ -144,7 +147,8 @@ impl Store {
     }
 
     /// A write that failed with an I/O error (not a full disk) leaves the
-    /// disk in doubt: the store refuses further I/O, as after a failed flush,
+    /// disk in doubt: the store refuses further writes and flushes, as after a
+    /// failed flush (reads, each verified against its checksum, go on),
     /// so that clients write around it and its copies are caught up later.
     fn fail_on_io_error<T>(&self, res: Result<T>) -> Result<T> {
         if let Err(e @ StoreError::Io { source, .. }) = &res {
@@ -219,12 +223,10 @@ impl Store {
             std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create", &dir, e))?;
             // The volume's directory must survive a power loss too: sync its parent.
             if let Some(parent) = dir.parent() {
-                std::fs::File::open(parent)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| StoreError::io("sync", parent, e))?;
+                self.opts.disk.sync_dir(parent).map_err(|e| StoreError::io("sync", parent, e))?;
             }
         }
-        Ok(Extent::open(&dir, id, create)?.map(Arc::new))
+        Ok(Extent::open(&*self.opts.disk, &dir, id, create)?.map(Arc::new))
     }
 
     /// The extent a change of `new_bytes` goes to, created if missing. An
@@ -737,5 +739,48 @@ mod tests {
                 assert!(block == pattern(4096, t) || block.iter().all(|b| *b == 0), "extent {id} block {t}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_disk_that_fails_a_write_fails_the_store_and_a_full_one_does_not() {
+        use crate::io::{Fault, FaultyDisk, Op, Rule};
+        let dir = tempfile::tempdir().unwrap();
+        let disk = FaultyDisk::new(Arc::new(LocalDisk));
+        let s = Arc::new(
+            Store::open(dir.path(), StoreOptions { disk: Arc::new(disk.clone()), ..Default::default() }).unwrap(),
+        );
+        let old = pattern(8192, 1);
+        s.write(E0, 0, &old, Epoch(0)).unwrap();
+        s.flush().await.unwrap();
+
+        // A full filesystem refuses the write; the store goes on.
+        disk.fail(Rule::once(Op::Write, ".dat", Fault::NoSpace));
+        let e = s.write(E0, 0, &pattern(8192, 2), Epoch(0)).expect_err("ENOSPC");
+        assert!(matches!(e, StoreError::Io { .. }), "{e}");
+        let mut got = vec![0u8; 8192];
+        s.read(E0, 0, &mut got).unwrap();
+        assert_eq!(got, old);
+
+        // EIO: the write fails, and so does every write after it until a restart;
+        // reads (each verified) are still served, with the old contents.
+        disk.fail(Rule::once(Op::Write, ".dat", Fault::Eio));
+        assert!(matches!(s.write(E0, 0, &pattern(8192, 3), Epoch(0)), Err(StoreError::Failed { .. })));
+        assert!(matches!(s.write(E0, 0, &pattern(8192, 3), Epoch(0)), Err(StoreError::Failed { .. })));
+        assert!(matches!(s.flush().await, Err(StoreError::Failed { .. })));
+        s.read(E0, 0, &mut got).unwrap();
+        assert_eq!(got, old);
+        drop(s);
+        let s = Arc::new(
+            Store::open(dir.path(), StoreOptions { disk: Arc::new(disk.clone()), ..Default::default() }).unwrap(),
+        );
+        s.read(E0, 0, &mut got).expect("after a restart every block reads");
+        assert_eq!(got, old);
+
+        // A failed fdatasync fails the flush and the store.
+        s.write(E0, 0, &pattern(8192, 4), Epoch(0)).unwrap();
+        disk.fail(Rule::once(Op::Sync, "", Fault::Eio));
+        assert!(s.flush().await.is_err());
+        assert!(matches!(s.write(E0, 0, &old, Epoch(0)), Err(StoreError::Failed { .. })));
+        assert_eq!(disk.injected(), 3);
     }
 }

@@ -410,36 +410,49 @@ impl Volume {
         .await;
         let mut ok = Vec::new();
         let mut unreachable = Vec::new();
-        let mut refused = None;
+        // Replicas that answered with an error (a full disk, a corrupt edge block): the write fails.
+        let mut refused = Vec::new();
+        let mut fenced = None;
         for (n, r) in nodes.iter().zip(results) {
             match r {
                 Ok(()) => ok.push(*n),
                 // A failed store is written around like an unreachable node: its copy is marked missing.
                 Err(e) if e.is_unreachable() || e.is_store_failed() => unreachable.push((*n, e)),
-                Err(e) => {
-                    refused.get_or_insert(Self::write_error(extent, e));
-                }
+                // A newer writer exists: this one marks nothing and stops.
+                Err(e @ PeerError::Fenced { .. }) => fenced = Some(Self::write_error(extent, e)),
+                Err(e) => refused.push((*n, e)),
             }
         }
         self.note_written(&ok, extent.index);
-        if let Some(e) = refused {
+        if let Some(e) = fenced {
             return Err(e);
         }
-        if unreachable.is_empty() {
-            return Ok(());
-        }
         if ok.is_empty() {
-            let (_, e) = unreachable.swap_remove(0);
+            let (_, e) = refused.into_iter().chain(unreachable).next().expect("some replica was asked");
             return Err(Self::write_error(extent, e));
         }
+        if unreachable.is_empty() && refused.is_empty() {
+            return Ok(());
+        }
+        // Some replicas took the write and others did not: those are stale now
+        // and must be marked missing (durably, before the answer), whether the
+        // write is acknowledged (they were unreachable) or fails (one refused
+        // it) — else the copies would disagree with nobody knowing.
         let mut marks = Vec::new();
         for (n, e) in &unreachable {
             tracing::warn!(%extent, node = %n, error = %e, "a replica is unreachable: writing on without it; it will catch up");
             marks.extend(self.failure_marks(*n, Some(extent.index)));
         }
+        for (n, e) in &refused {
+            tracing::warn!(%extent, node = %n, error = %e, "a replica refused a write the others took: it will catch up");
+            marks.push((*n, extent.index));
+        }
         let down: HashSet<NodeId> = unreachable.iter().map(|(n, _)| *n).collect();
         let marks = self.spare_sole_copies(p, extent.index, marks, &down);
         self.tracker.mark_missing(&marks).await?;
+        if let Some((_, e)) = refused.into_iter().next() {
+            return Err(Self::write_error(extent, e));
+        }
         // The writer fails (or dies) after recording the missing copy, before its ack.
         fail::fail_point!("volume::after-mark-missing", |_| Err(VolumeError::Unavailable {
             extent,

@@ -7,7 +7,8 @@
 //! then 60 steps, each one of: a few concurrent writes or zeroes of random
 //! block ranges, a flush, a read, a node cut off (connections reset, or
 //! requests never answered), crashed (store dropped, reopened from disk
-//! later), healed, or slowed (replies delayed and reordered); in one
+//! later), its disk failing (EIO or ENOSPC on data writes, a torn write,
+//! a failed fdatasync; healed by a restart on a working disk), healed, or slowed (replies delayed and reordered); in one
 //! schedule in four, the fail point `volume::after-mark-missing` makes every
 //! write that marks a copy missing fail before its ack. Every block
 //! written carries its write's tag, so a read tells which write it returns.
@@ -39,6 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use torus_meta::cluster::{Cluster, ClusterConfig, PeerInfo};
 use torus_meta::{MemStore, MetadataStore};
+use torus_store::io::{Fault as DiskFault, Op, Rule};
 use torus_testkit::Rng;
 use torus_types::{ExtentId, NodeId};
 use torus_volume::repair::Repairer;
@@ -109,6 +111,12 @@ impl Sim {
     fn heal(&mut self, n: usize) {
         match self.faults.remove(&n) {
             Some("crash") => self.net.restart(&self.addrs[n]),
+            Some("disk") => {
+                // The disk is replaced by a working one holding the same bytes; the node restarts.
+                self.net.node(&self.addrs[n]).disk.heal();
+                self.net.crash(&self.addrs[n]);
+                self.net.restart(&self.addrs[n]);
+            }
             Some(_) => self.net.set_fault(&self.addrs[n], None),
             None => {}
         }
@@ -282,13 +290,23 @@ async fn schedule(seed: u64) -> Result<String, String> {
             70..=81 => {
                 let n = rng.below(NODES);
                 if sim.faults.len() < most_faults && !sim.faults.contains_key(&n) {
-                    let kind = ["reset", "blackhole", "crash"][rng.below(3)];
-                    log.push(format!("{kind} node {n}"));
+                    let kind = ["reset", "blackhole", "crash", "disk"][rng.below(4)];
                     match kind {
                         "reset" => net.set_fault(&addrs[n], Some(Fault::Reset)),
                         "blackhole" => net.set_fault(&addrs[n], Some(Fault::Blackhole)),
-                        _ => net.crash(&addrs[n]),
+                        "crash" => net.crash(&addrs[n]),
+                        _ => {
+                            let rule = match rng.below(4) {
+                                0 => Rule::always(Op::Write, ".dat", DiskFault::Eio),
+                                1 => Rule::always(Op::Write, ".dat", DiskFault::NoSpace),
+                                2 => Rule::once(Op::Write, ".dat", DiskFault::Torn),
+                                _ => Rule::always(Op::Sync, "", DiskFault::Eio),
+                            };
+                            log.push(format!("node {n}'s disk fails: {rule:?}"));
+                            net.node(&addrs[n]).disk.fail(rule);
+                        }
                     }
+                    log.push(format!("{kind} node {n}"));
                     sim.faults.insert(n, kind);
                     faults += 1;
                 }
@@ -375,7 +393,8 @@ async fn schedule(seed: u64) -> Result<String, String> {
             store.read(extent, 0, &mut got).map_err(|err| format!("extent {e} on node {i}: {err}"))?;
             if got != want {
                 let bad = got.chunks(BLOCK as usize).zip(want.chunks(BLOCK as usize)).position(|(a, b)| a != b);
-                return Err(format!("extent {e}: node {i}'s copy differs from what the volume reads (block {bad:?})"));
+                let what = format!("extent {e}: node {i}'s copy differs from what the volume reads (block {bad:?})");
+                return Err(at(STEPS, &log, what));
             }
         }
     }

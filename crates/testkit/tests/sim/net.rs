@@ -8,7 +8,9 @@
 //! - `crash` / `restart`: the node's store is dropped and opened again from
 //!   its directory (crash recovery runs); replies of requests in flight
 //!   are lost, whether or not the store applied them;
-//! - `delay`: replies come after a random delay, so they overtake each other.
+//! - `delay`: replies come after a random delay, so they overtake each other;
+//! - `disk`: the node's store runs on a `FaultyDisk`, which the test makes
+//!   fail (EIO, ENOSPC, torn writes, failed fdatasync) and heals.
 //!
 //! A crash here loses no written data (the page cache of this machine
 //! survives it); losing unflushed writes is tested with real processes
@@ -24,7 +26,8 @@ use torus_node::metrics::NodeMetrics;
 use torus_node::server::Handler;
 use torus_proto::transport::BoxFuture;
 use torus_proto::{Link, PeerClient, PeerError, RequestHeader, Status, Transport};
-use torus_store::{Store, StoreOptions};
+use torus_store::io::FaultyDisk;
+use torus_store::{LocalDisk, Store, StoreOptions};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -41,14 +44,17 @@ struct NodeState {
 
 pub struct SimNode {
     pub dir: PathBuf,
+    /// The disk under the node's store: faults are injected here.
+    pub disk: FaultyDisk,
     state: Mutex<NodeState>,
     /// Bumped by every crash and every reset: links made before are dead.
     incarnation: AtomicU64,
 }
 
 impl SimNode {
-    fn open(dir: PathBuf) -> Arc<Handler> {
-        let store = Store::open(&dir, StoreOptions::default()).expect("open a simulated node's store");
+    fn open(dir: PathBuf, disk: &FaultyDisk) -> Arc<Handler> {
+        let opts = StoreOptions { disk: Arc::new(disk.clone()), ..Default::default() };
+        let store = Store::open(&dir, opts).expect("open a simulated node's store");
         Handler::new(Arc::new(store), Arc::new(NodeMetrics::default()))
     }
 
@@ -104,9 +110,11 @@ impl SimNet {
 
     pub fn add_node(&self, addr: &str, dir: PathBuf) {
         std::fs::create_dir_all(&dir).expect("node directory");
-        let handler = SimNode::open(dir.clone());
+        let disk = FaultyDisk::new(Arc::new(LocalDisk));
+        let handler = SimNode::open(dir.clone(), &disk);
         let node = SimNode {
             dir,
+            disk,
             state: Mutex::new(NodeState { handler: Some(handler), fault: None, delay_us: 0 }),
             incarnation: AtomicU64::new(0),
         };
@@ -140,7 +148,7 @@ impl SimNet {
     /// Starts a crashed node again from its directory.
     pub fn restart(&self, addr: &str) {
         let n = self.node(addr);
-        let handler = SimNode::open(n.dir.clone());
+        let handler = SimNode::open(n.dir.clone(), &n.disk);
         n.state.lock().unwrap().handler = Some(handler);
     }
 }
