@@ -149,6 +149,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rate: args.scrub_rate,
         interval: Duration::from_secs(args.scrub_interval.max(1)),
         metrics: metrics.clone(),
+        transport: Arc::new(torus_proto::Tcp),
     };
     let scrub_task = tokio::spawn(scrubber.run());
     let repair = (args.repair_interval > 0).then(|| {

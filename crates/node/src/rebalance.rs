@@ -3,11 +3,14 @@
 //! States, per ring version seen:
 //! - `Moving(v)` (the ring document has `previous`): wait until every writer
 //!   uses version v (so each write goes to old and new replicas alike), then
-//!   for every extent this node holds and is the first live old replica of,
-//!   copy it to the new replicas that are not old ones with FILL (which never
-//!   overwrites a block a writer has written there), throttled; flush the
+//!   for every extent this node is the first live old replica of, copy it to
+//!   the new replicas that are not old ones with FILL (which never
+//!   overwrites a block a writer has written there), throttled — once its
+//!   copy misses no writes (else it waits for the catch-up); flush the
 //!   targets; report `done` in `rebalance/<uuid>`. When every node of the old
-//!   and the new ring reports done, any node clears `previous` (CAS).
+//!   and the new ring reports done, and no new replica of a moving extent is
+//!   recorded as missing writes (else the writer or a repair catches it up
+//!   first, from an old replica), any node clears `previous` (CAS).
 //! - `Stable(v)` with this node in the ring's `collecting` list (right after a
 //!   move): wait until every writer uses v, delete the extents that are no
 //!   longer ours, and take this node off the list. The next membership change
@@ -312,21 +315,38 @@ impl Rebalancer {
         let next = doc.placement();
         let volumes = self.replication_by_volume().await?;
         let addrs = self.addresses().await?;
-        // Copies that missed writes (their writer records them) are never copied from.
         let states = self.cluster.replica_states().await?;
         let missing = |n: NodeId, e: ExtentId| states.get(&e.volume).is_some_and(|s| s.is_missing(n, e.index));
         let mut plan: Vec<(ExtentId, Vec<NodeId>)> = Vec::new();
         let mut held = HashMap::new();
-        for stat in self.store.extents()? {
-            let Some(r) = volumes.get(&stat.id.volume) else { continue };
-            let (old, new) = self.moving_sets(&prev, &next, stat.id, *r, clients, &addrs, &mut held).await?;
-            // One copier per extent: the first old replica that is up and whole.
-            if old.iter().find(|n| addrs.contains_key(*n) && !missing(**n, stat.id)) != Some(&self.me) {
+        // The extents this node holds, and those it misses writes of (it may hold no file yet).
+        let mut mine: std::collections::BTreeSet<ExtentId> = self.store.extents()?.into_iter().map(|s| s.id).collect();
+        for (vol, state) in &states {
+            if let Some(set) = state.missing.get(&self.me) {
+                mine.extend(set.0.iter().map(|i| ExtentId::new(*vol, *i)));
+            }
+        }
+        let mut waiting = Vec::new();
+        for id in mine {
+            let Some(r) = volumes.get(&id.volume) else { continue };
+            let (old, new) = self.moving_sets(&prev, &next, id, *r, clients, &addrs, &mut held).await?;
+            // One copier per extent, the same whoever asks and whenever: the first
+            // old replica that is registered. (Skipping copies that miss writes here
+            // made the choice depend on when each node looked: one that had looked
+            // while another's copy missed writes, and one that looked after it was
+            // caught up, could each leave the extent to the other.)
+            let copier = old.iter().find(|n| addrs.contains_key(*n));
+            tracing::debug!(extent = %id, ?old, ?new, ?copier, "who copies an extent that moves");
+            let targets: Vec<NodeId> = new.into_iter().filter(|n| !old.contains(n)).collect();
+            if copier != Some(&self.me) || targets.is_empty() {
                 continue;
             }
-            let targets: Vec<NodeId> = new.into_iter().filter(|n| !old.contains(n)).collect();
-            if !targets.is_empty() {
-                plan.push((stat.id, targets));
+            // Copies that missed writes (their writer records them) are never copied
+            // from: this one waits until the writer, or a repair, catches it up.
+            if missing(self.me, id) {
+                waiting.push(id);
+            } else {
+                plan.push((id, targets));
             }
         }
         let assumed_down = prev_members(doc).into_iter().filter(|n| !addrs.contains_key(n)).collect();
@@ -348,6 +368,7 @@ impl Rebalancer {
                 touched.insert(*t);
             }
             let bytes = self.copy_extent(*extent, &tc, &mut throttle).await?;
+            tracing::debug!(%extent, ?targets, bytes, "copied an extent that moves");
             progress.bytes_copied += bytes;
             progress.extents_done = i as u64 + 1;
             crate::metrics::NodeMetrics::inc(&self.metrics.rebalance_bytes, bytes);
@@ -359,6 +380,13 @@ impl Rebalancer {
         }
         for t in touched {
             self.client(clients, &addrs, t).await?.flush().await?;
+        }
+        if let Some(first) = waiting.first() {
+            return Err(format!(
+                "{} extent(s) to copy (first {first}) miss writes here: waiting for them to be caught up",
+                waiting.len()
+            )
+            .into());
         }
         progress.done = true;
         self.cluster.put_progress(self.me, &progress).await?;
@@ -485,6 +513,10 @@ impl Rebalancer {
             }
             return Ok(());
         }
+        if let Some((node, extent)) = self.missing_on_a_new_replica(doc).await? {
+            tracing::debug!(%node, %extent, "a new replica of a moving extent misses writes: the move ends once it is caught up");
+            return Ok(());
+        }
         if !gone.is_empty() {
             tracing::warn!(nodes = ?gone, "finishing without removed nodes that are down: their shares were copied from the other replicas");
         }
@@ -492,6 +524,32 @@ impl Rebalancer {
             tracing::info!(version = doc.version, "every node has moved its data: rebalance finished");
         }
         Ok(())
+    }
+
+    /// A copy on a new replica of an extent that moves which misses
+    /// acknowledged writes (its writer recorded it). The move does not end
+    /// while there is one: FILL never overwrites a block the copy holds, so
+    /// an outdated block stays outdated until the writer (or a repair)
+    /// catches the copy up from an old replica — and once the move ends, the
+    /// old copies, maybe the only whole ones, are deleted.
+    async fn missing_on_a_new_replica(&self, doc: &RingDoc) -> Result<Option<(NodeId, ExtentId)>, NodeError> {
+        let prev = doc.placement_of(doc.previous.as_deref().unwrap_or_default());
+        let next = doc.placement();
+        let volumes = self.replication_by_volume().await?;
+        for (vol, state) in self.cluster.replica_states().await? {
+            let Some(&r) = volumes.get(&vol) else { continue };
+            for (node, set) in &state.missing {
+                for &index in &set.0 {
+                    let extent = ExtentId::new(vol, index);
+                    let new: HashSet<NodeId> = next.replicas(extent, r).into_iter().collect();
+                    let old: HashSet<NodeId> = prev.replicas(extent, r).into_iter().collect();
+                    if new.contains(node) && new != old {
+                        return Ok(Some((*node, extent)));
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Deletes the extents this node no longer holds a replica of; returns how many.

@@ -379,6 +379,8 @@ impl Extent {
     /// Copies in blocks that are Absent here, leaving every other block as it
     /// is: `data` (block-aligned) for Data, or `None` to mark them Zero. A
     /// rebalance uses this, so that a copy never overwrites a newer write.
+    /// If it fails (or the process dies) part way, every block it did not
+    /// finish is still Absent.
     pub fn fill_absent(
         &self,
         offset: u64,
@@ -416,8 +418,12 @@ impl Extent {
                         .chunks_exact(BLOCK_SIZE)
                         .map(|c| Entry { crc: block_checksum(c), state: BlockState::Data })
                         .collect();
-                    self.write_entries(b0, &entries)?;
+                    // Data first, then the entries: until its entry lands, a block stays
+                    // Absent, whatever its bytes (a crash or a failed write in between
+                    // leaves it to be filled again). Entries first, as for writes, would
+                    // let the recovery at open take the hole for the block's old data.
                     self.write_data(bytes, b0 * BS)?;
+                    self.write_entries(b0, &entries)?;
                     entries
                 }
                 None => {
@@ -547,6 +553,24 @@ mod tests {
         let mut back = vec![0u8; 8192];
         ext.read(0, &mut back).expect("reads");
         assert!(back.iter().all(|&b| b == 0x11));
+    }
+
+    #[test]
+    fn a_fill_that_fails_leaves_its_blocks_absent_now_and_after_a_reopen() {
+        let (dir, disk, id, ext) = faulty_extent();
+        ext.write(0, &[0x11u8; 4096], &no_limit).expect("a write marks the table dirty");
+        disk.fail(Rule::once(Op::Write, ".dat", Fault::Eio));
+        assert!(ext.fill_absent(4096, 8192, Some(&[0x22u8; 8192]), &no_limit).is_err());
+        assert_eq!(ext.states()[1..], [BlockState::Absent, BlockState::Absent]);
+        drop(ext);
+        // The table is dirty: the recovery scan runs, and must not take the hole for data.
+        let ext = Extent::open(&disk, dir.path(), id, false).expect("reopen").expect("exists");
+        let states = ext.states();
+        assert!((1..3).all(|b| states.get(b).is_none_or(|s| *s == BlockState::Absent)), "{states:?}");
+        ext.fill_absent(4096, 8192, Some(&[0x22u8; 8192]), &no_limit).expect("filled again");
+        let mut back = vec![0u8; 8192];
+        ext.read(4096, &mut back).expect("reads");
+        assert!(back.iter().all(|&b| b == 0x22));
     }
 
     #[test]

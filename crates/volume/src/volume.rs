@@ -434,6 +434,21 @@ impl Volume {
         if unreachable.is_empty() && refused.is_empty() {
             return Ok(());
         }
+        let filling: HashSet<NodeId> =
+            p.read_order(extent, self.r()).into_iter().filter(|(_, f)| *f).map(|(n, _)| n).collect();
+        if ok.iter().all(|n| filling.contains(n)) {
+            // While data moves, only replicas still being filled took it: none holds the
+            // whole extent with this write, and the old ones, which the move copies from,
+            // must stay whole. The write fails; the copies that took it are marked missing,
+            // so that they are caught up (their blocks made equal again) from an old replica.
+            let marks: Vec<(NodeId, u64)> = ok.iter().map(|n| (*n, extent.index)).collect();
+            self.tracker.mark_missing(&marks).await?;
+            let (_, e) = refused.into_iter().chain(unreachable).next().expect("some replica failed");
+            return Err(VolumeError::Unavailable {
+                extent,
+                reason: format!("no replica holding the whole extent took the write (data is moving): {e}"),
+            });
+        }
         // Some replicas took the write and others did not: those are stale now
         // and must be marked missing (durably, before the answer), whether the
         // write is acknowledged (they were unreachable) or fails (one refused
@@ -461,11 +476,12 @@ impl Volume {
         Ok(())
     }
 
-    /// Whether a replica of `extent` outside `down` holds every acknowledged write.
+    /// Whether a replica of `extent` outside `down` holds every acknowledged
+    /// write, and every block (while data moves, a new replica may lack some).
     fn whole_copy_outside(&self, p: &Placement, extent: ExtentId, down: &HashSet<NodeId>) -> bool {
-        p.write_set(extent, self.r())
+        p.read_order(extent, self.r())
             .into_iter()
-            .any(|m| !down.contains(&m) && !self.tracker.is_missing(m, extent.index))
+            .any(|(m, filling)| !filling && !down.contains(&m) && !self.tracker.is_missing(m, extent.index))
     }
 
     /// Of the marks for nodes that went `down` while writing `written`, drops

@@ -27,7 +27,8 @@
 //!
 //! `TORUS_SIM_SCHEDULES` sets how many schedules each test runs (default
 //! 250: four tests, 1,000 schedules), `TORUS_SIM_SEED` runs the one schedule
-//! of that seed (printed when one fails). Replay repeats the same steps and
+//! of that seed (printed when one fails), `TORUS_SIM_LOG` (a tracing filter,
+//! e.g. `info`) prints the nodes' and the writer's logs. Replay repeats the same steps and
 //! faults; the interleaving of concurrent requests inside a step may differ.
 
 mod net;
@@ -40,6 +41,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use torus_meta::cluster::{Cluster, ClusterConfig, PeerInfo};
 use torus_meta::{MemStore, MetadataStore};
+use torus_node::metrics::NodeMetrics;
+use torus_node::rebalance::Rebalancer;
+use torus_node::scrub::Scrubber;
 use torus_store::io::{Fault as DiskFault, Op, Rule};
 use torus_testkit::Rng;
 use torus_types::{ExtentId, NodeId};
@@ -51,7 +55,9 @@ const EXTENT: u64 = 64 << 10;
 const EXTENTS: u64 = 8;
 const SIZE: u64 = EXTENT * EXTENTS;
 const BLOCKS: usize = (SIZE / BLOCK) as usize;
-const NODES: usize = 4;
+/// Nodes in the ring at the start; one more is registered, to be added by a ring change.
+const MEMBERS: usize = 4;
+const NODES: usize = MEMBERS + 1;
 const STEPS: usize = 60;
 
 /// A block's contents: its tag in every 8 bytes (tag 0 is zeroes).
@@ -103,19 +109,49 @@ impl Model {
 
 struct Sim {
     net: Arc<SimNet>,
+    cluster: Cluster,
     addrs: Vec<String>,
+    ids: Vec<NodeId>,
     faults: BTreeMap<usize, &'static str>,
+    /// Each running node's rebalancer (the real one, over the simulated network).
+    rebalancers: Vec<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Sim {
+    fn start_rebalancer(&mut self, n: usize) {
+        let Some(store) = self.net.node(&self.addrs[n]).store() else { return };
+        let rebalancer = Rebalancer {
+            cluster: self.cluster.clone(),
+            store,
+            me: self.ids[n],
+            rate: 0,
+            metrics: Arc::new(NodeMetrics::default()),
+            full_ratio: 0.9,
+            transport: self.net.clone(),
+        };
+        self.rebalancers[n] = Some(tokio::spawn(rebalancer.run()));
+    }
+
+    fn crash(&mut self, n: usize) {
+        self.net.crash(&self.addrs[n]);
+        if let Some(task) = self.rebalancers[n].take() {
+            task.abort();
+        }
+    }
+
+    fn restart(&mut self, n: usize) {
+        self.net.restart(&self.addrs[n]);
+        self.start_rebalancer(n);
+    }
+
     fn heal(&mut self, n: usize) {
         match self.faults.remove(&n) {
-            Some("crash") => self.net.restart(&self.addrs[n]),
+            Some("crash") => self.restart(n),
             Some("disk") => {
                 // The disk is replaced by a working one holding the same bytes; the node restarts.
                 self.net.node(&self.addrs[n]).disk.heal();
-                self.net.crash(&self.addrs[n]);
-                self.net.restart(&self.addrs[n]);
+                self.crash(n);
+                self.restart(n);
             }
             Some(_) => self.net.set_fault(&self.addrs[n], None),
             None => {}
@@ -132,13 +168,21 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// Runs one schedule; `Err` says what went wrong, at which step.
-async fn schedule(seed: u64) -> Result<String, String> {
-    let mut rng = Rng(seed);
+/// A simulated cluster: in-memory metadata, `NODES` registered nodes (the
+/// first `MEMBERS` in the ring, replication `r`), and a volume "v".
+struct Setup {
+    _tmp: tempfile::TempDir,
+    net: Arc<SimNet>,
+    meta: Arc<dyn MetadataStore>,
+    cluster: Cluster,
+    peers: Vec<PeerInfo>,
+    addrs: Vec<String>,
+}
+
+async fn setup(seed: u64, r: usize) -> Result<Setup, String> {
     let tmp =
         if std::path::Path::new("/dev/shm").is_dir() { tempfile::tempdir_in("/dev/shm") } else { tempfile::tempdir() }
             .map_err(|e| e.to_string())?;
-    let r = 2 + rng.below(2);
     let net = SimNet::new(seed);
     let meta: Arc<dyn MetadataStore> = Arc::new(MemStore::new());
     let cluster = Cluster::new(meta.clone());
@@ -165,8 +209,16 @@ async fn schedule(seed: u64) -> Result<String, String> {
         peers.push(info);
         addrs.push(addr);
     }
-    cluster.add_to_ring(&peers).await.map_err(|e| e.to_string())?;
+    cluster.add_to_ring(&peers[..MEMBERS]).await.map_err(|e| e.to_string())?;
     cluster.create_volume("v", SIZE, None).await.map_err(|e| e.to_string())?;
+    Ok(Setup { _tmp: tmp, net, meta, cluster, peers, addrs })
+}
+
+/// Runs one schedule; `Err` says what went wrong, at which step.
+async fn schedule(seed: u64) -> Result<String, String> {
+    let mut rng = Rng(seed);
+    let r = 2 + rng.below(2);
+    let Setup { _tmp, net, meta, cluster, peers, addrs } = setup(seed, r).await?;
     let opts = ManagerOptions {
         lease_ttl: Duration::from_secs(10),
         request_timeout: Duration::from_secs(1),
@@ -174,7 +226,8 @@ async fn schedule(seed: u64) -> Result<String, String> {
         transport: net.clone(),
         ..Default::default()
     };
-    let mut manager = VolumeManager::new(cluster.clone(), opts.clone());
+    let mut manager = Arc::new(VolumeManager::new(cluster.clone(), opts.clone()));
+    let mut follower = tokio::spawn(manager.clone().follow_ring());
     let mut vol = manager.open("v", true).await.map_err(|e| e.to_string())?;
     // Some schedules may take every replica of an extent down at once.
     let most_faults = if rng.below(5) == 0 { r } else { r - 1 };
@@ -187,12 +240,37 @@ async fn schedule(seed: u64) -> Result<String, String> {
         fail::remove("volume::after-mark-missing");
     }
 
-    let mut sim = Sim { net: net.clone(), addrs: addrs.clone(), faults: BTreeMap::new() };
+    let ids: Vec<NodeId> = peers.iter().map(|p| p.id).collect();
+    let mut sim = Sim {
+        net: net.clone(),
+        cluster: cluster.clone(),
+        addrs: addrs.clone(),
+        ids: ids.clone(),
+        faults: BTreeMap::new(),
+        rebalancers: (0..NODES).map(|_| None).collect(),
+    };
+    for n in 0..NODES {
+        sim.start_rebalancer(n);
+    }
+    // In one schedule in three, the ring changes at some step: the fifth node
+    // joins, or a member leaves, and the nodes' rebalancers move data meanwhile.
+    let ring_change = (rng.below(3) == 0).then(|| rng.below(STEPS));
     let mut model = Model::new();
     let mut next_tag = seed << 16;
     let mut log = Vec::new();
     let (mut writes, mut failed, mut faults, mut most_missing) = (0, 0, 0, 0);
     for step in 0..STEPS {
+        if ring_change == Some(step) {
+            let members = cluster.ring().await.map_err(|e| e.to_string())?.0.members.len();
+            if members == MEMBERS && rng.below(2) == 0 {
+                log.push(format!("node {MEMBERS} joins the ring"));
+                cluster.add_to_ring(&peers[MEMBERS..]).await.map_err(|e| at(step, &log, e.to_string()))?;
+            } else {
+                let n = rng.below(MEMBERS);
+                log.push(format!("node {n} leaves the ring"));
+                cluster.remove_from_ring(ids[n], false).await.map_err(|e| at(step, &log, e.to_string()))?;
+            }
+        }
         let faulty = !sim.faults.is_empty();
         match rng.below(100) {
             0..=44 => {
@@ -250,7 +328,9 @@ async fn schedule(seed: u64) -> Result<String, String> {
                 if crash {
                     // The next writer takes over: it resyncs the dead one's write intent.
                     drop(vol);
-                    manager = VolumeManager::new(cluster.clone(), opts.clone());
+                    follower.abort();
+                    manager = Arc::new(VolumeManager::new(cluster.clone(), opts.clone()));
+                    follower = tokio::spawn(manager.clone().follow_ring());
                     vol = match manager.open("v", true).await {
                         Ok(v) => v,
                         // It cannot resync while no whole copy of some extent is reachable:
@@ -294,7 +374,7 @@ async fn schedule(seed: u64) -> Result<String, String> {
                     match kind {
                         "reset" => net.set_fault(&addrs[n], Some(Fault::Reset)),
                         "blackhole" => net.set_fault(&addrs[n], Some(Fault::Blackhole)),
-                        "crash" => net.crash(&addrs[n]),
+                        "crash" => sim.crash(n),
                         _ => {
                             let rule = match rng.below(4) {
                                 0 => Rule::always(Op::Write, ".dat", DiskFault::Eio),
@@ -342,6 +422,7 @@ async fn schedule(seed: u64) -> Result<String, String> {
             let _ = meta.revoke_lease(lease).await;
         }
         drop(vol);
+        follower.abort();
         drop(manager);
         let repairers: Vec<_> = peers
             .iter()
@@ -358,7 +439,7 @@ async fn schedule(seed: u64) -> Result<String, String> {
                 break;
             }
             if healed.elapsed() > Duration::from_secs(60) {
-                return Err(format!("the repairers left {state:?} 60 s after every node was healed"));
+                return Err(at(STEPS, &log, format!("the repairers left {state:?} 60 s after every node was healed")));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -366,12 +447,14 @@ async fn schedule(seed: u64) -> Result<String, String> {
             task.abort();
             m.close_all().await;
         }
-        manager = VolumeManager::new(cluster.clone(), opts.clone());
+        manager = Arc::new(VolumeManager::new(cluster.clone(), opts.clone()));
+        follower = tokio::spawn(manager.clone().follow_ring());
         vol = manager.open("v", true).await.map_err(|e| format!("open after the repair: {e}"))?;
     }
     while !vol.missing().is_empty() {
         if healed.elapsed() > Duration::from_secs(60) {
-            return Err(format!("copies still missing 60 s after every node was healed: {:?}", vol.missing()));
+            let what = format!("copies still missing 60 s after every node was healed: {:?}", vol.missing());
+            return Err(at(STEPS, &log, what));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -379,43 +462,89 @@ async fn schedule(seed: u64) -> Result<String, String> {
     let whole = vol.read(0, SIZE as u32).await.map_err(|e| format!("the final read failed: {e}"))?;
     model.check(0, &whole, "final read")?;
 
-    // Every replica, read from its node's store, agrees with the volume.
-    let (doc, _) = cluster.ring().await.map_err(|e| e.to_string())?;
+    // A ring change is over (data moved, old copies deleted) within 60 s of healing.
+    let doc = loop {
+        let (doc, _) = cluster.ring().await.map_err(|e| e.to_string())?;
+        if !doc.moving() && doc.collecting.is_empty() {
+            break doc;
+        }
+        if healed.elapsed() > Duration::from_secs(60) {
+            let what = format!("the ring change is not over 60 s after every node was healed: {doc:?}");
+            return Err(at(STEPS, &log, what));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let whole = if ring_change.is_some() {
+        let after = vol.read(0, SIZE as u32).await.map_err(|e| format!("the read after the move failed: {e}"))?;
+        model.check(0, &after, "read after the move")?;
+        after
+    } else {
+        whole
+    };
+
+    // Every replica, read from its node's store, agrees with the volume; no other node keeps a copy.
     let ring = doc.placement();
-    let ids: Vec<NodeId> = peers.iter().map(|p| p.id).collect();
     for e in 0..EXTENTS {
         let extent = ExtentId::new(vol.info().id, e);
         let want = &whole[(e * EXTENT) as usize..((e + 1) * EXTENT) as usize];
-        for node in ring.replicas(extent, r) {
-            let i = ids.iter().position(|id| *id == node).ok_or("a replica that is no node")?;
+        let replicas = ring.replicas(extent, r);
+        for (i, id) in ids.iter().enumerate() {
             let store = net.node(&addrs[i]).store().ok_or("a node still down")?;
+            if !replicas.contains(id) {
+                if store.holds(extent).map_err(|e| e.to_string())? {
+                    return Err(at(STEPS, &log, format!("extent {e}: node {i}, no replica, still holds a copy")));
+                }
+                continue;
+            }
             let mut got = vec![0u8; EXTENT as usize];
             store.read(extent, 0, &mut got).map_err(|err| format!("extent {e} on node {i}: {err}"))?;
             if got != want {
                 let bad = got.chunks(BLOCK as usize).zip(want.chunks(BLOCK as usize)).position(|(a, b)| a != b);
-                let what = format!("extent {e}: node {i}'s copy differs from what the volume reads (block {bad:?})");
+                let tags = bad.map(|b| {
+                    let at = b * BLOCK as usize..(b + 1) * BLOCK as usize;
+                    (tag_of(&got[at.clone()]), tag_of(&want[at]))
+                });
+                let states: Vec<_> = (0..NODES)
+                    .map(|j| {
+                        let st = net.node(&addrs[j]).store()?.block_states(extent).ok()??;
+                        Some(st.get(bad?).copied())
+                    })
+                    .collect();
+                let what = format!(
+                    "extent {e}: node {i}'s copy differs from what the volume reads (block {bad:?}: (holds, should) \
+                     {tags:x?}; the block's state on each node: {states:?})"
+                );
                 return Err(at(STEPS, &log, what));
             }
         }
     }
+    follower.abort();
+    for task in sim.rebalancers.iter_mut().filter_map(Option::take) {
+        task.abort();
+    }
     manager.close_all().await;
     Ok(format!(
         "R={r}, {} steps{}, {writes} writes ({failed} failed during faults), {faults} faults ({most_faults} allowed \
-         at once), {writers} writer(s), up to {most_missing} copies missing at once, all caught up{}",
+         at once), {writers} writer(s), up to {most_missing} copies missing at once, all caught up{}{}",
         log.len(),
         if fail_after_mark { " (writes fail after marking a copy missing)" } else { "" },
-        if by_repair { " by the nodes' repairers (the writer died)" } else { "" }
+        if by_repair { " by the nodes' repairers (the writer died)" } else { "" },
+        if ring_change.is_some() { ", data moved for a ring change" } else { "" }
     ))
 }
 
 /// Runs `count` schedules from seeds derived from `base` (or the one in `TORUS_SIM_SEED`).
 fn run_schedules(base: u64) {
     let one = env_u64("TORUS_SIM_SEED");
+    if let Ok(filter) = std::env::var("TORUS_SIM_LOG") {
+        // Logs of the nodes and the writer, in simulated time order (e.g. TORUS_SIM_LOG=info).
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
     let count = if one.is_some() { 1 } else { env_u64("TORUS_SIM_SCHEDULES").unwrap_or(250) };
     let started = std::time::Instant::now();
     let mut failures = Vec::new();
     for i in 0..count {
-        let seed = one.unwrap_or_else(|| Rng(base ^ i).next());
+        let seed = one.unwrap_or_else(|| Rng((base << 32) ^ i).next());
         let rt =
             tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().expect("a runtime");
         match rt.block_on(schedule(seed)) {
@@ -429,6 +558,51 @@ fn run_schedules(base: u64) {
     }
     eprintln!("{count} schedules in {:.1} s, {} failed", started.elapsed().as_secs_f64(), failures.len());
     assert!(failures.is_empty(), "schedules failed: seeds {failures:?}");
+}
+
+/// The scrubber (the real one, over the simulated network) finds a block
+/// whose bytes rotted on one node and repairs it from another replica.
+#[test]
+fn the_scrubber_repairs_a_rotten_block_from_another_replica() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().expect("a runtime");
+    rt.block_on(async {
+        let Setup { _tmp, net, cluster, peers, addrs, .. } = setup(7, 2).await.expect("a simulated cluster");
+        let opts = ManagerOptions { transport: net.clone(), ..Default::default() };
+        let manager = VolumeManager::new(cluster.clone(), opts);
+        let vol = manager.open("v", true).await.expect("open");
+        let data: Vec<u8> = (0..EXTENT).map(|i| (i % 251) as u8).collect();
+        vol.write(0, Bytes::from(data.clone()), false).await.expect("write");
+        vol.flush().await.expect("flush");
+        let extent = ExtentId::new(vol.info().id, 0);
+        drop(vol);
+        manager.close_all().await;
+
+        let (doc, _) = cluster.ring().await.expect("ring");
+        let victim = doc.placement().replicas(extent, 2)[0];
+        let n = peers.iter().position(|p| p.id == victim).expect("a node");
+        let node = net.node(&addrs[n]);
+        let dat = node.dir.join(format!("extents/{}/0.dat", extent.volume.0));
+        let f = std::fs::OpenOptions::new().write(true).open(&dat).expect("the extent's data file");
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0xffu8; 100], 5 * BLOCK + 10).expect("rot a block");
+        let store = node.store().expect("the node runs");
+        let mut got = vec![0u8; EXTENT as usize];
+        assert!(store.read(extent, 0, &mut got).is_err(), "the rotten block fails its checksum");
+
+        let scrubber = Scrubber {
+            cluster: cluster.clone(),
+            store: store.clone(),
+            me: victim,
+            rate: 1 << 30,
+            interval: Duration::from_secs(1),
+            metrics: Arc::new(NodeMetrics::default()),
+            transport: net.clone(),
+        };
+        let (blocks, bad) = scrubber.pass().await.expect("a scrub pass");
+        assert_eq!((blocks, bad), (EXTENT / BLOCK - 1, 1), "every other block verified, one bad");
+        store.read(extent, 0, &mut got).expect("repaired: every block reads");
+        assert_eq!(got, data);
+        assert_eq!(scrubber.pass().await.expect("a second pass"), (EXTENT / BLOCK, 0));
+    });
 }
 
 #[test]
