@@ -28,6 +28,10 @@ put("nbd_handshake", "go", flags + opt(7, info_req(b"x", (3,))))
 put("nbd_handshake", "list-info-go", flags + opt(3) + opt(6, info_req(b"x", (0, 1, 2, 3))) + opt(7, info_req(b"x")))
 put("nbd_handshake", "export-name", flags + opt(1, b"x"))
 put("nbd_handshake", "unknown-then-abort", flags + opt(8) + opt(9, b"\0" * 8) + opt(10, info_req(b"nope")) + opt(2))
+def meta_req(name, queries):
+    return struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries)) + b"".join(struct.pack(">I", len(q)) + q for q in queries)
+put("nbd_handshake", "structured-meta-go", flags + opt(8) + opt(9, meta_req(b"x", [b"base:"])) + opt(10, meta_req(b"x", [b"base:allocation", b"qemu:dirty-bitmap:a"])) + opt(7, info_req(b"x")))
+put("nbd_handshake", "meta-before-structured", flags + opt(10, meta_req(b"x", [b"base:allocation"])) + opt(9, meta_req(b"x", [])) + opt(2))
 
 # NBD transmission: requests (magic, flags, type, cookie, offset, length [, payload]).
 def req(kind, offset, length, flags=0, cookie=1, payload=b""):
@@ -35,6 +39,7 @@ def req(kind, offset, length, flags=0, cookie=1, payload=b""):
 put("nbd_requests", "write-read-flush", req(1, 4096, 4096, payload=b"\x5a" * 4096) + req(0, 4096, 4096, cookie=2) + req(3, 0, 0, cookie=3) + req(2, 0, 0, cookie=4))
 put("nbd_requests", "unaligned-fua", req(1, 100, 10, flags=1, payload=b"0123456789") + req(0, 90, 30, cookie=2))
 put("nbd_requests", "trim-zeroes", req(4, 0, 65536) + req(6, 65536, 8192, cookie=2) + req(6, 0, 4096, flags=2, cookie=3) + req(0, 0, 1 << 20, cookie=4))
+put("nbd_requests", "block-status-fast-zero", req(7, 0, 1 << 20) + req(7, 4096, 8192, flags=8, cookie=2) + req(6, 0, 65536, flags=16, cookie=3) + req(6, 0, 4096, flags=18, cookie=4) + req(7, 1 << 20, 4096, cookie=5))
 put("nbd_requests", "edges", req(0, (1 << 20) - 4096, 8192) + req(1, 1 << 20, 1, payload=b"x") + req(9, 0, 0, cookie=3))
 
 # Peer protocol: a request header (48 bytes, little-endian), a reply header (24 bytes), an extent list.

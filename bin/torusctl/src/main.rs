@@ -2,6 +2,7 @@
 
 mod peer;
 mod status;
+mod transfer;
 mod volume;
 mod wait;
 

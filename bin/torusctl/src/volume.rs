@@ -1,4 +1,4 @@
-//! `torusctl volume create-block | list | resize | delete`.
+//! `torusctl volume create-block | list | resize | delete | import | export`.
 
 use crate::Output;
 use anyhow::{bail, Context};
@@ -43,6 +43,30 @@ pub enum VolumeCmd {
     /// Delete a volume and its data on every node.
     #[command(alias = "rm")]
     Delete { name: String },
+    /// Create a volume from a file, or from standard input (-) with --size,
+    /// storing only what is not zero (holes and zero blocks are skipped).
+    Import {
+        /// A file, or - for standard input.
+        source: String,
+        name: String,
+        /// The volume's size (default: the file's, rounded up to 512 bytes).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Copies of each extent (default: the cluster's).
+        #[arg(long)]
+        replication: Option<u32>,
+    },
+    /// Write a volume to a file (holes stay holes) or to standard output (-),
+    /// reading only what holds data; works while the volume is in use.
+    Export {
+        /// VOL (VOL@SNAP once snapshots exist).
+        volume: String,
+        /// A file, or - for standard output.
+        dest: String,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub async fn run(cluster: &Cluster, cmd: VolumeCmd) -> anyhow::Result<()> {
@@ -76,18 +100,7 @@ pub async fn run(cluster: &Cluster, cmd: VolumeCmd) -> anyhow::Result<()> {
         }
         VolumeCmd::Resize { name, size, allow_shrink } => resize(cluster, &name, size, allow_shrink).await?,
         VolumeCmd::Delete { name } => {
-            let v = cluster.delete_volume(&name).await?;
-            // The name is gone (the id is never reused); now free the space on every live node.
-            let mut unreached = Vec::new();
-            for p in cluster.peers().await? {
-                let res = match PeerClient::connect(&p.address, Duration::from_secs(10)).await {
-                    Ok(c) => c.delete_volume(v.id).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = res {
-                    unreached.push(format!("{} ({e})", p.address));
-                }
-            }
+            let unreached = delete(cluster, &name).await?;
             println!("deleted volume {name}");
             if !unreached.is_empty() {
                 eprintln!(
@@ -96,8 +109,29 @@ pub async fn run(cluster: &Cluster, cmd: VolumeCmd) -> anyhow::Result<()> {
                 );
             }
         }
+        VolumeCmd::Import { source, name, size, replication } => {
+            crate::transfer::import(cluster, &source, &name, size, replication).await?
+        }
+        VolumeCmd::Export { volume, dest, force } => crate::transfer::export(cluster, &volume, &dest, force).await?,
     }
     Ok(())
+}
+
+/// Deletes a volume, then its data on every live node; returns the nodes that could not be reached.
+pub async fn delete(cluster: &Cluster, name: &str) -> anyhow::Result<Vec<String>> {
+    let v = cluster.delete_volume(name).await?;
+    // The name is gone (the id is never reused); now free the space on every live node.
+    let mut unreached = Vec::new();
+    for p in cluster.peers().await? {
+        let res = match PeerClient::connect(&p.address, Duration::from_secs(10)).await {
+            Ok(c) => c.delete_volume(v.id).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            unreached.push(format!("{} ({e})", p.address));
+        }
+    }
+    Ok(unreached)
 }
 
 async fn resize(cluster: &Cluster, name: &str, size: u64, allow_shrink: bool) -> anyhow::Result<()> {

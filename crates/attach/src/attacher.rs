@@ -76,6 +76,8 @@ pub struct ProcessAttacher {
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a keeper may take to detach (final flush included).
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a device may stay open before detaching it is refused as in use.
+const BUSY_GRACE: Duration = Duration::from_secs(2);
 
 impl ProcessAttacher {
     pub fn new(
@@ -298,6 +300,12 @@ impl Attacher for ProcessAttacher {
         let dir = attach_dir(&self.state_dir, volume);
         match self.settled_state(&dir).await {
             KeeperState::Ready(rec) => {
+                // A device just unmounted may still be open for a moment (udev probes
+                // it after every change): wait a little before calling it in use.
+                let deadline = Instant::now() + BUSY_GRACE;
+                while crate::keeper::device_busy(&rec.device) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 if crate::keeper::device_busy(&rec.device) {
                     return Err(AttachError::DeviceBusy {
                         volume: volume.to_string(),

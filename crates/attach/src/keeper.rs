@@ -304,7 +304,9 @@ async fn serve_nbd(vol: Arc<torus_volume::Volume>) -> Result<Served, AttachError
             std::os::unix::net::UnixStream::pair().map_err(AttachError::io("creating a socket pair"))?;
         ours.set_nonblocking(true).map_err(AttachError::io("setting a socket non-blocking"))?;
         let stream = tokio::net::UnixStream::from_std(ours).map_err(AttachError::io("registering a socket"))?;
-        tasks.push(tokio::spawn(torus_nbd::transmission::serve(stream, vol.clone(), budget.clone())));
+        // The kernel's NBD client negotiates nothing: simple replies.
+        let features = torus_nbd::handshake::Features::default();
+        tasks.push(tokio::spawn(torus_nbd::transmission::serve(stream, vol.clone(), budget.clone(), features)));
         kernel_ends.push(theirs);
     }
     let connect = nbd_kernel::Connect {

@@ -31,15 +31,32 @@ pub enum HandshakeError {
 pub struct Negotiated<D> {
     pub name: String,
     pub device: Arc<D>,
+    pub features: Features,
+}
+
+/// What the client and the server agreed on for the transmission phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Features {
+    /// NBD_OPT_STRUCTURED_REPLY: reads are answered with structured replies.
+    pub structured: bool,
+    /// `base:allocation` was selected for this export: NBD_CMD_BLOCK_STATUS works.
+    pub allocation: bool,
+}
+
+/// The flags of a writable or read-only export (WRITE_ZEROES is fast
+/// whenever holes may be made, hence FAST_ZERO).
+fn flags_for(read_only: bool) -> u16 {
+    let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA;
+    if read_only {
+        f |= TFLAG_READ_ONLY;
+    } else {
+        f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+    }
+    f
 }
 
 pub fn transmission_flags<D: BlockDevice>(d: &D) -> u16 {
-    let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA;
-    if d.read_only() {
-        f |= TFLAG_READ_ONLY;
-    } else {
-        f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
-    }
+    let mut f = flags_for(d.read_only());
     if d.flush_covers_all_handles() {
         f |= TFLAG_CAN_MULTI_CONN;
     }
@@ -84,6 +101,28 @@ fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     Some((name, reqs.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
 }
 
+/// Parses NBD_OPT_LIST/SET_META_CONTEXT data: (export name, queries).
+fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let u32_at = |d: &[u8], at: usize| Some(u32::from_be_bytes(d.get(at..at + 4)?.try_into().ok()?) as usize);
+    let name_len = u32_at(data, 0)?;
+    let name = String::from_utf8(data.get(4..4 + name_len)?.to_vec()).ok()?;
+    let mut at = 4 + name_len;
+    let n = u32_at(data, at)?;
+    at += 4;
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        let len = u32_at(data, at)?;
+        queries.push(String::from_utf8(data.get(at + 4..at + 4 + len)?.to_vec()).ok()?);
+        at += 4 + len;
+    }
+    (at == data.len()).then_some((name, queries))
+}
+
+/// Whether a LIST_META_CONTEXT query names `base:allocation` (empty: all contexts).
+fn lists_allocation(queries: &[String]) -> bool {
+    queries.is_empty() || queries.iter().any(|q| q == "base:" || q == CONTEXT_BASE_ALLOCATION)
+}
+
 /// Runs the handshake; `Ok(None)` when the client ended it cleanly without an export.
 pub async fn negotiate<S, E>(s: &mut S, exports: &E) -> Result<Option<Negotiated<E::Device>>, HandshakeError>
 where
@@ -102,6 +141,13 @@ where
         return Err(HandshakeError::ClientFlags(client_flags));
     }
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    let mut structured = false;
+    // The export a SET_META_CONTEXT was for, and whether it selected base:allocation.
+    let mut selected: Option<(String, bool)> = None;
+    let features = |name: &str, structured: bool, selected: &Option<(String, bool)>| Features {
+        structured,
+        allocation: structured && selected.as_ref().is_some_and(|(n, a)| n == name && *a),
+    };
 
     loop {
         let magic = s.read_u64().await?;
@@ -135,7 +181,8 @@ where
                 }
                 s.write_all(&buf).await?;
                 s.flush().await?;
-                return Ok(Some(Negotiated { name, device }));
+                let features = features(&name, structured, &selected);
+                return Ok(Some(Negotiated { name, device, features }));
             }
             OPT_ABORT => {
                 let _ = reply(s, option, REP_ACK, &[]).await;
@@ -178,15 +225,7 @@ where
                     }
                 } else {
                     match exports.describe(&name).await {
-                        Ok(info) => {
-                            let mut flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
-                            flags |= if info.read_only {
-                                TFLAG_READ_ONLY
-                            } else {
-                                TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES
-                            };
-                            (None, info.size, flags)
-                        }
+                        Ok(info) => (None, info.size, flags_for(info.read_only) | TFLAG_CAN_MULTI_CONN),
                         Err(e) => {
                             error_reply(s, option, export_error_kind(&e), &e.to_string()).await?;
                             continue;
@@ -216,12 +255,44 @@ where
                 }
                 reply(s, option, REP_ACK, &[]).await?;
                 if let Some(device) = device {
-                    return Ok(Some(Negotiated { name, device }));
+                    let features = features(&name, structured, &selected);
+                    return Ok(Some(Negotiated { name, device, features }));
                 }
             }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                if !structured {
+                    error_reply(s, option, REP_ERR_INVALID, "negotiate structured replies first").await?;
+                    continue;
+                }
+                let Some((name, queries)) = parse_meta_request(&data) else {
+                    error_reply(s, option, REP_ERR_INVALID, "malformed meta context request").await?;
+                    continue;
+                };
+                if let Err(e) = exports.describe(&name).await {
+                    error_reply(s, option, export_error_kind(&e), &e.to_string()).await?;
+                    continue;
+                }
+                let (wanted, id) = if option == OPT_LIST_META_CONTEXT {
+                    (lists_allocation(&queries), 0)
+                } else {
+                    let wanted = queries.iter().any(|q| q == CONTEXT_BASE_ALLOCATION);
+                    selected = Some((name, wanted));
+                    (wanted, CONTEXT_ID_ALLOCATION)
+                };
+                if wanted {
+                    let mut d = id.to_be_bytes().to_vec();
+                    d.extend_from_slice(CONTEXT_BASE_ALLOCATION.as_bytes());
+                    reply(s, option, REP_META_CONTEXT, &d).await?;
+                }
+                reply(s, option, REP_ACK, &[]).await?;
+            }
             OPT_STARTTLS => error_reply(s, option, REP_ERR_UNSUP, "TLS is not supported by this server").await?,
+            OPT_STRUCTURED_REPLY if !data.is_empty() => {
+                error_reply(s, option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data").await?
+            }
             OPT_STRUCTURED_REPLY => {
-                error_reply(s, option, REP_ERR_UNSUP, "structured replies are not supported").await?
+                structured = true;
+                reply(s, option, REP_ACK, &[]).await?;
             }
             _ => error_reply(s, option, REP_ERR_UNSUP, "unsupported option").await?,
         }

@@ -3,9 +3,11 @@
 //!
 //! - [`consts`]: magics, options, replies, commands, flags, errnos.
 //! - [`handshake`]: the fixed newstyle handshake and option haggling
-//!   (EXPORT_NAME, GO, INFO, LIST, ABORT; others answered ERR_UNSUP).
-//! - [`transmission`]: pipelined requests with out-of-order simple replies:
-//!   READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE, FUA), DISC.
+//!   (EXPORT_NAME, GO, INFO, LIST, ABORT, STRUCTURED_REPLY,
+//!   LIST/SET_META_CONTEXT with `base:allocation`; others answered ERR_UNSUP).
+//! - [`transmission`]: pipelined requests with out-of-order replies, simple
+//!   or structured: READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES (NO_HOLE,
+//!   FUA, FAST_ZERO), BLOCK_STATUS, DISC.
 //! - [`exports`]: the [`Exports`] trait that names and opens devices.
 //! - [`server`]: the listener.
 //!

@@ -41,7 +41,7 @@ pub async fn serve<E: Exports>(listener: TcpListener, exports: Arc<E>, budget: t
                 }
             };
             tracing::info!(%peer, export = %n.name, "client connected");
-            match transmission::serve(stream, n.device, budget).await {
+            match transmission::serve(stream, n.device, budget, n.features).await {
                 Ok(()) => tracing::info!(%peer, export = %n.name, "client disconnected"),
                 Err(e) => {
                     tracing::warn!(%peer, export = %n.name, error = %e, "connection ended with an error")

@@ -1,5 +1,9 @@
 //! The transmission phase: requests are read in order, run concurrently, and
-//! answered with simple replies as each completes (out of order).
+//! answered as each completes (out of order): simple replies, or — once the
+//! client negotiated structured replies — one structured chunk for a READ
+//! (its data, or an error) and for a BLOCK_STATUS (`base:allocation`: holes
+//! and zeroes from the store's block tables, through
+//! `BlockDevice::allocation`).
 //!
 //! A request we cannot parse (bad magic) or whose payload we will not read
 //! (a write longer than the advertised maximum) ends the connection, after an
@@ -15,6 +19,7 @@
 //! requests (up to 1 MiB) never queue behind large ones.
 
 use crate::consts::*;
+use crate::handshake::Features;
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -63,11 +68,69 @@ struct Held {
     _process: OwnedSemaphorePermit,
 }
 
+/// How a reply goes on the wire.
+#[derive(Clone, Copy)]
+enum Form {
+    /// A simple reply (with a read's data when it succeeded).
+    Simple,
+    /// A structured reply to a READ: one OFFSET_DATA chunk, or an ERROR chunk.
+    Read { offset: u64 },
+    /// A structured reply to a BLOCK_STATUS: one chunk of descriptors (in
+    /// `data`) for `base:allocation`, or an ERROR chunk.
+    Status,
+}
+
 struct Reply {
     cookie: u64,
     error: u32,
     data: Bytes,
+    form: Form,
     held: Option<Held>,
+}
+
+/// A structured reply chunk's header (always the last chunk: DONE).
+fn chunk_header(kind: u16, cookie: u64, len: u32) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    h[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    h[6..8].copy_from_slice(&kind.to_be_bytes());
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h[16..20].copy_from_slice(&len.to_be_bytes());
+    h
+}
+
+/// Writes one reply.
+async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, r: &Reply) -> std::io::Result<()> {
+    match r.form {
+        Form::Simple => {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            h[4..8].copy_from_slice(&r.error.to_be_bytes());
+            h[8..16].copy_from_slice(&r.cookie.to_be_bytes());
+            w.write_all(&h).await?;
+            if r.error == 0 {
+                w.write_all(&r.data).await?;
+            }
+        }
+        _ if r.error != 0 => {
+            // error, then a message length of 0 (the errno says it all).
+            w.write_all(&chunk_header(REPLY_TYPE_ERROR, r.cookie, 6)).await?;
+            w.write_all(&r.error.to_be_bytes()).await?;
+            w.write_all(&0u16.to_be_bytes()).await?;
+        }
+        Form::Read { .. } if r.data.is_empty() => w.write_all(&chunk_header(0, r.cookie, 0)).await?,
+        Form::Read { offset } => {
+            w.write_all(&chunk_header(REPLY_TYPE_OFFSET_DATA, r.cookie, 8 + r.data.len() as u32)).await?;
+            w.write_all(&offset.to_be_bytes()).await?;
+            w.write_all(&r.data).await?;
+        }
+        Form::Status => {
+            w.write_all(&chunk_header(REPLY_TYPE_BLOCK_STATUS, r.cookie, 4 + r.data.len() as u32)).await?;
+            w.write_all(&CONTEXT_ID_ALLOCATION.to_be_bytes()).await?;
+            w.write_all(&r.data).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Maps the volume layer's errors to NBD errnos.
@@ -90,10 +153,26 @@ struct Request {
 }
 
 /// Checks a request against the export before running it; an errno if it must be refused.
-fn validate<D: BlockDevice>(d: &D, r: &Request) -> Option<u32> {
+fn validate<D: BlockDevice>(d: &D, r: &Request, features: Features) -> Option<u32> {
     let end = r.offset.checked_add(r.len as u64);
     let in_range = end.is_some_and(|e| e <= d.size());
+    if r.flags & CMD_FLAG_FAST_ZERO != 0 {
+        if r.kind != CMD_WRITE_ZEROES {
+            return Some(EINVAL);
+        }
+        // Zeroes that must stay allocated are written out: not fast.
+        if r.flags & CMD_FLAG_NO_HOLE != 0 && !d.read_only() {
+            return Some(ENOTSUP);
+        }
+    }
     match r.kind {
+        CMD_BLOCK_STATUS => {
+            if !features.allocation || r.len == 0 || !in_range {
+                Some(EINVAL)
+            } else {
+                None
+            }
+        }
         CMD_READ => {
             if r.len > MAX_BLOCK {
                 Some(EOVERFLOW)
@@ -120,7 +199,7 @@ fn validate<D: BlockDevice>(d: &D, r: &Request) -> Option<u32> {
 }
 
 /// Serves requests until the client disconnects; waits for in-flight requests.
-pub async fn serve<S, D>(stream: S, device: Arc<D>, budget: Budget) -> std::io::Result<()>
+pub async fn serve<S, D>(stream: S, device: Arc<D>, budget: Budget, features: Features) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
     D: BlockDevice,
@@ -134,14 +213,7 @@ where
             let mut written = Vec::new();
             let mut next = Some(first);
             while let Some(r) = next.take() {
-                let mut h = [0u8; 16];
-                h[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-                h[4..8].copy_from_slice(&r.error.to_be_bytes());
-                h[8..16].copy_from_slice(&r.cookie.to_be_bytes());
-                w.write_all(&h).await?;
-                if r.error == 0 {
-                    w.write_all(&r.data).await?;
-                }
+                write_reply(&mut w, &r).await?;
                 written.push(r.held);
                 next = rx.try_recv().ok();
             }
@@ -174,9 +246,14 @@ where
         if r.kind == CMD_DISC {
             break Ok(());
         }
-        let refused = validate(&*device, &r);
+        let refused = validate(&*device, &r, features);
+        let form = match r.kind {
+            CMD_READ if features.structured => Form::Read { offset: r.offset },
+            CMD_BLOCK_STATUS if features.structured => Form::Status,
+            _ => Form::Simple,
+        };
         if r.kind == CMD_WRITE && r.len > MAX_BLOCK {
-            let _ = tx.send(Reply { cookie: r.cookie, error: EOVERFLOW, data: Bytes::new(), held: None });
+            let _ = tx.send(Reply { cookie: r.cookie, error: EOVERFLOW, data: Bytes::new(), form, held: None });
             tracing::warn!(len = r.len, "write larger than the advertised maximum; closing the connection");
             break Ok(());
         }
@@ -201,12 +278,12 @@ where
             Bytes::new()
         };
         if let Some(error) = refused {
-            let _ = tx.send(Reply { cookie: r.cookie, error, data: Bytes::new(), held: Some(held) });
+            let _ = tx.send(Reply { cookie: r.cookie, error, data: Bytes::new(), form, held: Some(held) });
             continue;
         }
         let (device, tx) = (device.clone(), tx.clone());
         tokio::spawn(async move {
-            let mut reply = run(&*device, &r, payload).await;
+            let mut reply = run(&*device, &r, payload, form).await;
             reply.held = Some(held);
             let _ = tx.send(reply);
         });
@@ -220,7 +297,7 @@ where
     }
 }
 
-async fn run<D: BlockDevice>(d: &D, r: &Request, payload: Bytes) -> Reply {
+async fn run<D: BlockDevice>(d: &D, r: &Request, payload: Bytes, form: Form) -> Reply {
     let fua = r.flags & CMD_FLAG_FUA != 0;
     let res: Result<Bytes, VolumeError> = match r.kind {
         CMD_READ => d.read(r.offset, r.len).await,
@@ -231,15 +308,44 @@ async fn run<D: BlockDevice>(d: &D, r: &Request, payload: Bytes) -> Reply {
             write_zeroes_allocated(d, r.offset, r.len as u64, fua).await
         }
         CMD_WRITE_ZEROES => d.zero(r.offset, r.len as u64, fua).await.map(|()| Bytes::new()),
+        CMD_BLOCK_STATUS => d
+            .allocation(r.offset, r.len as u64)
+            .await
+            .map(|runs| descriptors(&runs, r.len, r.flags & CMD_FLAG_REQ_ONE != 0)),
         _ => unreachable!("validate() refuses other commands"),
     };
     match res {
-        Ok(data) => Reply { cookie: r.cookie, error: 0, data, held: None },
+        Ok(data) => Reply { cookie: r.cookie, error: 0, data, form, held: None },
         Err(e) => {
             tracing::warn!(cookie = r.cookie, kind = r.kind, offset = r.offset, len = r.len, error = %e, "request failed");
-            Reply { cookie: r.cookie, error: errno(&e), data: Bytes::new(), held: None }
+            Reply { cookie: r.cookie, error: errno(&e), data: Bytes::new(), form, held: None }
         }
     }
+}
+
+/// `base:allocation` descriptors (length, flags) of `runs`, at most `len`
+/// bytes in all, at least one; just one with `one`.
+fn descriptors(runs: &[torus_volume::device::Run], len: u32, one: bool) -> Bytes {
+    let mut out = Vec::with_capacity(8 * runs.len().max(1));
+    let mut left = len as u64;
+    for run in runs {
+        let n = run.len.min(left);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+        out.extend_from_slice(&(if run.data { 0 } else { STATE_HOLE | STATE_ZERO }).to_be_bytes());
+        left -= n;
+        if one {
+            break;
+        }
+    }
+    if out.is_empty() {
+        // A device that described nothing: say "data" for the whole range (always safe).
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+    }
+    Bytes::from(out)
 }
 
 /// WRITE_ZEROES with NO_HOLE: the client wants the space kept allocated, so write real zeroes.
@@ -266,4 +372,85 @@ async fn read_payload<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, len: usize) -
         }
     }
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::DuplexStream;
+    use torus_volume::device::MemDevice;
+
+    async fn request(c: &mut DuplexStream, flags: u16, kind: u16, cookie: u64, offset: u64, len: u32) {
+        let mut h = REQUEST_MAGIC.to_be_bytes().to_vec();
+        h.extend_from_slice(&flags.to_be_bytes());
+        h.extend_from_slice(&kind.to_be_bytes());
+        h.extend_from_slice(&cookie.to_be_bytes());
+        h.extend_from_slice(&offset.to_be_bytes());
+        h.extend_from_slice(&len.to_be_bytes());
+        c.write_all(&h).await.expect("send");
+    }
+
+    /// A structured chunk: (flags, type, cookie, payload).
+    async fn chunk(c: &mut DuplexStream) -> (u16, u16, u64, Vec<u8>) {
+        assert_eq!(c.read_u32().await.expect("magic"), STRUCTURED_REPLY_MAGIC);
+        let (flags, kind, cookie, len) = (
+            c.read_u16().await.expect("flags"),
+            c.read_u16().await.expect("type"),
+            c.read_u64().await.expect("cookie"),
+            c.read_u32().await.expect("length"),
+        );
+        let mut payload = vec![0u8; len as usize];
+        c.read_exact(&mut payload).await.expect("payload");
+        (flags, kind, cookie, payload)
+    }
+
+    /// A server of 1 MiB whose first 64 KiB hold 0x5a and the rest was never written.
+    async fn start(features: Features) -> DuplexStream {
+        let (client, server) = tokio::io::duplex(1 << 22);
+        let dev = Arc::new(MemDevice::new(1 << 20));
+        dev.write(0, Bytes::from(vec![0x5a; 64 << 10]), false).await.expect("write");
+        tokio::spawn(serve(server, dev, Budget::default(), features));
+        client
+    }
+
+    #[tokio::test]
+    async fn block_status_answers_base_allocation_and_reads_come_in_one_data_chunk() {
+        let mut c = start(Features { structured: true, allocation: true }).await;
+        request(&mut c, 0, CMD_BLOCK_STATUS, 1, 0, 1 << 20).await;
+        let (flags, kind, cookie, p) = chunk(&mut c).await;
+        assert_eq!((flags, kind, cookie), (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 1));
+        let words: Vec<u32> = p.chunks_exact(4).map(|w| u32::from_be_bytes(w.try_into().expect("4"))).collect();
+        assert_eq!(words, [CONTEXT_ID_ALLOCATION, 64 << 10, 0, (1 << 20) - (64 << 10), STATE_HOLE | STATE_ZERO]);
+        // REQ_ONE: one descriptor.
+        request(&mut c, CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 2, 0, 1 << 20).await;
+        assert_eq!(chunk(&mut c).await.3.len(), 4 + 8);
+        // Past the end: an error chunk with EINVAL.
+        request(&mut c, 0, CMD_BLOCK_STATUS, 3, 1 << 20, 4096).await;
+        let (_, kind, _, p) = chunk(&mut c).await;
+        assert_eq!((kind, &p[..4]), (REPLY_TYPE_ERROR, &EINVAL.to_be_bytes()[..]));
+        // A read: one OFFSET_DATA chunk.
+        request(&mut c, 0, CMD_READ, 4, 4096, 512).await;
+        let (flags, kind, cookie, p) = chunk(&mut c).await;
+        assert_eq!((flags, kind, cookie, p.len()), (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 4, 8 + 512));
+        assert_eq!(u64::from_be_bytes(p[..8].try_into().expect("8")), 4096);
+        assert!(p[8..].iter().all(|&b| b == 0x5a));
+    }
+
+    async fn simple(c: &mut DuplexStream) -> (u32, u64) {
+        assert_eq!(c.read_u32().await.expect("magic"), SIMPLE_REPLY_MAGIC);
+        (c.read_u32().await.expect("error"), c.read_u64().await.expect("cookie"))
+    }
+
+    #[tokio::test]
+    async fn fast_zero_is_refused_where_it_would_be_slow_and_block_status_needs_a_context() {
+        let mut c = start(Features::default()).await;
+        request(&mut c, CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 1, 0, 65536).await;
+        assert_eq!(simple(&mut c).await, (0, 1), "fast zeroing with holes allowed");
+        request(&mut c, CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 2, 0, 65536).await;
+        assert_eq!(simple(&mut c).await, (ENOTSUP, 2), "zeroes kept allocated are not fast");
+        request(&mut c, CMD_FLAG_FAST_ZERO, CMD_TRIM, 3, 0, 4096).await;
+        assert_eq!(simple(&mut c).await, (EINVAL, 3), "FAST_ZERO only goes with WRITE_ZEROES");
+        request(&mut c, 0, CMD_BLOCK_STATUS, 4, 0, 4096).await;
+        assert_eq!(simple(&mut c).await, (EINVAL, 4), "no metadata context was negotiated");
+    }
 }

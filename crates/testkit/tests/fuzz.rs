@@ -12,14 +12,13 @@
 //! 3) from a seed printed at the start; `TORUS_FUZZ_SEED` replays one. A
 //! failing input is printed in hex, to be added to the corpus once fixed.
 
-use bytes::Bytes;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use torus_nbd::{ExportError, ExportInfo, Exports};
 use torus_testkit::Rng;
-use torus_volume::{BlockDevice, VolumeError};
+use torus_volume::device::MemDevice;
 
 /// Values that make parsers take their edge paths.
 const INTERESTING: [u32; 10] = [0, 1, 0x7f, 0x80, 0xff, 0xffff, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 32 << 20];
@@ -105,36 +104,6 @@ fn fuzz(name: &str, target: impl Fn(&[u8]) + std::panic::RefUnwindSafe) {
     eprintln!("fuzz {name}: {runs} inputs in {secs} s, seed {seed} (TORUS_FUZZ_SEED={seed} replays), no failure");
 }
 
-/// A 1 MiB device in memory.
-struct MemDevice(Mutex<Vec<u8>>);
-
-impl BlockDevice for MemDevice {
-    fn size(&self) -> u64 {
-        1 << 20
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn flush_covers_all_handles(&self) -> bool {
-        true
-    }
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
-        let d = self.0.lock().unwrap();
-        Ok(Bytes::copy_from_slice(&d[offset as usize..offset as usize + len as usize]))
-    }
-    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), VolumeError> {
-        self.0.lock().unwrap()[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
-        Ok(())
-    }
-    async fn zero(&self, offset: u64, len: u64, _fua: bool) -> Result<(), VolumeError> {
-        self.0.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
-        Ok(())
-    }
-    async fn flush(&self) -> Result<(), VolumeError> {
-        Ok(())
-    }
-}
-
 struct OneExport(Arc<MemDevice>);
 
 impl Exports for OneExport {
@@ -191,7 +160,7 @@ fn runtime() -> tokio::runtime::Runtime {
 #[test]
 fn nbd_handshake() {
     let rt = runtime();
-    let dev = Arc::new(MemDevice(Mutex::new(vec![0; 1 << 20])));
+    let dev = Arc::new(MemDevice::new(1 << 20));
     fuzz("nbd_handshake", |input| {
         let exports = OneExport(dev.clone());
         as_client(&rt, input, |mut s| async move {
@@ -203,11 +172,15 @@ fn nbd_handshake() {
 #[test]
 fn nbd_requests() {
     let rt = runtime();
-    let dev = Arc::new(MemDevice(Mutex::new(vec![0; 1 << 20])));
+    let dev = Arc::new(MemDevice::new(1 << 20));
     fuzz("nbd_requests", |input| {
         let dev = dev.clone();
+        // Half the inputs run with structured replies and base:allocation negotiated.
+        let on = input.len() % 2 == 0;
+        let features = torus_nbd::handshake::Features { structured: on, allocation: on };
         as_client(&rt, input, |s| async move {
-            let _ = torus_nbd::transmission::serve(s, dev, torus_nbd::transmission::Budget::default()).await;
+            let budget = torus_nbd::transmission::Budget::default();
+            let _ = torus_nbd::transmission::serve(s, dev, budget, features).await;
         });
     });
 }

@@ -7,7 +7,7 @@
 //! -> one peer-protocol WRITE (carrying the writer's epoch) to each replica,
 //! all in parallel -> acknowledged when every replica acknowledged.
 
-use crate::device::BlockDevice;
+use crate::device::{push_run, BlockDevice, Run};
 use crate::pool::PeerPool;
 use crate::tracker::Tracker;
 use crate::VolumeError;
@@ -550,6 +550,58 @@ impl BlockDevice for Volume {
         // Every connection of this process shares this Volume, and a flush
         // flushes every node written through it.
         true
+    }
+
+    /// From the block tables of one whole copy of each extent in the range
+    /// (at most `ALLOCATION_EXTENTS` extents per call): Data blocks are data,
+    /// Absent and Zero blocks read as zeroes with nothing stored.
+    async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Run>, VolumeError> {
+        const ALLOCATION_EXTENTS: u64 = 64;
+        self.check(offset, len)?;
+        let es = self.info.extent_size;
+        let len = len.min((offset / es + ALLOCATION_EXTENTS) * es - offset);
+        let pieces = self.pieces(offset, len);
+        let placement = self.placement.read().await;
+        let tables = join_all(pieces.iter().map(|p| async {
+            let _ = placement.learn(p.extent, self.r(), &self.pool, self.read_only).await;
+            // Only a copy that holds every block and every acknowledged write knows what is allocated.
+            let mut nodes: Vec<NodeId> = placement
+                .read_order(p.extent, self.r())
+                .into_iter()
+                .filter(|(n, filling)| !filling && !self.tracker.is_missing(*n, p.extent.index))
+                .map(|(n, _)| n)
+                .collect();
+            nodes.sort_by_key(|n| self.pool.read_rank(*n));
+            let mut last = String::from("no copy holds every acknowledged write (waiting for a node to catch up)");
+            for n in nodes {
+                let res = match self.pool.get(n).await {
+                    Ok(c) => c.block_sums(p.extent).await,
+                    Err(e) => Err(e),
+                };
+                match res {
+                    Ok(table) => return Ok(table),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(VolumeError::Unavailable { extent: p.extent, reason: last })
+        }))
+        .await;
+        let bs = torus_types::BLOCK_SIZE as u64;
+        let mut runs = Vec::new();
+        for (p, table) in pieces.iter().zip(tables) {
+            let table = table?;
+            let (start, end) = (p.within as u64, p.within as u64 + p.len as u64);
+            let mut pos = start;
+            while pos < end {
+                let block = pos / bs;
+                let next = ((block + 1) * bs).min(end);
+                const DATA: u8 = 1;
+                let data = table.get(block as usize).is_some_and(|(_, state)| *state == DATA);
+                push_run(&mut runs, Run { len: next - pos, data });
+                pos = next;
+            }
+        }
+        Ok(runs)
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {

@@ -18,6 +18,8 @@ mod nbd_clients;
 mod node_loss;
 mod partition;
 mod resize;
+mod sparse;
+mod transfer;
 mod wait;
 mod writer_crash;
 
