@@ -3,11 +3,14 @@
 use std::sync::Arc;
 use torus_meta::cluster::ClusterError;
 use torus_nbd::{ExportError, ExportInfo, Exports};
+use torus_volume::measured::{Measured, VolumeStats};
 use torus_volume::{Volume, VolumeError, VolumeManager};
 
 pub struct VolumeExports {
     pub manager: Arc<VolumeManager>,
     pub read_only: bool,
+    /// Each connection's requests are counted and timed, by volume.
+    pub stats: Arc<VolumeStats>,
 }
 
 fn export_error(e: VolumeError) -> ExportError {
@@ -19,7 +22,7 @@ fn export_error(e: VolumeError) -> ExportError {
 }
 
 impl Exports for VolumeExports {
-    type Device = Volume;
+    type Device = Measured<Volume>;
 
     async fn list(&self) -> Result<Vec<String>, ExportError> {
         let vols = self.manager.list().await.map_err(export_error)?;
@@ -31,7 +34,7 @@ impl Exports for VolumeExports {
         Ok(ExportInfo { size: v.size, read_only: self.read_only })
     }
 
-    async fn open(&self, name: &str) -> Result<Arc<Volume>, ExportError> {
+    async fn open(&self, name: &str) -> Result<Arc<Measured<Volume>>, ExportError> {
         let v = self.manager.open(name, !self.read_only).await.map_err(|e| {
             tracing::warn!(export = name, error = %e, "open refused");
             export_error(e)
@@ -40,6 +43,6 @@ impl Exports for VolumeExports {
         // volume resize`): a new connection gets the size it has now.
         let info = self.manager.cluster().volume(name).await.map_err(|e| export_error(e.into()))?;
         v.grow(info.size);
-        Ok(v)
+        Ok(Arc::new(self.stats.measure(name, v)))
     }
 }

@@ -51,6 +51,9 @@ enum Cmd {
         /// is taken over at once. Default: the lease TTL + 2.
         #[arg(long = "lock-wait")]
         lock_wait: Option<u64>,
+        /// Serve /metrics (Prometheus) and /healthz over HTTP on this address, e.g. 127.0.0.1:9560.
+        #[arg(long)]
+        http: Option<String>,
     },
     /// Serve the CSI driver (Identity, Controller, Node) on a unix socket.
     Csi(csi::CsiArgs),
@@ -63,7 +66,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Csi(args) => csi::run(&cli.etcd, args).await,
         Cmd::Keeper(args) => keeper::run(&cli.etcd, args).await,
-        Cmd::Nbdserve { listen, read_only, lease_ttl, io_hold, node_connections, node_timeout, lock_wait } => {
+        Cmd::Nbdserve { listen, read_only, lease_ttl, io_hold, node_connections, node_timeout, lock_wait, http } => {
             if !(1..=60).contains(&lease_ttl) {
                 bail!("--lease-ttl must be between 1 and 60 seconds");
             }
@@ -92,7 +95,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let manager = Arc::new(VolumeManager::new(cluster, opts));
-            let exports = Arc::new(exports::VolumeExports { manager: manager.clone(), read_only });
+            let mut registry = torus_metrics::prometheus_client::registry::Registry::default();
+            let stats = torus_volume::measured::VolumeStats::register(&mut registry);
+            let process = torus_metrics::process::ProcessStats::register(&mut registry);
+            let http_task = match http {
+                Some(http) => {
+                    let l =
+                        tokio::net::TcpListener::bind(&http).await.with_context(|| format!("listening on {http}"))?;
+                    tracing::info!(addr = %l.local_addr().context("reading the HTTP address")?, "serving /metrics and /healthz");
+                    let answer = move |path: &str| match path {
+                        "/metrics" => {
+                            process.refresh();
+                            (hyper::StatusCode::OK, torus_metrics::CONTENT_TYPE, torus_metrics::encode(&registry))
+                        }
+                        "/healthz" => (hyper::StatusCode::OK, "text/plain", "ok\n".to_string()),
+                        _ => (hyper::StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics\n".to_string()),
+                    };
+                    Some(tokio::spawn(torus_metrics::http::serve(l, Arc::new(answer))))
+                }
+                None => None,
+            };
+            let exports = Arc::new(exports::VolumeExports { manager: manager.clone(), read_only, stats });
             tracing::info!(%addr, read_only, "serving volumes over NBD (export name = volume name)");
             println!("torusblk: serving NBD on {addr}");
             let server = tokio::spawn(torus_nbd::serve(listener, exports, torus_nbd::transmission::Budget::default()));
@@ -105,6 +128,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r = server => r.context("NBD server task")?,
             }
             follower.abort();
+            if let Some(t) = http_task {
+                t.abort();
+            }
             manager.close_all().await;
             Ok(())
         }

@@ -1,97 +1,129 @@
-//! The node's counters, rendered in the Prometheus text exposition format.
-//! Names follow `torus_<subsystem>_<name>_<unit>`; no per-extent labels.
+//! The node's metrics: counters of what it served and did, gauges of its
+//! store and rebalance, a latency histogram per request op, and the
+//! process's own figures; exposed in the OpenMetrics text format
+//! (`torus-metrics`). Names follow `torus_<subsystem>_<name>_<unit>`; no
+//! per-extent labels.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use torus_metrics::ops::OpStats;
+use torus_metrics::process::ProcessStats;
+use torus_proto::Op;
 
-#[derive(Default)]
+/// The label of a node request's figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeOp {
+    pub op: &'static str,
+}
+
+impl NodeOp {
+    pub fn of(op: Op) -> NodeOp {
+        let op = match op {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Zero => "zero",
+            Op::Fence => "fence",
+            Op::DeleteVolume => "delete_volume",
+            Op::ListExtents => "list_extents",
+            Op::Ping => "ping",
+            Op::Fill => "fill",
+            Op::BlockSums => "block_sums",
+            Op::DeleteExtent => "delete_extent",
+            Op::Repair => "repair",
+            Op::Holds => "holds",
+        };
+        NodeOp { op }
+    }
+}
+
 pub struct NodeMetrics {
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub zeroes: AtomicU64,
-    pub flushes: AtomicU64,
-    pub read_bytes: AtomicU64,
-    pub written_bytes: AtomicU64,
-    pub checksum_errors: AtomicU64,
-    pub fenced_writes: AtomicU64,
-    pub errors: AtomicU64,
-    pub repaired_blocks: AtomicU64,
-    pub scrubbed_blocks: AtomicU64,
-    pub rebalance_extents_total: AtomicU64,
-    pub rebalance_extents_done: AtomicU64,
-    pub rebalance_bytes: AtomicU64,
+    registry: Registry,
+    pub ops: OpStats<NodeOp>,
+    process: ProcessStats,
+    pub reads: Counter,
+    pub writes: Counter,
+    pub zeroes: Counter,
+    pub flushes: Counter,
+    pub read_bytes: Counter,
+    pub written_bytes: Counter,
+    pub checksum_errors: Counter,
+    pub fenced_writes: Counter,
+    pub repaired_blocks: Counter,
+    pub scrubbed_blocks: Counter,
+    pub rebalance_extents_total: Gauge,
+    pub rebalance_extents_done: Gauge,
+    pub rebalance_bytes: Counter,
     /// 1 while the ring marks this node full.
-    pub full: AtomicU64,
+    pub full: Gauge,
+    used: Gauge,
+    capacity: Gauge,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let ops = OpStats::register(&mut registry, "torus_node", "peer requests");
+        let process = ProcessStats::register(&mut registry);
+        let counter = |r: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            r.register(name, help, c.clone());
+            c
+        };
+        let gauge = |r: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            r.register(name, help, g.clone());
+            g
+        };
+        let r = &mut registry;
+        NodeMetrics {
+            reads: counter(r, "torus_node_reads", "Read requests served"),
+            writes: counter(r, "torus_node_writes", "Write requests served"),
+            zeroes: counter(r, "torus_node_zero", "Trim and write-zeroes requests served"),
+            flushes: counter(r, "torus_node_flushes", "Flush requests served"),
+            read_bytes: counter(r, "torus_node_read_bytes", "Bytes read"),
+            written_bytes: counter(r, "torus_node_written_bytes", "Bytes written"),
+            checksum_errors: counter(
+                r,
+                "torus_store_checksum_errors",
+                "Blocks whose data did not match its checksum on read",
+            ),
+            fenced_writes: counter(r, "torus_node_fenced_writes", "Writes refused for carrying a stale epoch"),
+            repaired_blocks: counter(r, "torus_store_repaired_blocks", "Corrupt blocks replaced with a replica's copy"),
+            scrubbed_blocks: counter(r, "torus_scrub_verified_blocks", "Blocks the scrubber read and verified"),
+            rebalance_bytes: counter(r, "torus_rebalance_copied_bytes", "Bytes this node copied to new replicas"),
+            rebalance_extents_total: gauge(
+                r,
+                "torus_rebalance_extents_planned",
+                "Extents this node must copy in the current rebalance",
+            ),
+            rebalance_extents_done: gauge(
+                r,
+                "torus_rebalance_extents_done",
+                "Extents this node has copied in the current rebalance",
+            ),
+            full: gauge(r, "torus_node_full", "1 while the ring marks this node full (it takes no new extents)"),
+            used: gauge(r, "torus_store_used_bytes", "Bytes of data stored"),
+            capacity: gauge(r, "torus_store_capacity_bytes", "Bytes offered"),
+            ops,
+            process,
+            registry,
+        }
+    }
 }
 
 impl NodeMetrics {
-    pub fn inc(c: &AtomicU64, by: u64) {
-        c.fetch_add(by, Ordering::Relaxed);
+    pub fn inc(c: &Counter, by: u64) {
+        c.inc_by(by);
     }
 
+    /// Everything, in the OpenMetrics text format (`torus_metrics::CONTENT_TYPE`).
     pub fn render(&self, used: u64, capacity: u64) -> String {
-        let mut out = String::new();
-        let mut put = |kind: &str, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        put("counter", "torus_node_reads_total", "Read requests served.", load(&self.reads));
-        put("counter", "torus_node_writes_total", "Write requests served.", load(&self.writes));
-        put("counter", "torus_node_zero_total", "Trim and write-zeroes requests served.", load(&self.zeroes));
-        put("counter", "torus_node_flushes_total", "Flush requests served.", load(&self.flushes));
-        put("counter", "torus_node_read_bytes_total", "Bytes read.", load(&self.read_bytes));
-        put("counter", "torus_node_written_bytes_total", "Bytes written.", load(&self.written_bytes));
-        put(
-            "counter",
-            "torus_store_checksum_errors_total",
-            "Blocks whose data did not match its checksum on read.",
-            load(&self.checksum_errors),
-        );
-        put(
-            "counter",
-            "torus_node_fenced_writes_total",
-            "Writes refused for carrying a stale epoch.",
-            load(&self.fenced_writes),
-        );
-        put("counter", "torus_node_errors_total", "Requests that failed.", load(&self.errors));
-        put(
-            "counter",
-            "torus_store_repaired_blocks_total",
-            "Corrupt blocks replaced with a replica's copy.",
-            load(&self.repaired_blocks),
-        );
-        put(
-            "counter",
-            "torus_scrub_verified_blocks_total",
-            "Blocks the scrubber read and verified.",
-            load(&self.scrubbed_blocks),
-        );
-        put(
-            "counter",
-            "torus_rebalance_copied_bytes_total",
-            "Bytes this node copied to new replicas.",
-            load(&self.rebalance_bytes),
-        );
-        put(
-            "gauge",
-            "torus_rebalance_extents_total",
-            "Extents this node must copy in the current rebalance.",
-            load(&self.rebalance_extents_total),
-        );
-        put(
-            "gauge",
-            "torus_rebalance_extents_done",
-            "Extents this node has copied in the current rebalance.",
-            load(&self.rebalance_extents_done),
-        );
-        put(
-            "gauge",
-            "torus_node_full",
-            "1 while the ring marks this node full (it takes no new extents).",
-            load(&self.full),
-        );
-        put("gauge", "torus_store_used_bytes", "Bytes of data stored.", used);
-        put("gauge", "torus_store_capacity_bytes", "Bytes offered.", capacity);
-        out
+        self.used.set(used.min(i64::MAX as u64) as i64);
+        self.capacity.set(capacity.min(i64::MAX as u64) as i64);
+        self.process.refresh();
+        torus_metrics::encode(&self.registry)
     }
 }

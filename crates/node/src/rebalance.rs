@@ -148,7 +148,7 @@ impl Rebalancer {
                 continue;
             }
             let full = doc.members.iter().any(|m| m.id == self.me && m.full);
-            self.metrics.full.store(full as u64, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.full.set(full as i64);
             if let Err(e) =
                 crate::capacity::update_mark(&self.cluster, &self.store, self.me, &doc, self.full_ratio).await
             {
@@ -372,7 +372,7 @@ impl Rebalancer {
             progress.bytes_copied += bytes;
             progress.extents_done = i as u64 + 1;
             crate::metrics::NodeMetrics::inc(&self.metrics.rebalance_bytes, bytes);
-            self.metrics.rebalance_extents_done.store(progress.extents_done, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.rebalance_extents_done.set(progress.extents_done as i64);
             if i % 16 == 15 {
                 let _ = self.cluster.put_progress(self.me, &progress).await;
                 fail::fail_point!("rebalance::after-progress", |_| std::process::abort());

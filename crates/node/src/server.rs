@@ -123,6 +123,14 @@ impl Handler {
 
     /// Queues one request; `done` gets its reply (on some thread, soon or later).
     pub fn submit(self: &Arc<Self>, h: RequestHeader, payload: Vec<u8>, done: Done) {
+        // Its latency, from here (queueing included) to its reply.
+        let (started, metrics) = (std::time::Instant::now(), self.metrics.clone());
+        let bytes = if matches!(h.op, Op::Read | Op::Write | Op::Fill | Op::Repair) { h.len as u64 } else { 0 };
+        let label = crate::metrics::NodeOp::of(h.op);
+        let done: Done = Box::new(move |status, body| {
+            metrics.ops.record(&label, bytes, started.elapsed(), status == Status::Ok);
+            done(status, body)
+        });
         match h.op {
             Op::Flush => {
                 NodeMetrics::inc(&self.metrics.flushes, 1);
@@ -187,7 +195,6 @@ impl Handler {
     /// failed it. Only corruption is logged here: only the node sees it.
     fn error_reply(&self, e: &StoreError) -> (Status, Bytes) {
         let metrics = &self.metrics;
-        NodeMetrics::inc(&metrics.errors, 1);
         let status = status_of(e);
         let body = match e {
             StoreError::Fenced { current, .. } => {
@@ -310,7 +317,8 @@ async fn connection(
         }
         let id = h.id;
         if liveness.is_isolated() && matches!(h.op, Op::Write | Op::Zero | Op::Fill | Op::Repair | Op::Fence) {
-            NodeMetrics::inc(&handler.metrics.errors, 1);
+            // Refused at once: an error, answered without delay.
+            handler.metrics.ops.record(&crate::metrics::NodeOp::of(h.op), 0, std::time::Duration::ZERO, false);
             let msg = Bytes::from_static(b"node is cut off from the metadata store; retry");
             if tx.send(((ReplyHeader { status: Status::Isolated, id, len: msg.len() as u32 }, msg), held)).is_err() {
                 break Err("reply writer stopped".into());

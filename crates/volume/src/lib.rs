@@ -20,6 +20,7 @@ mod error;
 pub mod holder;
 pub mod lease;
 pub mod manager;
+pub mod measured;
 pub mod pool;
 pub mod repair;
 mod resync;

@@ -14,6 +14,7 @@ mod filesystem;
 mod full;
 mod healing;
 mod memory;
+mod metrics;
 mod nbd_clients;
 mod node_loss;
 mod partition;

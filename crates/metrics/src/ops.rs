@@ -1,0 +1,58 @@
+//! Requests, bytes, errors and latency per op.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::time::Duration;
+
+/// Latency buckets: 25 µs to about 13 s, doubling.
+fn buckets() -> Histogram {
+    Histogram::new(exponential_buckets(25e-6, 2.0, 20))
+}
+
+/// One set of op figures, labelled by `L`.
+pub struct OpStats<L: Clone + Debug + Hash + Eq + EncodeLabelSet + Send + Sync + 'static> {
+    requests: Family<L, Counter>,
+    bytes: Family<L, Counter>,
+    errors: Family<L, Counter>,
+    seconds: Family<L, Histogram>,
+}
+
+impl<L: Clone + Debug + Hash + Eq + EncodeLabelSet + Send + Sync + 'static> OpStats<L> {
+    /// Registers `<prefix>_requests_total`, `<prefix>_bytes_total`,
+    /// `<prefix>_errors_total` and `<prefix>_request_seconds` (a histogram);
+    /// `what` says what a request is, for the help texts.
+    pub fn register(registry: &mut Registry, prefix: &str, what: &str) -> Self {
+        let stats = OpStats {
+            requests: Family::default(),
+            bytes: Family::default(),
+            errors: Family::default(),
+            seconds: Family::new_with_constructor(buckets as fn() -> Histogram),
+        };
+        registry.register(format!("{prefix}_requests"), format!("{what} completed, by op"), stats.requests.clone());
+        registry.register(format!("{prefix}_bytes"), format!("Bytes moved by {what}, by op"), stats.bytes.clone());
+        registry.register(format!("{prefix}_errors"), format!("{what} that failed, by op"), stats.errors.clone());
+        registry.register(
+            format!("{prefix}_request_seconds"),
+            format!("Time from receiving to answering one of the {what}, by op"),
+            stats.seconds.clone(),
+        );
+        stats
+    }
+
+    /// Records one request: its bytes, how long it took, whether it failed.
+    pub fn record(&self, labels: &L, bytes: u64, took: Duration, ok: bool) {
+        self.requests.get_or_create(labels).inc();
+        if bytes > 0 {
+            self.bytes.get_or_create(labels).inc_by(bytes);
+        }
+        if !ok {
+            self.errors.get_or_create(labels).inc();
+        }
+        self.seconds.get_or_create(labels).observe(took.as_secs_f64());
+    }
+}

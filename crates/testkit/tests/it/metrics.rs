@@ -1,0 +1,189 @@
+//! Metrics after real I/O on 3 nodes: every process's `/metrics` parsed by
+//! the Prometheus project's own OpenMetrics parser (python3-prometheus-client),
+//! the named series present, histogram buckets monotone, counters grown by
+//! the I/O done.
+
+use crate::ok;
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use torus_testkit::{free_port, Cluster};
+
+/// A sample: (name, labels, value).
+type Sample = (String, HashMap<String, String>, f64);
+
+/// The body of an HTTP GET on loopback.
+fn get(port: u16, path: &str) -> String {
+    let whole = crate::http_get(port, path);
+    match whole.split_once("\r\n\r\n") {
+        Some((head, body)) => {
+            assert!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "GET {path}: {head}");
+            body.to_string()
+        }
+        None => panic!("GET {path}: no HTTP response: {whole}"),
+    }
+}
+
+/// Families by name (without `_total`), each with its type and samples, as the parser sees them.
+fn parse(text: &str) -> HashMap<String, (String, Vec<Sample>)> {
+    const SCRIPT: &str = "import sys, json\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+        fams = text_string_to_metric_families(sys.stdin.read())\n\
+        print(json.dumps({f.name: [f.type, [[s.name, s.labels, s.value] for s in f.samples]] for f in fams}))\n";
+    // Debian's python3-prometheus-client lives with the system's python3.
+    let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let mut child = Command::new(python)
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes()).expect("feed the parser");
+    let out = child.wait_with_output().expect("the parser");
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused the exposition: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the parser's JSON");
+    let mut fams = HashMap::new();
+    for (name, f) in v.as_object().expect("an object") {
+        let kind = f[0].as_str().unwrap_or_default().to_string();
+        let samples = f[1]
+            .as_array()
+            .expect("samples")
+            .iter()
+            .map(|s| {
+                let labels = s[1]
+                    .as_object()
+                    .expect("labels")
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect();
+                (s[0].as_str().unwrap_or_default().to_string(), labels, s[2].as_f64().unwrap_or(f64::NAN))
+            })
+            .collect();
+        fams.insert(name.clone(), (kind, samples));
+    }
+    fams
+}
+
+/// The value of `sample` with labels including `want`.
+fn value(fams: &HashMap<String, (String, Vec<Sample>)>, family: &str, sample: &str, want: &[(&str, &str)]) -> f64 {
+    let (_, samples) = fams.get(family).unwrap_or_else(|| panic!("no family {family}"));
+    samples
+        .iter()
+        .find(|(n, l, _)| n == sample && want.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .map(|s| s.2)
+        .unwrap_or_else(|| panic!("no sample {sample}{want:?} in {family}: {samples:?}"))
+}
+
+/// Every histogram's buckets grow with `le` and end at its count.
+fn check_histograms(fams: &HashMap<String, (String, Vec<Sample>)>, who: &str) -> usize {
+    let mut checked = 0;
+    for (name, (kind, samples)) in fams {
+        if kind != "histogram" {
+            continue;
+        }
+        let mut series: HashMap<Vec<(String, String)>, Vec<(f64, f64)>> = HashMap::new();
+        let mut counts = HashMap::new();
+        for (n, labels, v) in samples {
+            let mut key: Vec<(String, String)> =
+                labels.iter().filter(|(k, _)| *k != "le").map(|(k, v)| (k.clone(), v.clone())).collect();
+            key.sort();
+            if n.ends_with("_bucket") {
+                let le = labels.get("le").map_or(f64::NAN, |s| {
+                    if s == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        s.parse().unwrap_or(f64::NAN)
+                    }
+                });
+                series.entry(key).or_default().push((le, *v));
+            } else if n.ends_with("_count") {
+                counts.insert(key, *v);
+            }
+        }
+        for (key, mut buckets) in series {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            assert!(
+                buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+                "{who}: {name}{key:?} buckets not monotone: {buckets:?}"
+            );
+            let last = buckets.last().expect("a bucket");
+            assert!(
+                last.0.is_infinite() && Some(&last.1) == counts.get(&key),
+                "{who}: {name}{key:?}: +Inf bucket != count"
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
+
+#[test]
+fn every_process_exports_parseable_metrics_that_count_the_io_done() {
+    let c = Cluster::start(3, 2);
+    c.ctl_ok(&["volume", "create-block", "m", "64MiB"]);
+    let port = free_port();
+    let http = format!("127.0.0.1:{port}");
+    let blk = c.start_blk(&["--http", &http]);
+    let uri = blk.uri("m");
+    ok(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 0 8M", "-c", "read -P 0x5a 0 8M", "-c", "flush"])
+        .args(["-c", "discard 4M 1M"])
+        .arg(&uri));
+    ok(Command::new("nbdinfo").arg("--map").arg(&uri));
+
+    let fams = parse(&get(port, "/metrics"));
+    let vol = [("volume", "m")];
+    let writes = value(&fams, "torus_volume_requests", "torus_volume_requests_total", &[vol[0], ("op", "write")]);
+    let reads = value(&fams, "torus_volume_requests", "torus_volume_requests_total", &[vol[0], ("op", "read")]);
+    assert!(writes >= 1.0 && reads >= 1.0, "writes {writes}, reads {reads}");
+    let written = value(&fams, "torus_volume_bytes", "torus_volume_bytes_total", &[vol[0], ("op", "write")]);
+    let read = value(&fams, "torus_volume_bytes", "torus_volume_bytes_total", &[vol[0], ("op", "read")]);
+    assert_eq!((written, read), (8.0 * 1048576.0, 8.0 * 1048576.0), "bytes counted exactly");
+    for op in ["flush", "zero", "block_status"] {
+        assert!(
+            value(&fams, "torus_volume_requests", "torus_volume_requests_total", &[vol[0], ("op", op)]) >= 1.0,
+            "{op}"
+        );
+    }
+    let count =
+        value(&fams, "torus_volume_request_seconds", "torus_volume_request_seconds_count", &[vol[0], ("op", "write")]);
+    assert_eq!(count, writes, "one latency per write");
+    assert!(value(&fams, "torus_process_resident_memory_bytes", "torus_process_resident_memory_bytes", &[]) > 1e6);
+    let blk_histograms = check_histograms(&fams, "torusblk");
+
+    let mut node_written = 0.0;
+    let mut node_histograms = 0;
+    for (i, n) in c.nodes.iter().enumerate() {
+        let fams = parse(&get(n.http_port, "/metrics"));
+        node_written += value(&fams, "torus_node_written_bytes", "torus_node_written_bytes_total", &[]);
+        let w = fams["torus_node_requests"]
+            .1
+            .iter()
+            .filter(|s| s.1.get("op").map(String::as_str) == Some("write"))
+            .map(|s| s.2)
+            .sum::<f64>();
+        let timed = fams["torus_node_request_seconds"]
+            .1
+            .iter()
+            .filter(|s| s.0.ends_with("_count") && s.1.get("op").map(String::as_str) == Some("write"))
+            .map(|s| s.2)
+            .sum::<f64>();
+        assert_eq!(w, timed, "node {i}: one latency per write");
+        for name in
+            ["torus_store_used_bytes", "torus_store_capacity_bytes", "torus_process_cpu_seconds", "torus_node_full"]
+        {
+            assert!(fams.contains_key(name), "node {i} exports {name}");
+        }
+        node_histograms += check_histograms(&fams, &format!("node {i}"));
+    }
+    assert!(node_written >= 2.0 * 8.0 * 1048576.0, "both replicas of 8 MiB written: {node_written}");
+    eprintln!(
+        "metrics: torusblk counted {writes} writes and {reads} reads (8 MiB each way), {blk_histograms} latency histograms; \
+         3 nodes wrote {} MiB, {node_histograms} histograms, all parsed by the OpenMetrics parser",
+        node_written as u64 >> 20
+    );
+}
