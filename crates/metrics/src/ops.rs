@@ -44,15 +44,37 @@ impl<L: Clone + Debug + Hash + Eq + EncodeLabelSet + Send + Sync + 'static> OpSt
         stats
     }
 
+    /// The series of one label set, to record into without looking them up
+    /// again (a request's hot path touches no map).
+    pub fn handles(&self, labels: &L) -> OpHandles {
+        OpHandles {
+            requests: self.requests.get_or_create(labels).clone(),
+            bytes: self.bytes.get_or_create(labels).clone(),
+            errors: self.errors.get_or_create(labels).clone(),
+            seconds: self.seconds.get_or_create(labels).clone(),
+        }
+    }
+}
+
+/// The series of one label set of an [`OpStats`].
+#[derive(Clone)]
+pub struct OpHandles {
+    requests: Counter,
+    bytes: Counter,
+    errors: Counter,
+    seconds: Histogram,
+}
+
+impl OpHandles {
     /// Records one request: its bytes, how long it took, whether it failed.
-    pub fn record(&self, labels: &L, bytes: u64, took: Duration, ok: bool) {
-        self.requests.get_or_create(labels).inc();
+    pub fn record(&self, bytes: u64, took: Duration, ok: bool) {
+        self.requests.inc();
         if bytes > 0 {
-            self.bytes.get_or_create(labels).inc_by(bytes);
+            self.bytes.inc_by(bytes);
         }
         if !ok {
-            self.errors.get_or_create(labels).inc();
+            self.errors.inc();
         }
-        self.seconds.get_or_create(labels).observe(took.as_secs_f64());
+        self.seconds.observe(took.as_secs_f64());
     }
 }

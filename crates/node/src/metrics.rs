@@ -8,7 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use torus_metrics::ops::OpStats;
+use torus_metrics::ops::{OpHandles, OpStats};
 use torus_metrics::process::ProcessStats;
 use torus_proto::Op;
 
@@ -17,6 +17,23 @@ use torus_proto::Op;
 pub struct NodeOp {
     pub op: &'static str,
 }
+
+/// Every op, in the order of `NodeMetrics::by_op`.
+const OPS: [Op; 13] = [
+    Op::Read,
+    Op::Write,
+    Op::Flush,
+    Op::Zero,
+    Op::Fence,
+    Op::DeleteVolume,
+    Op::ListExtents,
+    Op::Ping,
+    Op::Fill,
+    Op::BlockSums,
+    Op::DeleteExtent,
+    Op::Repair,
+    Op::Holds,
+];
 
 impl NodeOp {
     pub fn of(op: Op) -> NodeOp {
@@ -41,7 +58,8 @@ impl NodeOp {
 
 pub struct NodeMetrics {
     registry: Registry,
-    pub ops: OpStats<NodeOp>,
+    /// Request figures by op (`OPS` order), looked up once.
+    by_op: [OpHandles; 13],
     process: ProcessStats,
     pub reads: Counter,
     pub writes: Counter,
@@ -65,7 +83,8 @@ pub struct NodeMetrics {
 impl Default for NodeMetrics {
     fn default() -> Self {
         let mut registry = Registry::default();
-        let ops = OpStats::register(&mut registry, "torus_node", "peer requests");
+        let ops: OpStats<NodeOp> = OpStats::register(&mut registry, "torus_node", "peer requests");
+        let by_op = OPS.map(|op| ops.handles(&NodeOp::of(op)));
         let process = ProcessStats::register(&mut registry);
         let counter = |r: &mut Registry, name: &str, help: &str| {
             let c = Counter::default();
@@ -107,7 +126,7 @@ impl Default for NodeMetrics {
             full: gauge(r, "torus_node_full", "1 while the ring marks this node full (it takes no new extents)"),
             used: gauge(r, "torus_store_used_bytes", "Bytes of data stored"),
             capacity: gauge(r, "torus_store_capacity_bytes", "Bytes offered"),
-            ops,
+            by_op,
             process,
             registry,
         }
@@ -117,6 +136,12 @@ impl Default for NodeMetrics {
 impl NodeMetrics {
     pub fn inc(c: &Counter, by: u64) {
         c.inc_by(by);
+    }
+
+    /// The figures of requests of `op`.
+    pub fn op(&self, op: Op) -> &OpHandles {
+        let i = OPS.iter().position(|o| *o == op).unwrap_or(0);
+        &self.by_op[i]
     }
 
     /// Everything, in the OpenMetrics text format (`torus_metrics::CONTENT_TYPE`).

@@ -126,9 +126,9 @@ impl Handler {
         // Its latency, from here (queueing included) to its reply.
         let (started, metrics) = (std::time::Instant::now(), self.metrics.clone());
         let bytes = if matches!(h.op, Op::Read | Op::Write | Op::Fill | Op::Repair) { h.len as u64 } else { 0 };
-        let label = crate::metrics::NodeOp::of(h.op);
+        let op = h.op;
         let done: Done = Box::new(move |status, body| {
-            metrics.ops.record(&label, bytes, started.elapsed(), status == Status::Ok);
+            metrics.op(op).record(bytes, started.elapsed(), status == Status::Ok);
             done(status, body)
         });
         match h.op {
@@ -318,7 +318,7 @@ async fn connection(
         let id = h.id;
         if liveness.is_isolated() && matches!(h.op, Op::Write | Op::Zero | Op::Fill | Op::Repair | Op::Fence) {
             // Refused at once: an error, answered without delay.
-            handler.metrics.ops.record(&crate::metrics::NodeOp::of(h.op), 0, std::time::Duration::ZERO, false);
+            handler.metrics.op(h.op).record(0, std::time::Duration::ZERO, false);
             let msg = Bytes::from_static(b"node is cut off from the metadata store; retry");
             if tx.send(((ReplyHeader { status: Status::Isolated, id, len: msg.len() as u32 }, msg), held)).is_err() {
                 break Err("reply writer stopped".into());

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use prometheus_client::encoding::EncodeLabelSet;
 use std::sync::Arc;
 use std::time::Instant;
-use torus_metrics::ops::OpStats;
+use torus_metrics::ops::{OpHandles, OpStats};
 
 /// The labels of a client's request figures.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,20 +34,20 @@ impl VolumeStats {
 
     /// Wraps a device of volume `name`.
     pub fn measure<D: BlockDevice>(self: &Arc<Self>, name: &str, inner: Arc<D>) -> Measured<D> {
-        let labels = OPS.map(|op| VolumeOp { volume: name.to_string(), op });
-        Measured { inner, stats: self.clone(), labels }
+        let ops = OPS.map(|op| self.ops.handles(&VolumeOp { volume: name.to_string(), op }));
+        Measured { inner, ops }
     }
 }
 
 pub struct Measured<D> {
     inner: Arc<D>,
-    stats: Arc<VolumeStats>,
-    labels: [VolumeOp; 5],
+    /// The series of each op of `OPS`.
+    ops: [OpHandles; 5],
 }
 
 impl<D> Measured<D> {
     fn record<T>(&self, op: usize, bytes: u64, started: Instant, res: &Result<T, VolumeError>) {
-        self.stats.ops.record(&self.labels[op], bytes, started.elapsed(), res.is_ok());
+        self.ops[op].record(bytes, started.elapsed(), res.is_ok());
     }
 }
 
