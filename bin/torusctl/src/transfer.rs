@@ -22,6 +22,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use torus_meta::cluster::Cluster;
 use torus_types::format_size;
 use torus_volume::device::Run;
@@ -90,12 +91,28 @@ fn data_ranges(f: &File, len: u64) -> Vec<(u64, u64)> {
 /// Pieces of the source to write: `(offset, bytes)`; sent by the reading thread.
 type Piece = (u64, Bytes);
 
-/// Reads the source on a thread of its own, sending the non-zero pieces;
-/// `scanned` counts every byte covered, holes included.
+/// What an import reads.
+enum Source {
+    /// A regular file of this length: read at offsets, its holes skipped unread.
+    File(File, u64),
+    /// Standard input: read in order.
+    Stdin,
+}
+
+impl Source {
+    /// The bytes to read, when known.
+    fn len(&self) -> Option<u64> {
+        match self {
+            Source::File(_, len) => Some(*len),
+            Source::Stdin => None,
+        }
+    }
+}
+
+/// Reads the source on a thread of its own, sending its non-zero pieces; the
+/// progress bar counts every byte covered, holes included. Returns the bytes sent.
 fn read_source(
-    mut source: Box<dyn Read + Send>,
-    file: Option<File>,
-    len: Option<u64>,
+    source: Source,
     size: u64,
     tx: tokio::sync::mpsc::Sender<anyhow::Result<Piece>>,
     bar: ProgressBar,
@@ -111,8 +128,8 @@ fn read_source(
         Ok(())
     };
     let mut buf = vec![0u8; CHUNK as usize];
-    match (file, len) {
-        (Some(f), Some(len)) => {
+    match source {
+        Source::File(f, len) => {
             let ranges = data_ranges(&f, len);
             bar.inc(len - ranges.iter().map(|r| r.1).sum::<u64>());
             for (start, n) in ranges {
@@ -125,12 +142,13 @@ fn read_source(
                 }
             }
         }
-        _ => {
+        Source::Stdin => {
+            let mut stdin = std::io::stdin();
             let mut pos = 0u64;
             loop {
                 let mut k = 0;
                 while k < buf.len() {
-                    match source.read(&mut buf[k..]) {
+                    match stdin.read(&mut buf[k..]) {
                         Ok(0) => break,
                         Ok(n) => k += n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -164,16 +182,17 @@ pub async fn import(
     if cluster.volume(name).await.is_ok() {
         bail!("volume {name} exists already: import creates the volume (delete it, or pick another name)");
     }
-    let (reader, file, len): (Box<dyn Read + Send>, Option<File>, Option<u64>) = if source == "-" {
-        (Box::new(std::io::stdin()), None, None)
+    let input = if source == "-" {
+        Source::Stdin
     } else {
         let f = File::open(source).with_context(|| format!("opening {source}"))?;
         let meta = f.metadata().with_context(|| format!("reading the size of {source}"))?;
         if !meta.is_file() {
             bail!("{source} is not a regular file (use - and --size to read a device or a pipe from stdin)");
         }
-        (Box::new(std::io::empty()), Some(f), Some(meta.len()))
+        Source::File(f, meta.len())
     };
+    let len = input.len();
     let size = match (size, len) {
         (Some(s), Some(l)) if s < l => {
             bail!("{source} holds {} bytes, more than --size {}", l, format_size(s))
@@ -185,7 +204,7 @@ pub async fn import(
     };
     let info = cluster.create_volume(name, size, replication).await.context("creating the volume")?;
     let started = Instant::now();
-    let result = import_into(cluster, name, size, reader, file, len).await;
+    let result = import_into(cluster, name, size, input).await;
     match result {
         Ok(stored) => {
             println!(
@@ -209,24 +228,17 @@ pub async fn import(
     }
 }
 
-async fn import_into(
-    cluster: &Cluster,
-    name: &str,
-    size: u64,
-    reader: Box<dyn Read + Send>,
-    file: Option<File>,
-    len: Option<u64>,
-) -> anyhow::Result<u64> {
+async fn import_into(cluster: &Cluster, name: &str, size: u64, input: Source) -> anyhow::Result<u64> {
     let opts = ManagerOptions { holder: format!("torusctl import (pid {})", std::process::id()), ..Default::default() };
     let manager = VolumeManager::new(cluster.clone(), opts);
     let vol = manager.open(name, true).await.context("opening the new volume")?;
-    let bar = progress(len.unwrap_or(size), "import");
+    let bar = progress(input.len().unwrap_or(size), "import");
     let (tx, rx) = tokio::sync::mpsc::channel::<anyhow::Result<Piece>>(IN_FLIGHT);
     let reading = {
         let bar = bar.clone();
-        tokio::task::spawn_blocking(move || read_source(reader, file, len, size, tx, bar))
+        tokio::task::spawn_blocking(move || read_source(input, size, tx, bar))
     };
-    let written = tokio_stream_of(rx)
+    let written = ReceiverStream::new(rx)
         .map(|piece| {
             let vol = vol.clone();
             async move {
@@ -248,11 +260,6 @@ async fn import_into(
     drop(vol);
     manager.close_all().await;
     Ok(stored)
-}
-
-/// The receiver as a stream.
-fn tokio_stream_of<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
-    stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
 }
 
 /// Where an export goes.

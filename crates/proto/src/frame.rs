@@ -24,6 +24,9 @@ pub const FLAG_FUA: u8 = 1;
 pub const FLAG_ZERO_FILL: u8 = 2;
 /// Request flag on READ: fail with ABSENT rather than read never-written blocks as zeroes.
 pub const FLAG_PRESENT_ONLY: u8 = 4;
+/// The state byte of a BLOCK_SUMS entry for a block that holds data (0 is
+/// absent, 2 zero).
+pub const BLOCK_DATA: u8 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]

@@ -14,5 +14,7 @@ pub mod frame;
 pub mod transport;
 
 pub use client::{PeerClient, PeerError};
-pub use frame::{Op, ReplyHeader, RequestHeader, Status, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
+pub use frame::{
+    Op, ReplyHeader, RequestHeader, Status, BLOCK_DATA, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
+};
 pub use transport::{Link, Tcp, Transport};

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use torus_meta::cluster::ReplicaState;
-use torus_proto::{PeerClient, PeerError};
+use torus_proto::{PeerClient, PeerError, BLOCK_DATA};
 use torus_types::{ExtentId, NodeId, BLOCK_SIZE};
 
 /// Largest piece copied in one request.
@@ -24,10 +24,9 @@ const CHUNK: usize = 1 << 20;
 
 /// Whether two checksum-table entries read the same: equal data, or zeroes on both sides.
 fn same(a: Option<&(u32, u8)>, b: Option<&(u32, u8)>) -> bool {
-    const DATA: u8 = 1;
     let a = a.copied().unwrap_or((0, 0));
     let b = b.copied().unwrap_or((0, 0));
-    match (a.1 == DATA, b.1 == DATA) {
+    match (a.1 == BLOCK_DATA, b.1 == BLOCK_DATA) {
         (true, true) => a.0 == b.0,
         (false, false) => true,
         _ => false,
@@ -52,11 +51,11 @@ async fn copy_differing(
             b += 1;
             continue;
         }
-        let data = src.get(b).is_some_and(|e| e.1 == 1);
+        let data = src.get(b).is_some_and(|e| e.1 == BLOCK_DATA);
         let mut end = b + 1;
         while end < blocks
             && !same(src.get(end), dst.get(end))
-            && src.get(end).is_some_and(|e| e.1 == 1) == data
+            && src.get(end).is_some_and(|e| e.1 == BLOCK_DATA) == data
             && (end - b) * BLOCK_SIZE < CHUNK
         {
             end += 1;

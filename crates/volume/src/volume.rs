@@ -595,8 +595,7 @@ impl BlockDevice for Volume {
             while pos < end {
                 let block = pos / bs;
                 let next = ((block + 1) * bs).min(end);
-                const DATA: u8 = 1;
-                let data = table.get(block as usize).is_some_and(|(_, state)| *state == DATA);
+                let data = table.get(block as usize).is_some_and(|(_, state)| *state == torus_proto::BLOCK_DATA);
                 push_run(&mut runs, Run { len: next - pos, data });
                 pos = next;
             }

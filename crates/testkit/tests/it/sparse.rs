@@ -8,6 +8,14 @@ use torus_testkit::Cluster;
 
 const MIB: u64 = 1 << 20;
 
+/// Appends a range, merging it with the last one when they touch.
+fn push_range(out: &mut Vec<(u64, u64)>, off: u64, len: u64) {
+    match out.last_mut() {
+        Some(last) if last.0 + last.1 == off => last.1 += len,
+        _ => out.push((off, len)),
+    }
+}
+
 /// `(offset, length)` of the data ranges in `nbdinfo --map --json` output.
 fn nbdinfo_data(json: &str) -> Vec<(u64, u64)> {
     let v: serde_json::Value = serde_json::from_str(json).expect("nbdinfo --map --json output");
@@ -16,10 +24,7 @@ fn nbdinfo_data(json: &str) -> Vec<(u64, u64)> {
         let (off, len, kind) = (e["offset"].as_u64(), e["length"].as_u64(), e["type"].as_u64());
         let (Some(off), Some(len), Some(kind)) = (off, len, kind) else { panic!("malformed extent {e} in {json}") };
         if kind & 1 == 0 {
-            match out.last_mut() {
-                Some(last) if last.0 + last.1 == off => last.1 += len,
-                _ => out.push((off, len)),
-            }
+            push_range(&mut out, off, len);
         }
     }
     out
@@ -56,11 +61,7 @@ fn nbdinfo_and_qemu_img_map_list_exactly_the_written_ranges_as_data() {
     let mut data: Vec<(u64, u64)> = Vec::new();
     for e in v.as_array().expect("an array") {
         if e["data"] == true {
-            let (off, len) = (e["start"].as_u64().unwrap_or(0), e["length"].as_u64().unwrap_or(0));
-            match data.last_mut() {
-                Some(last) if last.0 + last.1 == off => last.1 += len,
-                _ => data.push((off, len)),
-            }
+            push_range(&mut data, e["start"].as_u64().unwrap_or(0), e["length"].as_u64().unwrap_or(0));
         }
     }
     assert_eq!(data, want, "qemu-img map: {qemu}");
