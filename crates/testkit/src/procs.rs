@@ -538,6 +538,22 @@ impl Cluster {
     }
 
     pub fn start_node(&mut self, i: usize) {
+        // Another test process may take the HTTP port between our check and
+        // torusd's bind: then start it again on another (nothing refers to it).
+        for _ in 0..3 {
+            match self.try_start_node(i) {
+                Ok(()) => return,
+                Err(text) if text.contains("listening for HTTP") && text.contains("Address already in use") => {
+                    self.nodes[i].http_port = free_port();
+                }
+                Err(text) => panic!("torusd {i} failed to start: {text}"),
+            }
+        }
+        panic!("torusd {i} found no free HTTP port in 3 tries");
+    }
+
+    /// Starts a node; `Err` with its log if it exited complaining.
+    fn try_start_node(&mut self, i: usize) -> Result<(), String> {
         let n = &self.nodes[i];
         let mut cmd = self.cmd_in(n.netns.as_deref(), "torusd");
         cmd.arg("--data-dir")
@@ -555,14 +571,26 @@ impl Cluster {
         let addr = n.peer_addr.clone();
         self.nodes[i].proc = Some(proc);
         let log = self.nodes[i].log.clone();
+        let mut failed = None;
         wait_until(Duration::from_secs(30), &format!("torusd {i} to listen on {addr}"), || {
-            let up = TcpStream::connect(&addr).is_ok();
-            if !up {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                assert!(!text.contains("torusd: "), "torusd {i} failed to start: {text}");
+            if TcpStream::connect(&addr).is_ok() {
+                return true;
             }
-            up
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("torusd: ") {
+                failed = Some(text);
+                return true;
+            }
+            false
         });
+        match failed {
+            None => Ok(()),
+            Some(text) => {
+                // The log is appended to by the next start: keep this one's story apart.
+                let _ = std::fs::rename(&log, log.with_extension(format!("failed-{}.log", free_port())));
+                Err(text)
+            }
+        }
     }
 
     pub fn node(&mut self, i: usize) -> &mut Proc {
