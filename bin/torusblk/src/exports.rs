@@ -1,4 +1,5 @@
-//! The NBD exports: every block volume, by name, opened through the volume manager.
+//! The NBD exports: every block volume, by name, and every snapshot as
+//! `VOLUME@SNAPSHOT` (always read-only), opened through the volume manager.
 
 use std::sync::Arc;
 use torus_meta::cluster::ClusterError;
@@ -15,7 +16,11 @@ pub struct VolumeExports {
 
 fn export_error(e: VolumeError) -> ExportError {
     match e {
-        VolumeError::Cluster(ClusterError::VolumeNotFound { .. }) => ExportError::NotFound(e.to_string()),
+        VolumeError::Cluster(
+            ClusterError::VolumeNotFound { .. }
+            | ClusterError::SnapshotNotFound { .. }
+            | ClusterError::InvalidSnapshotName { .. },
+        ) => ExportError::NotFound(e.to_string()),
         VolumeError::Cluster(ClusterError::VolumeLocked { .. }) => ExportError::Busy(e.to_string()),
         e => ExportError::Unavailable(e.to_string()),
     }
@@ -26,15 +31,27 @@ impl Exports for VolumeExports {
 
     async fn list(&self) -> Result<Vec<String>, ExportError> {
         let vols = self.manager.list().await.map_err(export_error)?;
-        Ok(vols.into_iter().map(|v| v.name).collect())
+        let snaps = self.manager.cluster().snapshots(None).await.map_err(|e| export_error(e.into()))?;
+        // A snapshot of a volume deleted and created again under its name is not reachable by name.
+        let live: std::collections::HashMap<_, _> = vols.iter().map(|v| (v.id, v.name.clone())).collect();
+        let snaps = snaps.into_iter().filter(|s| live.get(&s.volume) == Some(&s.volume_name)).map(|s| s.full_name());
+        Ok(vols.iter().map(|v| v.name.clone()).chain(snaps).collect())
     }
 
     async fn describe(&self, name: &str) -> Result<ExportInfo, ExportError> {
+        if let Some((vol, snap)) = name.split_once('@') {
+            let s = self.manager.cluster().snapshot(vol, snap).await.map_err(|e| export_error(e.into()))?;
+            return Ok(ExportInfo { size: s.size, read_only: true });
+        }
         let v = self.manager.cluster().volume(name).await.map_err(|e| export_error(e.into()))?;
         Ok(ExportInfo { size: v.size, read_only: self.read_only })
     }
 
     async fn open(&self, name: &str) -> Result<Arc<Measured<Volume>>, ExportError> {
+        if name.contains('@') {
+            let v = self.manager.open(name, false).await.map_err(export_error)?;
+            return Ok(Arc::new(self.stats.measure(name, v)));
+        }
         let v = self.manager.open(name, !self.read_only).await.map_err(|e| {
             tracing::warn!(export = name, error = %e, "open refused");
             export_error(e)

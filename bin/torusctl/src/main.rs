@@ -1,6 +1,7 @@
 //! torusctl: administration. One module per noun; this file parses and dispatches.
 
 mod peer;
+mod snapshot;
 mod status;
 mod transfer;
 mod volume;

@@ -271,11 +271,8 @@ enum Sink {
 }
 
 pub async fn export(cluster: &Cluster, spec: &str, dest: &str, force: bool) -> anyhow::Result<()> {
-    if let Some((vol, snap)) = spec.split_once('@') {
-        bail!(
-            "cannot export {vol}@{snap}: this version has no snapshots yet (export the volume itself while it is \
-             in use: {vol})"
-        );
+    if spec.contains('@') {
+        torus_meta::cluster::parse_snapshot_ref(spec)?;
     }
     let name = spec;
     let manager = VolumeManager::new(cluster.clone(), ManagerOptions::default());

@@ -1,4 +1,4 @@
-//! `torusctl volume create-block | list | resize | delete | import | export`.
+//! `torusctl volume create-block | list | resize | delete | import | export | snapshot | clone`.
 
 use crate::Output;
 use anyhow::{bail, Context};
@@ -56,16 +56,27 @@ pub enum VolumeCmd {
         #[arg(long)]
         replication: Option<u32>,
     },
-    /// Write a volume to a file (holes stay holes) or to standard output (-),
-    /// reading only what holds data; works while the volume is in use.
+    /// Write a volume or a snapshot to a file (holes stay holes) or to
+    /// standard output (-), reading only what holds data; works while the
+    /// volume is in use.
     Export {
-        /// VOL (VOL@SNAP once snapshots exist).
+        /// VOL or VOL@SNAP.
         volume: String,
         /// A file, or - for standard output.
         dest: String,
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
+    },
+    /// Snapshots: instant, copy-on-write, taken while the volume is in use.
+    #[command(subcommand)]
+    Snapshot(crate::snapshot::SnapshotCmd),
+    /// Create a writable volume sharing a snapshot's data until written (instant).
+    Clone {
+        /// VOL@SNAP
+        snapshot: String,
+        /// The new volume's name.
+        name: String,
     },
 }
 
@@ -113,6 +124,8 @@ pub async fn run(cluster: &Cluster, cmd: VolumeCmd) -> anyhow::Result<()> {
             crate::transfer::import(cluster, &source, &name, size, replication).await?
         }
         VolumeCmd::Export { volume, dest, force } => crate::transfer::export(cluster, &volume, &dest, force).await?,
+        VolumeCmd::Snapshot(cmd) => crate::snapshot::run(cluster, cmd).await?,
+        VolumeCmd::Clone { snapshot, name } => crate::snapshot::clone(cluster, &snapshot, &name).await?,
     }
     Ok(())
 }

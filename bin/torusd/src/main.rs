@@ -62,6 +62,9 @@ struct Args {
     /// Seconds between looks for copies to repair in volumes nobody has open (0 turns repair off).
     #[arg(long = "repair-interval", default_value_t = 2, env = "TORUS_REPAIR_INTERVAL")]
     repair_interval: u64,
+    /// Seconds between looks for the data of deleted volumes and snapshots to delete (0 turns it off).
+    #[arg(long = "collect-interval", default_value_t = 10, env = "TORUS_COLLECT_INTERVAL")]
+    collect_interval: u64,
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
@@ -152,6 +155,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         transport: Arc::new(torus_proto::Tcp),
     };
     let scrub_task = tokio::spawn(scrubber.run());
+    let collect_task = (args.collect_interval > 0).then(|| {
+        let collector = torus_node::collector::Collector {
+            cluster: cluster.clone(),
+            store: store.clone(),
+            interval: Duration::from_secs(args.collect_interval),
+        };
+        tokio::spawn(collector.run())
+    });
     let repair = (args.repair_interval > 0).then(|| {
         let host = torus_volume::holder::hostname();
         let opts = torus_volume::ManagerOptions {
@@ -184,6 +195,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     reg_task.abort();
     reb_task.abort();
     scrub_task.abort();
+    if let Some(t) = collect_task {
+        t.abort();
+    }
     if let Some((manager, task)) = repair {
         task.abort();
         manager.close_all().await;

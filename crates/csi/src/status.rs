@@ -9,16 +9,23 @@ use torus_meta::MetaError;
 pub fn cluster(e: ClusterError) -> Status {
     let msg = e.to_string();
     match e {
-        ClusterError::VolumeNotFound { .. } | ClusterError::UnknownHost { .. } => Status::not_found(msg),
-        ClusterError::VolumeExists { .. } | ClusterError::AttachedIncompatibly { .. } => Status::already_exists(msg),
+        ClusterError::VolumeNotFound { .. }
+        | ClusterError::UnknownHost { .. }
+        | ClusterError::SnapshotNotFound { .. } => Status::not_found(msg),
+        ClusterError::VolumeExists { .. }
+        | ClusterError::AttachedIncompatibly { .. }
+        | ClusterError::SnapshotExists { .. } => Status::already_exists(msg),
         ClusterError::InvalidVolumeName { .. }
+        | ClusterError::InvalidSnapshotName { .. }
         | ClusterError::InvalidVolumeSize { .. }
         | ClusterError::InvalidConfig { .. } => Status::invalid_argument(msg),
         ClusterError::VolumeLocked { .. }
         | ClusterError::AttachedElsewhere { .. }
         | ClusterError::NotInitialized { .. }
         | ClusterError::AlreadyInitialized { .. }
-        | ClusterError::LockLost { .. } => Status::failed_precondition(msg),
+        | ClusterError::LockLost { .. }
+        | ClusterError::HasSnapshots { .. }
+        | ClusterError::HasClones { .. } => Status::failed_precondition(msg),
         ClusterError::Refused { .. } => Status::resource_exhausted(msg),
         ClusterError::Contended => Status::aborted(msg),
         ClusterError::UnknownPeer { .. } => Status::internal(msg),

@@ -8,6 +8,7 @@
 //! - [`liveness`]: writes are accepted only while the node's own lease is provably alive.
 //! - [`capacity`]: the node marks itself full in the ring when nearly full.
 //! - [`rebalance`]: this node's part in moving data when the ring changes.
+//! - [`collector`]: deletes the layers no volume or snapshot uses any more.
 //! - [`scrub`]: the background verification of every stored block, with repair from replicas.
 //! - [`http`] and [`metrics`]: `/status` (JSON) and `/metrics` (Prometheus text).
 //!
@@ -15,6 +16,7 @@
 //! serves extents and knows nothing of volumes' layout or of clients' protocols.
 
 pub mod capacity;
+pub mod collector;
 pub mod error;
 pub mod http;
 pub mod identity;

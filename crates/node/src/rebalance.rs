@@ -303,10 +303,16 @@ impl Rebalancer {
         Ok(peers.into_iter().map(|p| (p.id, p.address)).collect())
     }
 
-    /// Each volume's replication, by id.
+    /// Each layer's replication (volumes and snapshots are stored as layers), by id.
     async fn replication_by_volume(&self) -> Result<HashMap<VolumeId, usize>, NodeError> {
-        let vols = self.cluster.volumes().await?;
-        Ok(vols.into_iter().map(|v| (v.id, v.replication as usize)).collect())
+        Ok(self.cluster.layers().await?.replication)
+    }
+
+    /// Each volume's replica state, by the layer it applies to (the volume's newest).
+    async fn states_by_layer(&self) -> Result<HashMap<VolumeId, torus_meta::cluster::ReplicaState>, NodeError> {
+        let top = self.cluster.layers().await?.top;
+        let states = self.cluster.replica_states().await?;
+        Ok(states.into_iter().map(|(vol, s)| (top.get(&vol).copied().unwrap_or(vol), s)).collect())
     }
 
     async fn move_data(&self, doc: &RingDoc, clients: &mut HashMap<NodeId, Arc<PeerClient>>) -> Result<(), NodeError> {
@@ -315,7 +321,7 @@ impl Rebalancer {
         let next = doc.placement();
         let volumes = self.replication_by_volume().await?;
         let addrs = self.addresses().await?;
-        let states = self.cluster.replica_states().await?;
+        let states = self.states_by_layer().await?;
         let missing = |n: NodeId, e: ExtentId| states.get(&e.volume).is_some_and(|s| s.is_missing(n, e.index));
         let mut plan: Vec<(ExtentId, Vec<NodeId>)> = Vec::new();
         let mut held = HashMap::new();
@@ -536,7 +542,7 @@ impl Rebalancer {
         let prev = doc.placement_of(doc.previous.as_deref().unwrap_or_default());
         let next = doc.placement();
         let volumes = self.replication_by_volume().await?;
-        for (vol, state) in self.cluster.replica_states().await? {
+        for (vol, state) in self.states_by_layer().await? {
             let Some(&r) = volumes.get(&vol) else { continue };
             for (node, set) in &state.missing {
                 for &index in &set.0 {

@@ -108,20 +108,15 @@ impl Scrubber {
     /// Fetches a good copy of one block from another replica and repairs ours with it.
     async fn repair(&self, extent: ExtentId, block: u64) -> Result<(), NodeError> {
         let (doc, _) = self.cluster.ring().await?;
-        let vol = self
-            .cluster
-            .volumes()
-            .await?
-            .into_iter()
-            .find(|v| v.id == extent.volume)
-            .ok_or("the volume no longer exists")?;
+        // The layer's replication (a volume's, or a snapshot's).
+        let r = *self.cluster.layers().await?.replication.get(&extent.volume).ok_or("the volume no longer exists")?;
         let addrs: HashMap<NodeId, String> =
             self.cluster.peers().await?.into_iter().map(|p| (p.id, p.address)).collect();
         let mut candidates = Vec::new();
         for members in std::iter::once(&doc.members).chain(doc.previous.iter()) {
             let ring = doc.placement_of(members);
             // Every node that may hold it (full nodes keep what they hold; others stand in for them).
-            for n in ring.candidates(extent, vol.replication as usize) {
+            for n in ring.candidates(extent, r) {
                 if n != self.me && !candidates.contains(&n) {
                     candidates.push(n);
                 }

@@ -236,6 +236,9 @@ impl Handler {
                 NodeMetrics::inc(&metrics.written_bytes, h.len as u64);
                 store.write(h.extent, off, &payload, h.epoch).map(|()| Bytes::new())
             }
+            Op::Zero if h.flags & torus_proto::FLAG_DISCARD != 0 => {
+                store.discard(h.extent, off, h.len as u64, h.epoch).map(|()| Bytes::new())
+            }
             Op::Zero => {
                 NodeMetrics::inc(&metrics.zeroes, 1);
                 store.zero(h.extent, off, h.len as u64, h.epoch).map(|()| Bytes::new())

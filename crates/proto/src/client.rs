@@ -8,7 +8,8 @@
 //! client stays dead: callers (the volume layer's pool) make a new one.
 
 use crate::frame::{
-    self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, FLAG_PRESENT_ONLY, FLAG_ZERO_FILL, REPLY_HEADER_LEN,
+    self, Op, ReplyHeader, RequestHeader, Status, FLAG_DISCARD, FLAG_FUA, FLAG_PRESENT_ONLY, FLAG_ZERO_FILL,
+    REPLY_HEADER_LEN,
 };
 use crate::transport::{BoxFuture, Link};
 use bytes::Bytes;
@@ -291,6 +292,13 @@ impl PeerClient {
         if fua {
             h.flags |= FLAG_FUA;
         }
+        self.call(h, None).await.map(drop)
+    }
+
+    /// Makes the range's whole blocks absent again (see `FLAG_DISCARD`).
+    pub async fn discard(&self, extent: ExtentId, offset: u32, len: u32, epoch: Epoch) -> Result<(), PeerError> {
+        let mut h = RequestHeader::new(Op::Zero, extent, offset, len, epoch);
+        h.flags |= FLAG_DISCARD;
         self.call(h, None).await.map(drop)
     }
 

@@ -24,6 +24,10 @@ pub const FLAG_FUA: u8 = 1;
 pub const FLAG_ZERO_FILL: u8 = 2;
 /// Request flag on READ: fail with ABSENT rather than read never-written blocks as zeroes.
 pub const FLAG_PRESENT_ONLY: u8 = 4;
+/// Request flag on ZERO: the range's whole blocks become absent ("never
+/// written here") instead of zero, so that reads of a layered volume fall
+/// through to an older layer (its writer's resync).
+pub const FLAG_DISCARD: u8 = 8;
 /// The state byte of a BLOCK_SUMS entry for a block that holds data (0 is
 /// absent, 2 zero).
 pub const BLOCK_DATA: u8 = 1;

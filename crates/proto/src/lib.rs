@@ -15,6 +15,6 @@ pub mod transport;
 
 pub use client::{PeerClient, PeerError};
 pub use frame::{
-    Op, ReplyHeader, RequestHeader, Status, BLOCK_DATA, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
+    Op, ReplyHeader, RequestHeader, Status, BLOCK_DATA, FLAG_DISCARD, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
 pub use transport::{Link, Tcp, Transport};

@@ -325,6 +325,27 @@ impl Extent {
         Ok(delta)
     }
 
+    /// Makes the whole blocks of `[offset, offset+len)` Absent again ("never
+    /// written here"), freeing their space: a layered volume's resync, where
+    /// the copy it follows has no block of its own, so reads fall through to
+    /// an older layer. Edges that are not whole blocks are left alone (the
+    /// caller sends whole blocks). Returns the change in allocated bytes.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<i64> {
+        let first = offset.div_ceil(BS);
+        let mut st = self.state.write().expect("extent lock poisoned");
+        let end = ((offset + len) / BS).min(st.table.len() as u64);
+        if first >= end {
+            return Ok(0);
+        }
+        let freed = (first..end).filter(|b| st.table[*b as usize].state == BlockState::Data).count() as i64;
+        self.begin_change(&mut st)?;
+        let absent = vec![Entry::ABSENT; (end - first) as usize];
+        st.table[first as usize..end as usize].copy_from_slice(&absent);
+        self.write_entries(first, &absent)?;
+        self.punch(first * BS, (end - first) * BS)?;
+        Ok(-freed * BS as i64)
+    }
+
     fn punch(&self, offset: u64, len: u64) -> Result<()> {
         match self.dat.punch_hole(offset, len) {
             // Without hole punching the entries still say "zero": reads stay correct,

@@ -135,6 +135,13 @@ impl Store {
         Ok(out)
     }
 
+    /// The volumes (layers) this node stores anything of.
+    pub fn volumes(&self) -> Result<Vec<VolumeId>> {
+        let mut out: Vec<VolumeId> = self.walk()?.into_iter().map(|(id, _)| id.volume).collect();
+        out.dedup();
+        Ok(out)
+    }
+
     /// Lists the extents this node holds, with their count of data blocks.
     pub fn extents(&self) -> Result<Vec<ExtentStat>> {
         let mut out = Vec::new();
@@ -341,6 +348,15 @@ impl Store {
             return Ok(());
         }
         self.mutate(id, epoch, 0, |ext| ext.zero(offset, len, &|b| self.reserve(b)))
+    }
+
+    /// Makes whole blocks of a range Absent (see `Extent::discard`), for a writer of `epoch`.
+    pub fn discard(&self, id: ExtentId, offset: u64, len: u64, epoch: Epoch) -> Result<()> {
+        Self::check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.mutate(id, epoch, 0, |ext| ext.discard(offset, len))
     }
 
     /// The state of each block of an extent, or `None` if this node holds none of it.

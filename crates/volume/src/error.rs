@@ -24,6 +24,8 @@ pub enum VolumeError {
     Fenced { reason: String },
     #[error("the writer's lease was lost; the volume refuses writes until reopened")]
     LeaseLost,
+    #[error("cannot take the snapshot: {reason}")]
+    Snapshot { reason: String },
 }
 
 impl VolumeError {

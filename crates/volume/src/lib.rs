@@ -10,6 +10,7 @@
 //!   lease, the epoch it yields, keep-alive, and sharing one open volume
 //!   between connections of one process.
 //! - [`holder`]: the process tag in a lock, and whether its process died here.
+//! - [`layers`]: copy-on-write layers in the data path (snapshots, clones).
 //! - [`repair`]: the storage nodes' repairer, a writer with no client that
 //!   catches up copies of volumes nobody has open.
 //!
@@ -18,6 +19,7 @@
 pub mod device;
 mod error;
 pub mod holder;
+mod layers;
 pub mod lease;
 pub mod manager;
 pub mod measured;

@@ -18,7 +18,9 @@ use futures_util::future::join_all;
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
-use torus_meta::cluster::{Cluster, ClusterError, PeerInfo, ProcessTag, ReplicaState, RingDoc, VolumeInfo, VolumeLock};
+use torus_meta::cluster::{
+    Cluster, ClusterError, PeerInfo, ProcessTag, ReplicaState, RingDoc, SnapshotInfo, VolumeInfo, VolumeLock,
+};
 use torus_meta::{LeaseId, MetaError};
 use torus_proto::Transport;
 use torus_types::Epoch;
@@ -214,6 +216,9 @@ impl VolumeManager {
     }
 
     async fn open_new(&self, name: &str, writable: bool) -> Result<Arc<Volume>, VolumeError> {
+        if name.contains('@') {
+            return self.open_snapshot(name, writable).await;
+        }
         let info = self.cluster.volume(name).await?;
         let doc = self.refresh_peers().await?;
         if !writable {
@@ -222,6 +227,7 @@ impl VolumeManager {
             let tracker = Arc::new(Tracker::new(self.cluster.clone(), info.id, state, none.clone()));
             let p = placement_of(&doc);
             return Ok(Arc::new(Volume::new(
+                self.cluster.clone(),
                 info,
                 Default::default(),
                 p,
@@ -230,6 +236,7 @@ impl VolumeManager {
                 none,
                 tracker,
                 None,
+                false,
             )));
         }
         let store = self.cluster.store();
@@ -257,7 +264,7 @@ impl VolumeManager {
         // even on nodes this writer has not written to yet.
         let fences = join_all(doc.all_members().into_iter().map(|m| {
             let pool = self.pool.clone();
-            let (id, vol) = (m.id, info.id);
+            let (id, vol) = (m.id, info.top());
             async move {
                 match pool.get(id).await {
                     Ok(c) => c.fence(vol, epoch).await.map(drop).map_err(|e| (id, e)),
@@ -280,7 +287,18 @@ impl VolumeManager {
         let tracker = Arc::new(Tracker::new(self.cluster.clone(), info.id, mine, state.clone()));
         tokio::spawn(Tracker::run_commits(Arc::downgrade(&tracker)));
         let p = placement_of(&doc);
-        let v = Arc::new(Volume::new(info, epoch, p, self.pool.clone(), false, state, tracker, Some(guard)));
+        let v = Arc::new(Volume::new(
+            self.cluster.clone(),
+            info,
+            epoch,
+            p,
+            self.pool.clone(),
+            false,
+            state,
+            tracker,
+            Some(guard),
+            false,
+        ));
         if let Err(e) = v.recover(&previous).await {
             // The dead writer's intent must outlive this failed open: no clean close.
             v.abandon().await;
@@ -289,8 +307,109 @@ impl VolumeManager {
         // A repair catches up by itself, step by step (so that it can hand over): no second catch-up loop.
         if !self.opts.repair {
             tokio::spawn(Volume::catch_up(Arc::downgrade(&v)));
+            tokio::spawn(Volume::serve_snapshot_requests(Arc::downgrade(&v)));
         }
         Ok(v)
+    }
+
+    /// Opens `VOLUME@SNAPSHOT`: read-only, frozen layers, at the snapshot's size.
+    async fn open_snapshot(&self, name: &str, writable: bool) -> Result<Arc<Volume>, VolumeError> {
+        let (vol, snap) = torus_meta::cluster::parse_snapshot_ref(name)?;
+        if writable {
+            return Err(VolumeError::ReadOnly);
+        }
+        let s = self.cluster.snapshot(&vol, &snap).await?;
+        let doc = self.refresh_peers().await?;
+        let info = VolumeInfo {
+            id: s.layers[0],
+            name: name.to_string(),
+            size: s.size,
+            extent_size: s.extent_size,
+            replication: s.replication,
+            created: s.created,
+            layers: s.layers.clone(),
+        };
+        let none = Arc::new(LeaseState::none());
+        // Frozen layers have no copies missing writes: nothing to follow.
+        let tracker = Arc::new(Tracker::new(self.cluster.clone(), info.id, ReplicaState::default(), none.clone()));
+        Ok(Arc::new(Volume::new(
+            self.cluster.clone(),
+            info,
+            Default::default(),
+            placement_of(&doc),
+            self.pool.clone(),
+            true,
+            none,
+            tracker,
+            None,
+            true,
+        )))
+    }
+
+    /// Takes a snapshot of a volume, whoever has it open: this process's
+    /// writer if it has one; else, if a client holds it, that client's
+    /// writer (asked through the metadata store; waits up to `wait`); else
+    /// a writer opened for the purpose.
+    pub async fn snapshot(&self, volume: &str, name: &str, wait: Duration) -> Result<SnapshotInfo, VolumeError> {
+        torus_meta::cluster::validate_snapshot_name(name)?;
+        let info = self.cluster.volume(volume).await?;
+        let held = self.cluster.volume_lock(info.id).await?;
+        if held.is_none() || held.as_ref().is_some_and(|(l, _)| l.repair) || self.is_open(volume, true).await {
+            let v = self.open(volume, true).await?;
+            let snap = v.take_snapshot(name).await;
+            if Arc::strong_count(&v) == 1 {
+                v.release().await;
+            }
+            return snap;
+        }
+        if self.cluster.snapshot(volume, name).await.is_ok() {
+            return Err(ClusterError::SnapshotExists { volume: volume.into(), name: name.into() }.into());
+        }
+        let lease = self.cluster.store().grant_lease(self.opts.lease_ttl).await.map_err(ClusterError::from)?;
+        let res = self.ask_writer(&info, name, lease.id, wait).await;
+        let _ = self.cluster.withdraw_snapshot_request(info.id, name).await;
+        let _ = self.cluster.store().revoke_lease(lease.id).await;
+        res
+    }
+
+    async fn ask_writer(
+        &self,
+        info: &VolumeInfo,
+        name: &str,
+        lease: LeaseId,
+        wait: Duration,
+    ) -> Result<SnapshotInfo, VolumeError> {
+        self.cluster.request_snapshot(info.id, name, &self.opts.holder, lease).await?;
+        let deadline = Instant::now() + wait;
+        let mut confirmed = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match self.cluster.snapshot(&info.name, name).await {
+                Ok(s) => return Ok(s),
+                Err(ClusterError::SnapshotNotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(req) = self.cluster.snapshot_request(info.id, name).await? {
+                if let Some(reason) = req.error {
+                    return Err(VolumeError::Snapshot { reason: format!("the volume's writer refused: {reason}") });
+                }
+            }
+            if self.cluster.volume_lock(info.id).await?.is_none() {
+                return Err(VolumeError::Snapshot {
+                    reason: "the volume's writer closed it before taking the snapshot; try again".into(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(VolumeError::Snapshot {
+                    reason: format!("the volume's writer did not take it within {wait:?} (an older torusblk?)"),
+                });
+            }
+            if confirmed.elapsed() >= self.opts.lease_ttl / 3 {
+                let sent = Instant::now();
+                self.cluster.store().keep_alive(lease).await.map_err(ClusterError::from)?;
+                confirmed = sent;
+            }
+        }
     }
 
     /// Follows ring changes: every open volume switches to the new placement
@@ -306,7 +425,13 @@ impl VolumeManager {
         let mut ring_watch = self.cluster.ring_watch();
         let mut soon = true;
         loop {
-            let following = self.open.lock().await.values().filter_map(Weak::upgrade).any(|v| v.lease().is_none());
+            let following = self
+                .open
+                .lock()
+                .await
+                .values()
+                .filter_map(Weak::upgrade)
+                .any(|v| v.lease().is_none() && !v.is_snapshot());
             ring_watch.wait(if soon || following { SOON } else { QUIET }).await;
             soon = true;
             let doc = match self.cluster.ring().await {
@@ -318,7 +443,7 @@ impl VolumeManager {
             };
             let open: Vec<Arc<Volume>> = self.open.lock().await.values().filter_map(Weak::upgrade).collect();
             // Readers follow the writer's record of copies that missed writes.
-            for v in open.iter().filter(|v| v.lease().is_none()) {
+            for v in open.iter().filter(|v| v.lease().is_none() && !v.is_snapshot()) {
                 if let Ok(state) = self.cluster.replica_state(v.info().id).await {
                     v.tracker.follow(state);
                 }

@@ -22,19 +22,36 @@ use torus_types::{ExtentId, NodeId, BLOCK_SIZE};
 /// Largest piece copied in one request.
 const CHUNK: usize = 1 << 20;
 
-/// Whether two checksum-table entries read the same: equal data, or zeroes on both sides.
-fn same(a: Option<&(u32, u8)>, b: Option<&(u32, u8)>) -> bool {
-    let a = a.copied().unwrap_or((0, 0));
-    let b = b.copied().unwrap_or((0, 0));
-    match (a.1 == BLOCK_DATA, b.1 == BLOCK_DATA) {
-        (true, true) => a.0 == b.0,
-        (false, false) => true,
-        _ => false,
+/// What a block of a copy is, as far as reading it goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Data,
+    Zero,
+    /// Never written in this layer: in a layered volume, reads fall through
+    /// to an older layer (in a volume of one layer, it reads as zeroes: `Zero`).
+    Absent,
+}
+
+fn kind(e: Option<&(u32, u8)>, layered: bool) -> Kind {
+    match e.map_or(0, |e| e.1) {
+        BLOCK_DATA => Kind::Data,
+        0 if layered => Kind::Absent,
+        _ => Kind::Zero,
+    }
+}
+
+/// Whether two checksum-table entries read the same: equal data, or the same kind of nothing.
+fn same(a: Option<&(u32, u8)>, b: Option<&(u32, u8)>, layered: bool) -> bool {
+    match (kind(a, layered), kind(b, layered)) {
+        (Kind::Data, Kind::Data) => a.map(|e| e.0) == b.map(|e| e.0),
+        (x, y) => x == y,
     }
 }
 
 /// Makes `target`'s copy of an extent read like `source`'s; returns bytes copied.
+#[allow(clippy::too_many_arguments)]
 async fn copy_differing(
+    layered: bool,
     extent: ExtentId,
     extent_size: u64,
     epoch: torus_types::Epoch,
@@ -47,26 +64,28 @@ async fn copy_differing(
     let mut copied = 0;
     let mut b = 0;
     while b < blocks {
-        if same(src.get(b), dst.get(b)) {
+        if same(src.get(b), dst.get(b), layered) {
             b += 1;
             continue;
         }
-        let data = src.get(b).is_some_and(|e| e.1 == BLOCK_DATA);
+        let what = kind(src.get(b), layered);
         let mut end = b + 1;
         while end < blocks
-            && !same(src.get(end), dst.get(end))
-            && src.get(end).is_some_and(|e| e.1 == BLOCK_DATA) == data
+            && !same(src.get(end), dst.get(end), layered)
+            && kind(src.get(end), layered) == what
             && (end - b) * BLOCK_SIZE < CHUNK
         {
             end += 1;
         }
         let (off, len) = ((b * BLOCK_SIZE) as u32, ((end - b) * BLOCK_SIZE) as u32);
-        if data {
-            let bytes = source.read(extent, off, len, false).await?;
-            target.write(extent, off, Bytes::from(bytes), epoch, false).await?;
-            copied += len as u64;
-        } else {
-            target.zero(extent, off, len, epoch, false).await?;
+        match what {
+            Kind::Data => {
+                let bytes = source.read(extent, off, len, false).await?;
+                target.write(extent, off, Bytes::from(bytes), epoch, false).await?;
+                copied += len as u64;
+            }
+            Kind::Zero => target.zero(extent, off, len, epoch, false).await?,
+            Kind::Absent => target.discard(extent, off, len, epoch).await?,
         }
         b = end;
     }
@@ -76,13 +95,14 @@ async fn copy_differing(
 impl Volume {
     /// Copies extent `index` from `source` to `targets`; the caller holds the extent alone.
     async fn resync_one(&self, index: u64, source: NodeId, targets: &[NodeId]) -> Result<u64, PeerError> {
-        let extent = ExtentId::new(self.info.id, index);
+        let extent = ExtentId::new(self.top(), index);
+        let layered = self.info.layers.len() > 1 || self.top() != self.info.id;
         let src = self.pool.get(source).await?;
         let sums = src.block_sums(extent).await?;
         let mut copied = 0;
         for t in targets {
             let dst = self.pool.get(*t).await?;
-            copied += copy_differing(extent, self.info.extent_size, self.epoch, &src, &sums, &dst).await?;
+            copied += copy_differing(layered, extent, self.info.extent_size, self.epoch, &src, &sums, &dst).await?;
         }
         self.note_written(targets, index);
         Ok(copied)
@@ -102,7 +122,7 @@ impl Volume {
             if index >= self.info.extent_count() {
                 continue;
             }
-            let extent = ExtentId::new(self.info.id, index);
+            let extent = ExtentId::new(self.top(), index);
             let _alone = self.tracker.exclusive(index).await;
             let mut reachable = Vec::new();
             let _ = placement.learn(extent, self.r(), &self.pool, false).await;
@@ -182,7 +202,7 @@ impl Volume {
         let placement = self.placement.read().await.clone();
         let mut todo = Vec::new();
         for index in extents {
-            let extent = ExtentId::new(self.info.id, index);
+            let extent = ExtentId::new(self.top(), index);
             if placement.learn(extent, self.r(), &self.pool, false).await.is_err() {
                 continue;
             }
@@ -196,14 +216,14 @@ impl Volume {
             return Ok(());
         }
         // Tell it about this writer first: a stale writer that reaches it now is refused.
-        self.pool.get(node).await?.fence(self.info.id, self.epoch).await?;
+        self.pool.get(node).await?.fence(self.top(), self.epoch).await?;
         let (mut done, mut bytes) = (0usize, 0u64);
         for index in &todo {
             if self.lease.is_lost() {
                 break; // released (handed to a client) or lost: a newer writer takes over
             }
             let placement = self.placement.read().await.clone();
-            let extent = ExtentId::new(self.info.id, *index);
+            let extent = ExtentId::new(self.top(), *index);
             let order = placement.read_order(extent, self.r());
             if !order.iter().any(|(n, _)| *n == node) {
                 self.tracker.caught_up(node, *index);

@@ -8,6 +8,7 @@
 //! all in parallel -> acknowledged when every replica acknowledged.
 
 use crate::device::{push_run, BlockDevice, Run};
+use crate::layers::Layers;
 use crate::pool::PeerPool;
 use crate::tracker::Tracker;
 use crate::VolumeError;
@@ -16,10 +17,10 @@ use futures_util::future::join_all;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use torus_meta::cluster::VolumeInfo;
+use torus_meta::cluster::{Cluster, SnapshotInfo, VolumeInfo};
 use torus_proto::PeerError;
 use torus_ring::Ring;
-use torus_types::{Epoch, ExtentId, NodeId};
+use torus_types::{Epoch, ExtentId, NodeId, VolumeId};
 
 /// Where a volume's extents live: the ring, and while data moves, the ring it moves from.
 pub struct Placement {
@@ -137,7 +138,7 @@ pub struct Volume {
     /// Held for reading by every request; swapped (after in-flight requests drain) on ring changes.
     pub(crate) placement: tokio::sync::RwLock<Arc<Placement>>,
     pub(crate) pool: Arc<PeerPool>,
-    read_only: bool,
+    pub(crate) read_only: bool,
     /// Set when the writer's lease is gone: writes are refused from then on.
     pub(crate) lease: Arc<crate::lease::LeaseState>,
     /// Write intent, copies that missed writes, per-extent exclusion.
@@ -147,6 +148,16 @@ pub struct Volume {
     writes: AtomicU64,
     /// The writer's lock, released when the volume is dropped or closed.
     guard: Option<crate::lease::LockGuard>,
+    /// The data layers (see `layers`): I/O holds them for reading, a
+    /// snapshot for writing (so it falls between two writes).
+    layers: tokio::sync::RwLock<Arc<Layers>>,
+    /// The newest layer's id (where writes, resync and catch-up go).
+    top: AtomicU64,
+    /// Partial writes of blocks the newest layer does not hold yet, one at a time.
+    pub(crate) edges: tokio::sync::Mutex<()>,
+    /// Opened as `VOLUME@SNAPSHOT`: frozen layers, read-only.
+    snapshot: bool,
+    pub(crate) cluster: Cluster,
 }
 
 #[derive(Default)]
@@ -156,17 +167,18 @@ struct Dirty {
 }
 
 /// A piece of a request that falls in one extent.
-struct Piece {
-    extent: ExtentId,
-    within: u32,
+pub(crate) struct Piece {
+    pub(crate) extent: ExtentId,
+    pub(crate) within: u32,
     /// Offset of this piece in the request.
-    at: usize,
-    len: u32,
+    pub(crate) at: usize,
+    pub(crate) len: u32,
 }
 
 impl Volume {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
+        cluster: Cluster,
         info: VolumeInfo,
         epoch: Epoch,
         placement: Placement,
@@ -175,8 +187,16 @@ impl Volume {
         lease: Arc<crate::lease::LeaseState>,
         tracker: Arc<Tracker>,
         guard: Option<crate::lease::LockGuard>,
+        snapshot: bool,
     ) -> Self {
+        // A reader of a live volume cannot keep what its newest layer holds: the writer changes it.
+        let layers = Layers::new(info.chain(), !read_only || snapshot);
         Volume {
+            top: AtomicU64::new(layers.top().0),
+            layers: tokio::sync::RwLock::new(Arc::new(layers)),
+            edges: tokio::sync::Mutex::new(()),
+            snapshot,
+            cluster,
             size: AtomicU64::new(info.size),
             info,
             epoch,
@@ -193,6 +213,65 @@ impl Volume {
 
     pub fn info(&self) -> &VolumeInfo {
         &self.info
+    }
+
+    /// The layer written now (the volume's own id until its first snapshot).
+    pub fn top(&self) -> VolumeId {
+        VolumeId(self.top.load(Ordering::Acquire))
+    }
+
+    /// Opened as `VOLUME@SNAPSHOT`.
+    pub fn is_snapshot(&self) -> bool {
+        self.snapshot
+    }
+
+    /// The layers read now, newest first.
+    pub async fn chain(&self) -> Vec<VolumeId> {
+        self.layers.read().await.chain.clone()
+    }
+
+    /// Takes snapshot `name` between two writes: waits for the writes in
+    /// flight, flushes (so the snapshot holds every acknowledged write),
+    /// then freezes the layers and writes to a new one from then on.
+    /// Refused while some copy misses writes (its replicas must agree:
+    /// frozen layers are never caught up).
+    pub async fn take_snapshot(&self, name: &str) -> Result<SnapshotInfo, VolumeError> {
+        let Some(guard) = &self.guard else { return Err(VolumeError::ReadOnly) };
+        torus_meta::cluster::validate_snapshot_name(name)?;
+        let mut layers = self.layers.write().await;
+        self.check_writable().await?;
+        BlockDevice::flush(self).await?;
+        let missing = self.tracker.missing();
+        if let Some((node, extents)) = missing.iter().next() {
+            return Err(VolumeError::Snapshot {
+                reason: format!(
+                    "node {node} misses writes to {} extent(s) of this volume; a snapshot can be taken once it has caught up (or has been removed)",
+                    extents.len()
+                ),
+            });
+        }
+        let (now, snap) = self.cluster.take_snapshot(&self.info.name, name, self.epoch).await?;
+        let frozen = layers.top();
+        *layers = Arc::new(layers.with_new_top(now.chain()));
+        self.top.store(now.top().0, Ordering::Release);
+        drop(layers);
+        tracing::info!(volume = %self.info.name, snapshot = %name, %frozen, new_layer = %now.top(), "snapshot taken");
+        // Seal the frozen layer on every node: no writer, however old, changes it again.
+        let members: HashSet<NodeId> = {
+            let p = self.placement.read().await;
+            p.ring.members().chain(p.previous.iter().flat_map(|r| r.members())).map(|m| m.id).collect()
+        };
+        for n in members {
+            let res = match self.pool.get(n).await {
+                Ok(c) => c.fence(frozen, Epoch(u64::MAX)).await.map(drop),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                tracing::debug!(node = %n, error = %e, "could not seal a frozen layer there (its writer's epoch fences it)");
+            }
+        }
+        let _ = guard;
+        Ok(snap)
     }
 
     pub fn epoch(&self) -> Epoch {
@@ -276,7 +355,7 @@ impl Volume {
             let within = pos % es;
             let n = (es - within).min(end - pos);
             out.push(Piece {
-                extent: ExtentId::new(self.info.id, index),
+                extent: ExtentId::new(self.top(), index),
                 within: within as u32,
                 at: (pos - offset) as usize,
                 len: n as u32,
@@ -310,6 +389,57 @@ impl Volume {
                 Err(e) => tracing::error!(%extent, node = %n, error = %e, "repairing a corrupt copy failed"),
             }
         }
+    }
+
+    /// Reads a range of one extent from the first replica that serves it
+    /// (copies that miss writes are skipped if `tracked`: those of the
+    /// newest layer of a volume), repairing corrupt copies it met on the way.
+    pub(crate) async fn read_extent(
+        &self,
+        placement: &Placement,
+        extent: ExtentId,
+        within: u32,
+        len: u32,
+        tracked: bool,
+    ) -> Result<Vec<u8>, VolumeError> {
+        // A full node that cannot be asked is taken to hold the extent; the read falls through to another copy.
+        let _ = placement.learn(extent, self.r(), &self.pool, self.read_only).await;
+        let mut nodes = placement.read_order(extent, self.r());
+        if nodes.is_empty() {
+            return Err(VolumeError::NoNodes);
+        }
+        // A copy that missed writes is never read before it caught up.
+        if tracked {
+            nodes.retain(|(n, _)| !self.tracker.is_missing(*n, extent.index));
+        }
+        if placement.previous.is_none() {
+            // Stable ring: any replica will do; prefer one on this host, then the least busy.
+            nodes.sort_by_key(|(n, _)| self.pool.read_rank(*n));
+        }
+        let mut last = String::from("every copy lacks acknowledged writes (waiting for a node to catch up)");
+        let mut corrupt = Vec::new();
+        for (n, present_only) in nodes {
+            let res = match self.pool.get(n).await {
+                Ok(c) => c.read(extent, within, len, present_only).await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(data) => {
+                    if !corrupt.is_empty() {
+                        self.repair(extent, within, len, n, &corrupt).await;
+                    }
+                    return Ok(data);
+                }
+                Err(e) => {
+                    tracing::warn!(%extent, node = %n, error = %e, "read failed; trying the next replica");
+                    if matches!(e, PeerError::Remote { status: torus_proto::Status::Checksum, .. }) {
+                        corrupt.push(n);
+                    }
+                    last = e.to_string();
+                }
+            }
+        }
+        Err(VolumeError::Unavailable { extent, reason: last })
     }
 
     pub(crate) fn r(&self) -> usize {
@@ -353,7 +483,7 @@ impl Volume {
     /// Sends one mutation to every replica of a piece. Replicas that cannot be
     /// reached are recorded as missing the extent (durably, before this
     /// returns) and the write succeeds on the others; if none took it, it fails.
-    async fn replicate<F, Fut>(&self, p: &Placement, extent: ExtentId, op: F) -> Result<(), VolumeError>
+    pub(crate) async fn replicate<F, Fut>(&self, p: &Placement, extent: ExtentId, op: F) -> Result<(), VolumeError>
     where
         F: Fn(Arc<torus_proto::PeerClient>) -> Fut,
         Fut: std::future::Future<Output = Result<(), PeerError>>,
@@ -499,7 +629,7 @@ impl Volume {
     ) -> Vec<(NodeId, u64)> {
         let mut keep = Vec::with_capacity(marks.len());
         for (n, index) in marks {
-            let extent = ExtentId::new(self.info.id, index);
+            let extent = ExtentId::new(self.top(), index);
             if index == written || self.whole_copy_outside(p, extent, down) {
                 keep.push((n, index));
             } else {
@@ -560,30 +690,25 @@ impl BlockDevice for Volume {
         self.check(offset, len)?;
         let es = self.info.extent_size;
         let len = len.min((offset / es + ALLOCATION_EXTENTS) * es - offset);
+        let layers = self.layers.read().await.clone();
         let pieces = self.pieces(offset, len);
         let placement = self.placement.read().await;
+        // Per extent, each block's state in the first layer that holds it.
         let tables = join_all(pieces.iter().map(|p| async {
-            let _ = placement.learn(p.extent, self.r(), &self.pool, self.read_only).await;
-            // Only a copy that holds every block and every acknowledged write knows what is allocated.
-            let mut nodes: Vec<NodeId> = placement
-                .read_order(p.extent, self.r())
-                .into_iter()
-                .filter(|(n, filling)| !filling && !self.tracker.is_missing(*n, p.extent.index))
-                .map(|(n, _)| n)
-                .collect();
-            nodes.sort_by_key(|n| self.pool.read_rank(*n));
-            let mut last = String::from("no copy holds every acknowledged write (waiting for a node to catch up)");
-            for n in nodes {
-                let res = match self.pool.get(n).await {
-                    Ok(c) => c.block_sums(p.extent).await,
-                    Err(e) => Err(e),
-                };
-                match res {
-                    Ok(table) => return Ok(table),
-                    Err(e) => last = e.to_string(),
+            let mut merged: Vec<(u32, u8)> = Vec::new();
+            for (k, layer) in layers.chain.iter().enumerate() {
+                let extent = ExtentId::new(*layer, p.extent.index);
+                let table = self.whole_copy_table(&placement, extent, k == 0 && !self.snapshot).await?;
+                if merged.len() < table.len() {
+                    merged.resize(table.len(), (0, 0));
+                }
+                for (m, t) in merged.iter_mut().zip(table) {
+                    if m.1 == 0 {
+                        *m = t;
+                    }
                 }
             }
-            Err(VolumeError::Unavailable { extent: p.extent, reason: last })
+            Ok::<_, VolumeError>(merged)
         }))
         .await;
         let bs = torus_types::BLOCK_SIZE as u64;
@@ -605,45 +730,15 @@ impl BlockDevice for Volume {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
         self.check(offset, len as u64)?;
+        let layers = self.layers.read().await.clone();
         let pieces = self.pieces(offset, len as u64);
         let placement = self.placement.read().await;
         let reads = join_all(pieces.iter().map(|p| async {
-            // A full node that cannot be asked is taken to hold the extent; the read falls through to another copy.
-            let _ = placement.learn(p.extent, self.r(), &self.pool, self.read_only).await;
-            let mut nodes = placement.read_order(p.extent, self.r());
-            if nodes.is_empty() {
-                return Err(VolumeError::NoNodes);
+            if layers.layered() {
+                self.read_layered(&placement, &layers, p.extent.index, p.within, p.len).await
+            } else {
+                self.read_extent(&placement, p.extent, p.within, p.len, !self.snapshot).await
             }
-            // A copy that missed writes is never read before it caught up.
-            nodes.retain(|(n, _)| !self.tracker.is_missing(*n, p.extent.index));
-            if placement.previous.is_none() {
-                // Stable ring: any replica will do; prefer one on this host, then the least busy.
-                nodes.sort_by_key(|(n, _)| self.pool.read_rank(*n));
-            }
-            let mut last = String::from("every copy lacks acknowledged writes (waiting for a node to catch up)");
-            let mut corrupt = Vec::new();
-            for (n, present_only) in nodes {
-                let res = match self.pool.get(n).await {
-                    Ok(c) => c.read(p.extent, p.within, p.len, present_only).await,
-                    Err(e) => Err(e),
-                };
-                match res {
-                    Ok(data) => {
-                        if !corrupt.is_empty() {
-                            self.repair(p.extent, p.within, p.len, n, &corrupt).await;
-                        }
-                        return Ok(data);
-                    }
-                    Err(e) => {
-                        tracing::warn!(extent = %p.extent, node = %n, error = %e, "read failed; trying the next replica");
-                        if matches!(e, PeerError::Remote { status: torus_proto::Status::Checksum, .. }) {
-                            corrupt.push(n);
-                        }
-                        last = e.to_string();
-                    }
-                }
-            }
-            Err(VolumeError::Unavailable { extent: p.extent, reason: last })
         }))
         .await;
         if pieces.len() == 1 {
@@ -659,15 +754,25 @@ impl BlockDevice for Volume {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
         self.check(offset, data.len() as u64)?;
         self.check_writable().await?;
+        // Held until the write is done: a snapshot waits for it.
+        let held = self.layers.read().await;
+        let layers: &Layers = &held;
         let pieces = self.pieces(offset, data.len() as u64);
         let epoch = self.epoch;
         let placement = self.placement.read().await;
         let results = join_all(pieces.iter().map(|p| {
             let chunk = data.slice(p.at..p.at + p.len as usize);
-            self.replicate(&placement, p.extent, move |c| {
-                let chunk = chunk.clone();
-                async move { c.write(p.extent, p.within, chunk, epoch, fua).await }
-            })
+            let placement = &placement;
+            async move {
+                if layers.layered() {
+                    return self.write_layered(placement, layers, p, Some(chunk), fua).await;
+                }
+                self.replicate(placement, p.extent, move |c| {
+                    let chunk = chunk.clone();
+                    async move { c.write(p.extent, p.within, chunk, epoch, fua).await }
+                })
+                .await
+            }
         }))
         .await;
         results.into_iter().collect()
@@ -676,16 +781,25 @@ impl BlockDevice for Volume {
     async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
         self.check(offset, len)?;
         self.check_writable().await?;
+        // Held until the write is done: a snapshot waits for it.
+        let held = self.layers.read().await;
+        let layers: &Layers = &held;
         let pieces = self.pieces(offset, len);
         let epoch = self.epoch;
         let placement = self.placement.read().await;
-        let results =
-            join_all(pieces.iter().map(|p| {
-                self.replicate(&placement, p.extent, move |c| async move {
+        let results = join_all(pieces.iter().map(|p| {
+            let placement = &placement;
+            async move {
+                if layers.layered() {
+                    return self.write_layered(placement, layers, p, None, fua).await;
+                }
+                self.replicate(placement, p.extent, move |c| async move {
                     c.zero(p.extent, p.within, p.len, epoch, fua).await
                 })
-            }))
-            .await;
+                .await
+            }
+        }))
+        .await;
         results.into_iter().collect()
     }
 
@@ -707,7 +821,7 @@ impl BlockDevice for Volume {
                 Err(e) if (e.is_unreachable() || e.is_store_failed()) && !self.read_only => failed.push((*n, e)),
                 Err(e) => {
                     return Err(VolumeError::Unavailable {
-                        extent: ExtentId::new(self.info.id, 0),
+                        extent: ExtentId::new(self.top(), 0),
                         reason: format!("flush on node {n} failed: {e}"),
                     })
                 }
@@ -722,7 +836,7 @@ impl BlockDevice for Volume {
                 marks.extend(self.failure_marks(*n, None));
             }
             for (_, index) in &marks {
-                let extent = ExtentId::new(self.info.id, *index);
+                let extent = ExtentId::new(self.top(), *index);
                 if !self.whole_copy_outside(&placement, extent, &down) {
                     return Err(VolumeError::Unavailable {
                         extent,

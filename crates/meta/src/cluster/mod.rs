@@ -14,6 +14,8 @@
 //! | `vstate/<volume id>`   | [`ReplicaState`] | by the writer: write intent, copies to catch up |
 //! | `hosts/<host id>`      | [`HostInfo`]   | on the host's lease (a CSI node plugin) |
 //! | `attachments/<volume name>` | [`Attachments`] | hosts a volume is published to |
+//! | `snapshots/<volume id>/<name>` | [`SnapshotInfo`] | until `snapshot delete` |
+//! | `snapreq/<volume id>/<name>` | [`SnapshotRequest`] | on the asker's lease, until the writer answers |
 //!
 //! Nothing here is per extent or per I/O: metadata grows with nodes and volumes
 //! only (`vstate` holds extent ranges, but only those recently written or missed).
@@ -24,6 +26,7 @@ mod keys;
 mod peers;
 mod replicas;
 mod ring_watch;
+mod snapshots;
 mod volumes;
 
 pub use attachments::{AttachMode, Attachments, HostInfo};
@@ -31,6 +34,7 @@ pub use error::ClusterError;
 pub use peers::{PeerInfo, RebalanceProgress, RingDoc, RingMember};
 pub use replicas::{ExtentSet, ReplicaState};
 pub use ring_watch::RingWatch;
+pub use snapshots::{parse_snapshot_ref, validate_snapshot_name, LayerMap, SnapshotInfo, SnapshotRequest};
 pub use volumes::{validate_volume_name, ProcessTag, VolumeInfo, VolumeLock, MAX_VOLUME_SIZE};
 
 use crate::{MetaError, MetadataStore};

@@ -1,4 +1,4 @@
-//! Waking up when the ring changes: a watch on the ring key with a deadline,
+//! Waking up when the ring (or another prefix's keys) changes: a watch on the ring key with a deadline,
 //! so that whoever follows the ring reads it as soon as it changes, and
 //! otherwise only every so often (which also bounds what a watch that
 //! silently stalls can cost), instead of polling it several times a second.
@@ -10,12 +10,18 @@ use std::time::Duration;
 /// Follows the ring document's changes for one owner.
 pub struct RingWatch {
     cluster: Cluster,
+    prefix: String,
     watch: Option<Watch>,
 }
 
 impl Cluster {
     pub fn ring_watch(&self) -> RingWatch {
-        RingWatch { cluster: self.clone(), watch: None }
+        RingWatch { cluster: self.clone(), prefix: "ring".into(), watch: None }
+    }
+
+    /// The same for the keys under another prefix (a writer's snapshot requests).
+    pub(super) fn prefix_watch(&self, prefix: String) -> RingWatch {
+        RingWatch { cluster: self.clone(), prefix, watch: None }
     }
 }
 
@@ -25,7 +31,7 @@ impl RingWatch {
     /// (changes from before it started are not in it), or it failed.
     pub async fn wait(&mut self, max_wait: Duration) -> bool {
         let Some(w) = self.watch.as_mut() else {
-            match self.cluster.store.watch_prefix("ring", None).await {
+            match self.cluster.store.watch_prefix(&self.prefix, None).await {
                 Ok(w) => self.watch = Some(w),
                 Err(_) => tokio::time::sleep(max_wait).await,
             }

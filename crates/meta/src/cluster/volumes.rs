@@ -23,11 +23,30 @@ pub struct VolumeInfo {
     pub replication: u32,
     /// Unix seconds.
     pub created: u64,
+    /// The volume's data layers, newest first (see `snapshots`): writes go
+    /// to the first; a block never written there reads from the next that
+    /// has it. Empty: a single layer stored under the volume's own id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<VolumeId>,
 }
 
 impl VolumeInfo {
     pub fn extent_count(&self) -> u64 {
         self.size.div_ceil(self.extent_size)
+    }
+
+    /// The data layers, newest (written) first; never empty.
+    pub fn chain(&self) -> Vec<VolumeId> {
+        if self.layers.is_empty() {
+            vec![self.id]
+        } else {
+            self.layers.clone()
+        }
+    }
+
+    /// The layer writes go to.
+    pub fn top(&self) -> VolumeId {
+        self.layers.first().copied().unwrap_or(self.id)
     }
 }
 
@@ -121,19 +140,7 @@ impl Cluster {
             if self.store.get(&name_key(name)).await?.is_some() {
                 return Err(ClusterError::VolumeExists { name: name.to_string() });
             }
-            let counter = self.store.get("volumes/next-id").await?;
-            let (next, cmp) = match &counter {
-                Some(kv) => {
-                    let n: u64 = std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
-                        ClusterError::Meta(crate::MetaError::Corrupt {
-                            key: kv.key.clone(),
-                            reason: "not a number".into(),
-                        })
-                    })?;
-                    (n, Compare::mod_revision("volumes/next-id", kv.mod_revision))
-                }
-                None => (1, Compare::exists("volumes/next-id", false)),
-            };
+            let (next, cmp) = self.id_counter().await?;
             let info = VolumeInfo {
                 id: VolumeId(next),
                 name: name.to_string(),
@@ -141,6 +148,7 @@ impl Cluster {
                 extent_size: config.extent_size,
                 replication,
                 created: torus_types::unix_now(),
+                layers: Vec::new(),
             };
             let txn = Txn::when(vec![cmp, Compare::exists(name_key(name), false)]).and_then(vec![
                 TxnOp::put("volumes/next-id", (next + 1).to_string()),
@@ -151,6 +159,21 @@ impl Cluster {
             }
         }
         Err(ClusterError::Contended)
+    }
+
+    /// The next id to allocate, and the comparison that makes a transaction
+    /// allocating it fail if another took it meanwhile. Volumes and layers
+    /// share this counter: an id is never reused.
+    pub(super) async fn id_counter(&self) -> Result<(u64, Compare)> {
+        Ok(match self.store.get("volumes/next-id").await? {
+            Some(kv) => {
+                let n: u64 = std::str::from_utf8(&kv.value).ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                    ClusterError::Meta(crate::MetaError::Corrupt { key: kv.key.clone(), reason: "not a number".into() })
+                })?;
+                (n, Compare::mod_revision("volumes/next-id", kv.mod_revision))
+            }
+            None => (1, Compare::exists("volumes/next-id", false)),
+        })
     }
 
     /// Grows a volume to `new_size` bytes (a multiple of 512). A size at or
@@ -234,8 +257,17 @@ impl Cluster {
     }
 
     /// Deletes a volume's metadata. Refused while a writer holds it.
+    /// Refused while it has snapshots (a snapshot changes the volume's record,
+    /// so one taken meanwhile fails the transaction).
     pub async fn delete_volume(&self, name: &str) -> Result<VolumeInfo> {
         let (kv, info) = self.volume_kv(name).await?;
+        let snapshots = self.snapshots_of(info.id).await?;
+        if !snapshots.is_empty() {
+            return Err(ClusterError::HasSnapshots {
+                volume: name.to_string(),
+                snapshots: snapshots.into_iter().map(|s| s.name).collect(),
+            });
+        }
         let txn = Txn::when(vec![
             Compare::mod_revision(name_key(name), kv.mod_revision),
             Compare::exists(lock_key(info.id), false),

@@ -19,6 +19,7 @@ mod nbd_clients;
 mod node_loss;
 mod partition;
 mod resize;
+mod snapshots;
 mod sparse;
 mod transfer;
 mod wait;
@@ -120,4 +121,24 @@ pub fn wait_rebalanced(c: &torus_testkit::Cluster) {
     torus_testkit::wait_until(Duration::from_secs(180), "the rebalance to finish", || {
         c.ctl_ok(&["status"]).contains("none in progress")
     });
+}
+
+/// Runs qemu-io's commands (`-c`) against an NBD URI; its output.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    ok(cmd.arg(uri))
+}
+
+/// Runs torusctl, which must fail with `needle` in its error output.
+pub fn fails_with(c: &torus_testkit::Cluster, args: &[&str], needle: &str) {
+    let out = c.ctl(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(needle),
+        "torusctl {args:?}: want an error with {needle:?}, got {err}"
+    );
 }

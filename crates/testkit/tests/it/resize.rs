@@ -4,22 +4,13 @@
 //! volume is open, and a shrunk volume grown again reads zeroes past the
 //! old end, never the data that was there.
 
-use crate::{ok, text, wait_open};
+use crate::{ok, qemu_io, text, wait_open};
 use std::process::Command;
 use std::time::Duration;
 use torus_testkit::Cluster;
 
 fn nbd_size(uri: &str) -> u64 {
     ok(Command::new("nbdinfo").arg("--size").arg(uri)).trim().parse().expect("a size")
-}
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    ok(cmd.arg(uri))
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! byte for byte, from and to files and pipes, and every bad input refused
 //! with nothing left half-done.
 
-use crate::http_get;
+use crate::{fails_with, http_get};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::process::{Command, Stdio};
 use torus_testkit::{random_bytes, Cluster};
@@ -25,15 +25,6 @@ fn run_ok(cmd: &mut Command) -> std::process::Output {
     let out = cmd.output().expect("run torusctl");
     assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     out
-}
-
-fn fails_with(c: &Cluster, args: &[&str], needle: &str) {
-    let out = c.ctl(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains(needle),
-        "torusctl {args:?}: want an error with {needle:?}, got {err}"
-    );
 }
 
 #[test]
