@@ -108,8 +108,20 @@ pub async fn run(cluster: &Cluster, cmd: SnapshotCmd) -> anyhow::Result<()> {
         }
         SnapshotCmd::Delete { snapshot } => {
             let (vol, name) = parse_snapshot_ref(&snapshot)?;
-            cluster.delete_snapshot(&vol, &name).await?;
-            println!("deleted snapshot {snapshot} (its space is freed in the background)");
+            let snap = cluster.delete_snapshot(&vol, &name).await?;
+            println!("deleted snapshot {snapshot}");
+            // What newer layers replaced is freed now; a layer nobody reads by the nodes' collector.
+            let m = manager(cluster);
+            match m.reclaim_snapshot(&snap).await {
+                Ok(r) if r.blocks > 0 => println!("freed {} it held on each copy", format_size(r.blocks * 4096)),
+                Ok(r) => {
+                    if let Some(why) = r.skipped {
+                        eprintln!("note: the blocks only it used stay stored for now: {why}");
+                    }
+                }
+                Err(e) => eprintln!("warning: could not free the blocks it held now: {e}"),
+            }
+            m.close_all().await;
         }
         SnapshotCmd::Restore { snapshot } => {
             let (vol, name) = parse_snapshot_ref(&snapshot)?;

@@ -65,6 +65,11 @@ impl Layers {
         self.chain.len() > 1
     }
 
+    /// Drops what is known of one (layer, extent): it is learnt again when next needed.
+    fn forget(&self, layer: VolumeId, index: u64) {
+        self.maps.lock().expect("layer maps poisoned").remove(&(layer, index));
+    }
+
     fn slot(&self, layer: VolumeId, index: u64) -> Slot {
         let mut maps = self.maps.lock().expect("layer maps poisoned");
         if maps.len() >= MAX_MAPS && !maps.contains_key(&(layer, index)) {
@@ -201,6 +206,22 @@ impl Volume {
     /// layered volume: edge blocks the layer does not hold yet are written
     /// whole, with the rest of the block read through the chain.
     pub(crate) async fn write_layered(
+        &self,
+        p: &Placement,
+        layers: &Layers,
+        piece: &Piece,
+        data: Option<Bytes>,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        // A failed write may have landed on every copy, unknown to the map: learn it again.
+        let res = self.write_layered_parts(p, layers, piece, data, fua).await;
+        if res.is_err() {
+            layers.forget(layers.top(), piece.extent.index);
+        }
+        res
+    }
+
+    async fn write_layered_parts(
         &self,
         p: &Placement,
         layers: &Layers,

@@ -11,6 +11,7 @@
 //!   between connections of one process.
 //! - [`holder`]: the process tag in a lock, and whether its process died here.
 //! - [`layers`]: copy-on-write layers in the data path (snapshots, clones).
+//! - [`reclaim`]: freeing what a deleted snapshot held that newer layers replaced.
 //! - [`repair`]: the storage nodes' repairer, a writer with no client that
 //!   catches up copies of volumes nobody has open.
 //!
@@ -24,6 +25,7 @@ pub mod lease;
 pub mod manager;
 pub mod measured;
 pub mod pool;
+pub mod reclaim;
 pub mod repair;
 mod resync;
 pub mod tracker;

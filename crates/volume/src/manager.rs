@@ -99,6 +99,10 @@ impl VolumeManager {
         &self.cluster
     }
 
+    pub(crate) fn pool(&self) -> &PeerPool {
+        &self.pool
+    }
+
     /// Flushes every open volume and releases writers' locks (for a clean stop).
     pub async fn close_all(&self) {
         let open: Vec<Arc<Volume>> = self.open.lock().await.drain().filter_map(|(_, w)| w.upgrade()).collect();
@@ -205,7 +209,7 @@ impl VolumeManager {
         }
     }
 
-    async fn refresh_peers(&self) -> Result<RingDoc, VolumeError> {
+    pub(crate) async fn refresh_peers(&self) -> Result<RingDoc, VolumeError> {
         let (doc, _) = self.cluster.ring().await?;
         let peers: Vec<PeerInfo> = self.cluster.peers().await?;
         self.pool.set_addresses(peers.into_iter().map(|p| (p.id, p.address)).collect());

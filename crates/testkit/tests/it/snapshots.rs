@@ -220,3 +220,76 @@ fn snapshots_taken_while_fio_writes_to_ext4_hold_a_consistent_file_system() {
     let (code, text) = fsck(&img);
     assert_eq!(code, 0, "e2fsck -fn of the crash-consistent snapshot after journal replay: {text}");
 }
+
+/// Bytes allocated on disk under node `i`'s data directory (sparse files count their data only).
+fn disk_usage(c: &Cluster, i: usize) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(p: &std::path::Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(p) else { return 0 };
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => walk(&e.path()),
+                Ok(m) => m.blocks() * 512,
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(&c.nodes[i].data_dir)
+}
+
+fn usage(c: &Cluster) -> Vec<u64> {
+    (0..c.nodes.len()).map(|i| disk_usage(c, i)).collect()
+}
+
+/// Waits until every node's usage is at most `most` bytes above `base`.
+fn wait_usage(c: &Cluster, base: &[u64], most: u64, what: &str) {
+    let mut last = Vec::new();
+    let ok = (0..600).any(|_| {
+        last = usage(c);
+        let done = last.iter().zip(base).all(|(now, b)| *now <= b + most);
+        if !done {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        done
+    });
+    assert!(ok, "{what}: node usage {last:?}, wanted at most {most} above {base:?}");
+}
+
+#[test]
+fn space_comes_back_after_trim_snapshot_deletion_and_volume_deletion_also_on_a_node_that_was_down() {
+    let mut c = Cluster::start(2, 2);
+    let base = usage(&c);
+    c.ctl_ok(&["volume", "create-block", "v", "256MiB"]);
+    let blk = c.start_blk(&[]);
+    let uri = blk.uri("v");
+    qemu_io(&uri, &["write -P 0x5a 0 256M", "flush"]);
+    let full = usage(&c);
+    assert!(full.iter().zip(&base).all(|(f, b)| f - b >= 256 * MIB as u64), "256 MiB stored on each node: {full:?}");
+
+    // TRIM of the whole volume: the holes are punched on both copies.
+    qemu_io(&uri, &["discard 0 256M", "flush"]);
+    wait_usage(&c, &base, 8 * MIB as u64, "after TRIM of 256 MiB");
+
+    // 64 MiB, a snapshot, the same 64 MiB overwritten: 128 MiB per node; deleting the snapshot frees 64.
+    qemu_io(&uri, &["write -P 0x01 0 64M", "flush"]);
+    c.ctl_ok(&["volume", "snapshot", "create", "v@s"]);
+    qemu_io(&uri, &["write -P 0x02 0 64M", "flush"]);
+    let two = usage(&c);
+    assert!(two.iter().zip(&base).all(|(t, b)| t - b >= 128 * MIB as u64), "both versions stored: {two:?}");
+    let out = c.ctl_ok(&["volume", "snapshot", "delete", "v@s"]);
+    assert!(out.contains("freed 64 MiB"), "{out}");
+    wait_usage(&c, &base, 72 * MIB as u64, "after deleting a snapshot whose data was overwritten");
+    assert_eq!(image(&c, &uri)[..64 * MIB].iter().filter(|b| **b != 2).count(), 0, "the volume still reads its data");
+
+    // A volume deleted while a node is down: the node frees it when back.
+    c.ctl_ok(&["volume", "create-block", "w", "64MiB"]);
+    qemu_io(&blk.uri("w"), &["write -P 0x03 0 64M", "flush"]);
+    drop(blk);
+    c.node(1).kill9();
+    let out = c.ctl_ok(&["volume", "delete", "w"]);
+    assert!(out.contains("deleted volume w"), "{out}");
+    c.ctl_ok(&["volume", "delete", "v"]);
+    c.start_node(1);
+    wait_usage(&c, &base, 2 * MIB as u64, "after deleting the volumes, one while a node was down");
+}
