@@ -26,8 +26,8 @@ pub enum SnapshotCmd {
         #[arg(long, short, value_enum, default_value_t)]
         output: Output,
     },
-    /// Delete a snapshot; its space is freed in the background once no
-    /// volume reads through it. Refused while it has clones.
+    /// Delete a snapshot. What only it used is freed (now, or by the nodes
+    /// in the background); clones of it keep what they read through.
     #[command(alias = "rm")]
     Delete {
         /// VOL@SNAP

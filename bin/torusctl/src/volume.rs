@@ -130,14 +130,24 @@ pub async fn run(cluster: &Cluster, cmd: VolumeCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deletes a volume, then its data on every live node; returns the nodes that could not be reached.
+/// Deletes a volume, then the data only it used on every live node (the
+/// layers its clones read through stay); returns the nodes that could not
+/// be reached (their collectors delete it later).
 pub async fn delete(cluster: &Cluster, name: &str) -> anyhow::Result<Vec<String>> {
     let v = cluster.delete_volume(name).await?;
-    // The name is gone (the id is never reused); now free the space on every live node.
+    // The name is gone (ids are never reused); now free the space on every live node.
+    let (_, used) = cluster.referenced_layers().await?;
+    let unused: Vec<_> = v.chain().into_iter().filter(|l| !used.contains(l)).collect();
     let mut unreached = Vec::new();
     for p in cluster.peers().await? {
         let res = match PeerClient::connect(&p.address, Duration::from_secs(10)).await {
-            Ok(c) => c.delete_volume(v.id).await,
+            Ok(c) => {
+                let mut res = Ok(());
+                for l in &unused {
+                    res = res.and(c.delete_volume(*l).await);
+                }
+                res
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = res {

@@ -16,7 +16,7 @@
 use crate::pb::controller_server::Controller;
 use crate::pb::controller_service_capability::rpc::Type as CtlCap;
 use crate::pb::*;
-use crate::{caps, need, status};
+use crate::{caps, need, snapshots, status};
 use std::collections::HashMap;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
@@ -29,8 +29,22 @@ pub const PARAM_REPLICATION: &str = "replication";
 pub const PARAM_FSTYPE: &str = "csi.storage.k8s.io/fstype";
 /// Prefix of the parameters Kubernetes adds (accepted, not used).
 const K8S_PARAM_PREFIX: &str = "csi.storage.k8s.io/";
-/// ListVolumes tokens: this prefix and the last name returned.
-const TOKEN_PREFIX: &str = "after:";
+/// List tokens (ListVolumes, ListSnapshots): this prefix and the last id returned.
+pub(crate) const TOKEN_PREFIX: &str = "after:";
+
+/// Checks a list request's paging: the id to list after, if any.
+pub(crate) fn page_start<'a>(max_entries: i32, token: &'a str, rpc: &str) -> Result<Option<&'a str>, Status> {
+    if max_entries < 0 {
+        return Err(Status::invalid_argument("max_entries must not be negative"));
+    }
+    if token.is_empty() {
+        return Ok(None);
+    }
+    match token.strip_prefix(TOKEN_PREFIX) {
+        Some(after) => Ok(Some(after)),
+        None => Err(Status::aborted(format!("starting_token {token:?} was not returned by {rpc}"))),
+    }
+}
 
 pub struct ControllerService {
     cluster: Cluster,
@@ -173,13 +187,23 @@ impl Controller for ControllerService {
         need("name", &req.name)?;
         caps::parse_all(&req.volume_capabilities)?;
         let replication = parse_replication(&req.parameters)?;
-        if req.volume_content_source.is_some() {
-            return Err(Status::invalid_argument(
-                "volume_content_source: creating from a snapshot or another volume is not supported yet",
-            ));
-        }
         let config = self.cluster.config().await.map_err(status::cluster)?;
         let size = size_for(req.capacity_range.as_ref(), config.extent_size)?;
+        if let Some(source) = &req.volume_content_source {
+            let Some(kind) = &source.r#type else {
+                return Err(Status::invalid_argument("volume_content_source: a snapshot or a volume is required"));
+            };
+            if replication.is_some() {
+                tracing::debug!("replication parameter ignored: a volume made from a source keeps the source's");
+            }
+            // The requested size only bounds it: a copy is never smaller than its source.
+            let requested = req.capacity_range.as_ref().map(|r| r.required_bytes.max(0) as u64).unwrap_or(0);
+            let limit = req.capacity_range.as_ref().map(|r| r.limit_bytes.max(0) as u64).unwrap_or(0);
+            let info = snapshots::create_volume_from(&self.cluster, &req.name, requested, limit, kind).await?;
+            let mut volume = volume_message(&info);
+            volume.content_source = Some(source.clone());
+            return Ok(Response::new(CreateVolumeResponse { volume: Some(volume) }));
+        }
         let info = match self.cluster.create_volume(&req.name, size, replication).await {
             Ok(info) => info,
             Err(ClusterError::VolumeExists { .. }) => {
@@ -321,16 +345,7 @@ impl Controller for ControllerService {
 
     async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
         let req = req.into_inner();
-        if req.max_entries < 0 {
-            return Err(Status::invalid_argument("max_entries must not be negative"));
-        }
-        let after = if req.starting_token.is_empty() {
-            None
-        } else {
-            Some(req.starting_token.strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
-                Status::aborted(format!("starting_token {:?} was not returned by ListVolumes", req.starting_token))
-            })?)
-        };
+        let after = page_start(req.max_entries, &req.starting_token, "ListVolumes")?;
         let volumes = self.cluster.volumes().await.map_err(status::cluster)?;
         let rest: Vec<&VolumeInfo> = volumes.iter().filter(|v| after.is_none_or(|a| v.name.as_str() > a)).collect();
         let take = if req.max_entries == 0 { rest.len() } else { (req.max_entries as usize).min(rest.len()) };
@@ -398,29 +413,35 @@ impl Controller for ControllerService {
                 CtlCap::GetVolume,
                 CtlCap::PublishReadonly,
                 CtlCap::SingleNodeMultiWriter,
+                CtlCap::CreateDeleteSnapshot,
+                CtlCap::ListSnapshots,
+                CtlCap::CloneVolume,
             ]),
         }))
     }
 
     async fn create_snapshot(
         &self,
-        _req: Request<CreateSnapshotRequest>,
+        req: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported yet"))
+        let req = req.into_inner();
+        let s = snapshots::create(&self.cluster, &req.name, &req.source_volume_id).await?;
+        Ok(Response::new(CreateSnapshotResponse { snapshot: Some(snapshots::snapshot_message(&s)) }))
     }
 
     async fn delete_snapshot(
         &self,
-        _req: Request<DeleteSnapshotRequest>,
+        req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported yet"))
+        snapshots::delete(&self.cluster, &req.into_inner().snapshot_id).await?;
+        Ok(Response::new(DeleteSnapshotResponse {}))
     }
 
     async fn list_snapshots(
         &self,
-        _req: Request<ListSnapshotsRequest>,
+        req: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported yet"))
+        Ok(Response::new(snapshots::list(&self.cluster, &req.into_inner()).await?))
     }
 
     async fn controller_expand_volume(

@@ -7,9 +7,13 @@
 //!   errors as gRPC codes, in one place; [`mount`]: mounts, probing,
 //!   formatting and growing file systems on the host.
 //! - [`server`]: the unix socket, and the host's registration in etcd.
+//! - `snapshots`: CreateSnapshot, DeleteSnapshot, ListSnapshots, volumes
+//!   from a snapshot or a volume.
 //!
-//! Depends on torus-meta for volumes and on torus-attach's `Attacher` trait
-//! for local devices: it knows nothing of NBD, FUSE or the data path.
+//! Depends on torus-meta for volumes, on torus-attach's `Attacher` trait
+//! for local devices, and on torus-volume's manager only to take a snapshot
+//! of a volume nobody has open (a writer between two writes): it knows
+//! nothing of NBD or FUSE.
 
 pub mod caps;
 pub mod controller;
@@ -17,6 +21,7 @@ pub mod identity;
 pub mod mount;
 pub mod node;
 pub mod server;
+mod snapshots;
 pub mod status;
 
 /// The messages and services of the CSI specification.

@@ -116,8 +116,8 @@ impl<A: Attacher> NodeService<A> {
                 s.volume
             )));
         }
-        match mount::probe(&s.device, size)? {
-            mount::Probe::FileSystem(t) if t == fs_type => {}
+        let existing = match mount::probe(&s.device, size)? {
+            mount::Probe::FileSystem(t) if t == fs_type => true,
             mount::Probe::FileSystem(t) => {
                 return Err(Status::failed_precondition(format!(
                     "volume {} holds a {t} file system, not {fs_type}: refusing to mount or format it",
@@ -139,13 +139,24 @@ impl<A: Attacher> NodeService<A> {
             mount::Probe::Blank => {
                 tracing::info!(volume = %s.volume, device = %s.device.display(), fs_type, "blank volume: making a file system");
                 mount::mkfs(&s.device, fs_type)?;
+                false
             }
-        }
+        };
         let mut options = s.mount_flags.clone();
         if s.read_only {
             options.extend(mount::read_only_options(fs_type));
         }
-        mount::mount(&s.device, &s.staging_path, Some(fs_type), &options)
+        mount::mount(&s.device, &s.staging_path, Some(fs_type), &options)?;
+        // A volume made larger than its source (a snapshot restored into a
+        // bigger claim) holds a smaller file system: it fills the volume (a
+        // no-op when it does already).
+        if existing && !s.read_only {
+            if let Err(e) = mount::grow_fs(&s.device, &s.staging_path, fs_type) {
+                // Served at its old size rather than not at all; NodeExpandVolume tries again.
+                tracing::warn!(volume = %s.volume, error = %e.message(), "could not grow the file system to the volume");
+            }
+        }
+        Ok(())
     }
 
     fn condition(&self, volume: &str) -> VolumeCondition {

@@ -24,8 +24,7 @@ pub fn cluster(e: ClusterError) -> Status {
         | ClusterError::NotInitialized { .. }
         | ClusterError::AlreadyInitialized { .. }
         | ClusterError::LockLost { .. }
-        | ClusterError::HasSnapshots { .. }
-        | ClusterError::HasClones { .. } => Status::failed_precondition(msg),
+        | ClusterError::HasSnapshots { .. } => Status::failed_precondition(msg),
         ClusterError::Refused { .. } => Status::resource_exhausted(msg),
         ClusterError::Contended => Status::aborted(msg),
         ClusterError::UnknownPeer { .. } => Status::internal(msg),

@@ -40,8 +40,6 @@ pub enum ClusterError {
     InvalidSnapshotName { name: String, reason: String },
     #[error("volume {volume:?} has snapshots ({}): delete them first", snapshots.join(", "))]
     HasSnapshots { volume: String, snapshots: Vec<String> },
-    #[error("snapshot {snapshot} has clones ({}): delete them first", clones.join(", "))]
-    HasClones { snapshot: String, clones: Vec<String> },
     #[error("host {host:?} is not registered: no live host attaches volumes under that id")]
     UnknownHost { host: String },
     #[error("volume {volume:?} is published exclusively to live host {host:?}")]

@@ -15,8 +15,9 @@
 //!   snapshot's chain; the layers it no longer uses are collected.
 //!
 //! A layer is kept while some volume or snapshot lists it
-//! ([`Cluster::referenced_layers`]): each node deletes the others.
-//! A snapshot with clones, and a volume with snapshots, cannot be deleted.
+//! ([`Cluster::referenced_layers`]): each node deletes the others. So a
+//! snapshot can be deleted while clones of it exist (they keep the layers
+//! they read through); a volume with snapshots cannot be deleted.
 //!
 //! While a client holds the volume, `torusctl` asks its writer for a
 //! snapshot with `snapreq/<volume id>/<name>` (on the asker's lease); the
@@ -173,36 +174,17 @@ impl Cluster {
         Err(ClusterError::Contended)
     }
 
-    /// Volumes (other than the snapshot's own) whose layers include the snapshot's newest.
-    async fn clones_of(&self, snap: &SnapshotInfo) -> Result<Vec<String>> {
-        let Some(&layer) = snap.layers.first() else { return Ok(Vec::new()) };
-        Ok(self
-            .volumes()
-            .await?
-            .into_iter()
-            .filter(|v| v.id != snap.volume && v.layers.contains(&layer))
-            .map(|v| v.name)
-            .collect())
-    }
-
-    /// Deletes a snapshot's record; the nodes delete the layers nobody uses
-    /// any more. Refused while it has clones.
+    /// Deletes a snapshot's record. Its layers stay as long as a volume or
+    /// another snapshot reads through them (its clones, later snapshots);
+    /// the nodes delete those nobody uses any more.
     pub async fn delete_snapshot(&self, volume: &str, name: &str) -> Result<SnapshotInfo> {
-        for _ in 0..16 {
-            let (kv, snap) = self.snapshot_kv(volume, name).await?;
-            let clones = self.clones_of(&snap).await?;
-            if !clones.is_empty() {
-                return Err(ClusterError::HasClones { snapshot: snap.full_name(), clones });
-            }
-            // A clone made meanwhile takes an id: the counter guards against it.
-            let (_, counter) = self.id_counter().await?;
-            let txn = Txn::when(vec![counter, Compare::mod_revision(kv.key.clone(), kv.mod_revision)])
-                .and_then(vec![TxnOp::delete(kv.key.clone())]);
-            if self.store.txn(txn).await?.succeeded {
-                return Ok(snap);
-            }
+        let (kv, snap) = self.snapshot_kv(volume, name).await?;
+        let txn = Txn::when(vec![Compare::mod_revision(kv.key.clone(), kv.mod_revision)])
+            .and_then(vec![TxnOp::delete(kv.key.clone())]);
+        if self.store.txn(txn).await?.succeeded {
+            return Ok(snap);
         }
-        Err(ClusterError::Contended)
+        Err(ClusterError::SnapshotNotFound { volume: volume.into(), name: name.into() })
     }
 
     /// Makes a closed volume read like one of its snapshots: a new empty layer

@@ -89,7 +89,7 @@ fn import_and_export_skip_holes_and_zeroes_and_round_trip_byte_for_byte() {
     fails_with(&c, &["volume", "import", "-", "x"], "needs --size");
     fails_with(&c, &["volume", "import", srcs, "x", "--size", "1MiB"], "more than --size");
     fails_with(&c, &["volume", "export", "v", back.to_str().expect("utf-8")], "without --force");
-    fails_with(&c, &["volume", "export", "v@s1", back.to_str().expect("utf-8")], "no snapshots");
+    fails_with(&c, &["volume", "export", "v@s1", back.to_str().expect("utf-8")], "snapshot v@s1 does not exist");
     fails_with(&c, &["volume", "export", "nope", "-"], "nope");
     // Longer than --size on a pipe: refused, and the volume it created is deleted.
     let out = c

@@ -6,6 +6,7 @@
 mod failover;
 mod kubelet;
 mod never_format;
+mod snapshots;
 mod suite;
 
 use std::collections::HashMap;

@@ -30,7 +30,7 @@ fn identity_and_controller_rpcs_are_idempotent_and_answer_with_the_specified_cod
             assert_eq!(probe.ready, Some(true));
             let caps =
                 ok(csi.controller.controller_get_capabilities(ControllerGetCapabilitiesRequest {}).await, "caps");
-            assert_eq!(caps.capabilities.len(), 10, "{caps:?}");
+            assert_eq!(caps.capabilities.len(), 13, "{caps:?}");
         }
 
         // CreateVolume: bad input.
