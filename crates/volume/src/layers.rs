@@ -57,6 +57,13 @@ impl Layers {
         Layers { chain, cache_top: true, maps: Mutex::new(maps) }
     }
 
+    /// The same maps under another chain (the writer of a live volume took a
+    /// snapshot, or it was restored): frozen layers' maps stay true.
+    pub fn with_chain(&self, chain: Vec<VolumeId>) -> Layers {
+        let maps = self.maps.lock().expect("layer maps poisoned").clone();
+        Layers { chain, cache_top: self.cache_top, maps: Mutex::new(maps) }
+    }
+
     pub fn top(&self) -> VolumeId {
         self.chain[0]
     }

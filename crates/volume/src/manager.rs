@@ -451,6 +451,12 @@ impl VolumeManager {
                 if let Ok(state) = self.cluster.replica_state(v.info().id).await {
                     v.tracker.follow(state);
                 }
+                // And its layers: a snapshot or a restore puts a new one in front.
+                if let Ok(info) = self.cluster.volume(&v.info().name).await {
+                    if info.id == v.info().id {
+                        v.follow_chain(info.chain()).await;
+                    }
+                }
             }
             // Peers come and go (a node whose lease lapsed registers again): refresh
             // their addresses on every ring change and every few seconds.

@@ -230,6 +230,20 @@ impl Volume {
         self.layers.read().await.chain.clone()
     }
 
+    /// A reader of a live volume follows its chain as the metadata has it
+    /// now (the writer took a snapshot, or the volume was restored).
+    pub async fn follow_chain(&self, chain: Vec<VolumeId>) {
+        if self.guard.is_some() || self.snapshot || chain.is_empty() {
+            return;
+        }
+        let mut layers = self.layers.write().await;
+        if layers.chain != chain {
+            tracing::info!(volume = %self.info.name, ?chain, "the volume's layers changed: reading through the new ones");
+            self.top.store(chain[0].0, Ordering::Release);
+            *layers = Arc::new(layers.with_chain(chain));
+        }
+    }
+
     /// Takes snapshot `name` between two writes: waits for the writes in
     /// flight, flushes (so the snapshot holds every acknowledged write),
     /// then freezes the layers and writes to a new one from then on.

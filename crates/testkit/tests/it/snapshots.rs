@@ -225,6 +225,18 @@ fn snapshots_taken_while_fio_writes_to_ext4_hold_a_consistent_file_system() {
     assert!(matches!(replay.status.code(), Some(0 | 1)), "journal replay: {}", crate::text(&replay));
     let (code, text) = fsck(&img);
     assert_eq!(code, 0, "e2fsck -fn of the crash-consistent snapshot after journal replay: {text}");
+
+    // The ext4 made on the origin mounts from a clone, with fio's files in it.
+    c.ctl_ok(&["volume", "clone", "fs@frozen", "fs-clone"]);
+    let mut k = crate::filesystem::Attached::new(&blk.uri("fs-clone"), c.dir.path(), "clone");
+    k.mount();
+    let files: Vec<String> = std::fs::read_dir(&k.mnt)
+        .expect("list the clone")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(files.iter().any(|f| f.starts_with("w.")), "fio's files are in the clone: {files:?}");
+    k.detach();
 }
 
 /// Bytes allocated on disk under node `i`'s data directory (sparse files count their data only).
@@ -298,4 +310,57 @@ fn space_comes_back_after_trim_snapshot_deletion_and_volume_deletion_also_on_a_n
     c.ctl_ok(&["volume", "delete", "v"]);
     c.start_node(1);
     wait_usage(&c, &base, 2 * MIB as u64, "after deleting the volumes, one while a node was down");
+}
+
+#[test]
+fn a_reader_of_a_live_volume_follows_the_writers_snapshots() {
+    let c = Cluster::start(2, 2);
+    c.ctl_ok(&["volume", "create-block", "live", "16MiB"]);
+    let writer = c.start_blk(&[]);
+    let reader = c.start_blk(&["--read-only"]);
+    // The writer's torusblk keeps the volume open (nbdfuse + loop) for the whole test.
+    let a = crate::filesystem::Attached::new(&writer.uri("live"), c.dir.path(), "live");
+    let put = |byte: u8| {
+        let f = c.dir.path().join(format!("pattern-{byte}"));
+        std::fs::write(&f, vec![byte; MIB]).expect("pattern file");
+        ok(Command::new("dd").arg(format!("if={}", f.display())).arg(format!("of={}", a.dev())).args([
+            "bs=1M",
+            "count=1",
+            "oflag=direct",
+            "conv=fsync",
+            "status=none",
+        ]));
+    };
+    put(0x11);
+    // A client of the reader stays connected: its torusblk keeps the volume open across the snapshot.
+    let mut idle = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", &reader.uri("live")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start qemu-io");
+    let read_only = |uri: &str, cmds: &[&str]| {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-r", "-f", "raw"]);
+        for c in cmds {
+            cmd.args(["-c", c]);
+        }
+        ok(cmd.arg(uri))
+    };
+    read_only(&reader.uri("live"), &["read -P 0x11 0 1M"]);
+    let out = c.ctl_ok(&["volume", "snapshot", "create", "live@one"]);
+    assert!(out.contains("took snapshot"), "{out}");
+    put(0x22);
+    // The reader (another process) reads through the new layer within its follow period.
+    wait_until(Duration::from_secs(10), "the reader to see the write made after the snapshot", || {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-r", "-f", "raw", "-c", "read -P 0x22 0 1M", &reader.uri("live")]);
+        let out = crate::run(&mut cmd);
+        out.status.success() && !crate::text(&out).contains("Pattern verification failed")
+    });
+    read_only(&reader.uri("live@one"), &["read -P 0x11 0 1M", "read -P 0 1M 15M"]);
+    assert!(reader.proc.log_text().contains("the volume's layers changed"), "the open reader followed the chain");
+    drop(idle.stdin.take());
+    idle.wait().expect("qemu-io ends with its input");
+    drop(a);
 }

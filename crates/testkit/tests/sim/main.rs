@@ -23,7 +23,12 @@
 //!   repairers (`torus_volume::repair`) after the writer died with nobody
 //!   reopening; then every replica of every extent, read straight from
 //!   its node's store (checksums verified), agrees with the others and with
-//!   what the volume returns.
+//!   what the volume returns;
+//! - in one schedule in two, a snapshot taken by the writer from some step on
+//!   (under the same faults; refused while a copy misses writes) reads, at the
+//!   end, what the volume could have read when it was taken; the volume then
+//!   writes through a second layer, and every copy of each layer agrees
+//!   (block states too: Absent and Zero differ in a layered volume).
 //!
 //! `TORUS_SIM_SCHEDULES` sets how many schedules each test runs (default
 //! 250: four tests, 1,000 schedules), `TORUS_SIM_SEED` runs the one schedule
@@ -72,6 +77,7 @@ fn tag_of(block: &[u8]) -> Option<u64> {
 }
 
 /// What each block may hold.
+#[derive(Clone)]
 struct Model {
     blocks: Vec<Vec<u64>>,
 }
@@ -255,6 +261,11 @@ async fn schedule(seed: u64) -> Result<String, String> {
     // In one schedule in three, the ring changes at some step: the fifth node
     // joins, or a member leaves, and the nodes' rebalancers move data meanwhile.
     let ring_change = (rng.below(3) == 0).then(|| rng.below(STEPS));
+    // In one schedule in two, a snapshot is taken from some step on (retried
+    // while refused: a copy misses writes); it must read, at the end, what the
+    // volume could have read when it was taken.
+    let snapshot_from = (rng.below(2) == 0).then(|| rng.below(STEPS));
+    let mut snapshot: Option<Model> = None;
     let mut model = Model::new();
     let mut next_tag = seed << 16;
     let mut log = Vec::new();
@@ -272,6 +283,18 @@ async fn schedule(seed: u64) -> Result<String, String> {
             }
         }
         let faulty = !sim.faults.is_empty();
+        if snapshot.is_none() && snapshot_from.is_some_and(|s| step >= s) {
+            match vol.take_snapshot("s").await {
+                Ok(_) => {
+                    log.push("snapshot".into());
+                    snapshot = Some(model.clone());
+                }
+                Err(e) if faulty || !vol.missing().is_empty() || vol.lease_lost() => {
+                    log.push(format!("snapshot refused: {e}"));
+                }
+                Err(e) => return Err(at(step, &log, format!("a snapshot failed with no fault active: {e}"))),
+            }
+        }
         match rng.below(100) {
             0..=44 => {
                 // Concurrent writes (or zeroes) of disjoint ranges.
@@ -482,39 +505,64 @@ async fn schedule(seed: u64) -> Result<String, String> {
         whole
     };
 
-    // Every replica, read from its node's store, agrees with the volume; no other node keeps a copy.
+    // The snapshot reads what the volume could have read when it was taken.
+    if let Some(snap) = &snapshot {
+        let s = manager.open("v@s", false).await.map_err(|e| format!("opening the snapshot: {e}"))?;
+        let data = s.read(0, SIZE as u32).await.map_err(|e| format!("reading the snapshot: {e}"))?;
+        snap.check(0, &data, "snapshot").map_err(|e| at(STEPS, &log, e))?;
+    }
+
+    // Every replica of every layer, read from its node's store, agrees with
+    // the others (and, with one layer, with the volume); no other node keeps a copy.
     let ring = doc.placement();
-    for e in 0..EXTENTS {
-        let extent = ExtentId::new(vol.info().id, e);
-        let want = &whole[(e * EXTENT) as usize..((e + 1) * EXTENT) as usize];
-        let replicas = ring.replicas(extent, r);
-        for (i, id) in ids.iter().enumerate() {
-            let store = net.node(&addrs[i]).store().ok_or("a node still down")?;
-            if !replicas.contains(id) {
-                if store.holds(extent).map_err(|e| e.to_string())? {
-                    return Err(at(STEPS, &log, format!("extent {e}: node {i}, no replica, still holds a copy")));
+    let chain = vol.chain().await;
+    for (k, layer) in chain.iter().enumerate() {
+        for e in 0..EXTENTS {
+            let extent = ExtentId::new(*layer, e);
+            let want = &whole[(e * EXTENT) as usize..((e + 1) * EXTENT) as usize];
+            let replicas = ring.replicas(extent, r);
+            let mut first: Option<(usize, Vec<u8>, Option<Vec<torus_store::BlockState>>)> = None;
+            for (i, id) in ids.iter().enumerate() {
+                let store = net.node(&addrs[i]).store().ok_or("a node still down")?;
+                if !replicas.contains(id) {
+                    if store.holds(extent).map_err(|e| e.to_string())? {
+                        return Err(at(
+                            STEPS,
+                            &log,
+                            format!("layer {k} extent {e}: node {i}, no replica, still holds a copy"),
+                        ));
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let mut got = vec![0u8; EXTENT as usize];
-            store.read(extent, 0, &mut got).map_err(|err| format!("extent {e} on node {i}: {err}"))?;
-            if got != want {
-                let bad = got.chunks(BLOCK as usize).zip(want.chunks(BLOCK as usize)).position(|(a, b)| a != b);
-                let tags = bad.map(|b| {
-                    let at = b * BLOCK as usize..(b + 1) * BLOCK as usize;
-                    (tag_of(&got[at.clone()]), tag_of(&want[at]))
-                });
-                let states: Vec<_> = (0..NODES)
-                    .map(|j| {
-                        let st = net.node(&addrs[j]).store()?.block_states(extent).ok()??;
-                        Some(st.get(bad?).copied())
-                    })
-                    .collect();
-                let what = format!(
-                    "extent {e}: node {i}'s copy differs from what the volume reads (block {bad:?}: (holds, should) \
-                     {tags:x?}; the block's state on each node: {states:?})"
-                );
-                return Err(at(STEPS, &log, what));
+                let mut got = vec![0u8; EXTENT as usize];
+                store.read(extent, 0, &mut got).map_err(|err| format!("layer {k} extent {e} on node {i}: {err}"))?;
+                let states = store.block_states(extent).map_err(|e| e.to_string())?;
+                if chain.len() == 1 && got != want {
+                    return Err(at(STEPS, &log, differs(&net, &addrs, extent, i, &got, want)));
+                }
+                match &first {
+                    None => first = Some((i, got, states)),
+                    Some((j, other, other_states)) => {
+                        // Absent and Zero read alike, but not in a layer above another: compare the states too.
+                        let trimmed = |s: &Option<Vec<torus_store::BlockState>>| {
+                            let mut v = s.clone().unwrap_or_default();
+                            while v.last() == Some(&torus_store::BlockState::Absent) {
+                                v.pop();
+                            }
+                            v
+                        };
+                        // (The bottom layer was resynced while it was the only one: there
+                        // both read as zeroes and may differ, harmlessly.)
+                        let above_another = k + 1 < chain.len();
+                        if &got != other || (above_another && trimmed(&states) != trimmed(other_states)) {
+                            let what = format!(
+                                "layer {k} extent {e}: nodes {j} and {i} hold different copies: {}",
+                                differs(&net, &addrs, extent, i, &got, other)
+                            );
+                            return Err(at(STEPS, &log, what));
+                        }
+                    }
+                }
             }
         }
     }
@@ -525,12 +573,31 @@ async fn schedule(seed: u64) -> Result<String, String> {
     manager.close_all().await;
     Ok(format!(
         "R={r}, {} steps{}, {writes} writes ({failed} failed during faults), {faults} faults ({most_faults} allowed \
-         at once), {writers} writer(s), up to {most_missing} copies missing at once, all caught up{}{}",
+         at once), {writers} writer(s), up to {most_missing} copies missing at once, all caught up{}{}{}",
         log.len(),
         if fail_after_mark { " (writes fail after marking a copy missing)" } else { "" },
         if by_repair { " by the nodes' repairers (the writer died)" } else { "" },
-        if ring_change.is_some() { ", data moved for a ring change" } else { "" }
+        if ring_change.is_some() { ", data moved for a ring change" } else { "" },
+        if snapshot.is_some() { ", a snapshot read back" } else { "" }
     ))
+}
+
+/// Where node `i`'s copy of `extent` (`got`) differs from `want`, with the block's state on every node.
+fn differs(net: &SimNet, addrs: &[String], extent: ExtentId, i: usize, got: &[u8], want: &[u8]) -> String {
+    let bad = got.chunks(BLOCK as usize).zip(want.chunks(BLOCK as usize)).position(|(a, b)| a != b);
+    let tags = bad.map(|b| {
+        let at = b * BLOCK as usize..(b + 1) * BLOCK as usize;
+        (tag_of(&got[at.clone()]), tag_of(&want[at]))
+    });
+    let states: Vec<_> = (0..NODES)
+        .map(|j| {
+            let st = net.node(&addrs[j]).store()?.block_states(extent).ok()??;
+            Some(st.get(bad?).copied())
+        })
+        .collect();
+    format!(
+        "{extent}: node {i}'s copy differs (block {bad:?}: (holds, should) {tags:x?}; the block's state on each node: {states:?})"
+    )
 }
 
 /// Runs `count` schedules from seeds derived from `base` (or the one in `TORUS_SIM_SEED`).
