@@ -18,6 +18,8 @@ use torus_volume::{ManagerOptions, VolumeManager};
 struct Cli {
     #[command(flatten)]
     etcd: EtcdArgs,
+    #[command(flatten)]
+    log: torus_cli::LogArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -51,7 +53,7 @@ enum Cmd {
         /// is taken over at once. Default: the lease TTL + 2.
         #[arg(long = "lock-wait")]
         lock_wait: Option<u64>,
-        /// Serve /metrics (Prometheus) and /healthz over HTTP on this address, e.g. 127.0.0.1:9560.
+        /// Serve /metrics (Prometheus), /healthz and /readyz (etcd answers) over HTTP on this address, e.g. 127.0.0.1:9560.
         #[arg(long)]
         http: Option<String>,
     },
@@ -60,6 +62,19 @@ enum Cmd {
     /// Hold one volume attached as a local block device (started by `torusblk csi`).
     #[command(hide = true)]
     Keeper(keeper::KeeperArgs),
+}
+
+/// Seconds without an answer from etcd after which torusblk is not ready.
+const ETCD_SILENCE: u64 = 15;
+
+/// Asks etcd for the cluster's config every few seconds; records when it answered.
+async fn probe_etcd(cluster: torus_meta::cluster::Cluster, seen: Arc<std::sync::atomic::AtomicU64>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(3), cluster.config()).await {
+            seen.store(torus_types::unix_now(), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -94,6 +109,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 lock_wait: Duration::from_secs(lock_wait.unwrap_or(lease_ttl + 2)),
                 ..Default::default()
             };
+            // When etcd last answered (Unix seconds), for /readyz.
+            let etcd_seen = Arc::new(std::sync::atomic::AtomicU64::new(torus_types::unix_now()));
+            let probe = tokio::spawn(probe_etcd(cluster.clone(), etcd_seen.clone()));
             let manager = Arc::new(VolumeManager::new(cluster, opts));
             let mut registry = torus_metrics::prometheus_client::registry::Registry::default();
             let stats = torus_volume::measured::VolumeStats::register(&mut registry);
@@ -102,13 +120,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(http) => {
                     let l =
                         tokio::net::TcpListener::bind(&http).await.with_context(|| format!("listening on {http}"))?;
-                    tracing::info!(addr = %l.local_addr().context("reading the HTTP address")?, "serving /metrics and /healthz");
+                    tracing::info!(addr = %l.local_addr().context("reading the HTTP address")?, "serving /metrics, /healthz and /readyz");
                     let answer = move |path: &str| match path {
                         "/metrics" => {
                             process.refresh();
                             (hyper::StatusCode::OK, torus_metrics::CONTENT_TYPE, torus_metrics::encode(&registry))
                         }
                         "/healthz" => (hyper::StatusCode::OK, "text/plain", "ok\n".to_string()),
+                        "/readyz" => {
+                            let silent = torus_types::unix_now()
+                                .saturating_sub(etcd_seen.load(std::sync::atomic::Ordering::Relaxed));
+                            if silent <= ETCD_SILENCE {
+                                (hyper::StatusCode::OK, "text/plain", "ready\n".to_string())
+                            } else {
+                                let why = format!("not ready: etcd has not answered for {silent} s\n");
+                                (hyper::StatusCode::SERVICE_UNAVAILABLE, "text/plain", why)
+                            }
+                        }
                         _ => (hyper::StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics\n".to_string()),
                     };
                     Some(tokio::spawn(torus_metrics::http::serve(l, Arc::new(answer))))
@@ -117,7 +145,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let exports = Arc::new(exports::VolumeExports { manager: manager.clone(), read_only, stats });
             tracing::info!(%addr, read_only, "serving volumes over NBD (export name = volume name)");
-            println!("torusblk: serving NBD on {addr}");
             let server = tokio::spawn(torus_nbd::serve(listener, exports, torus_nbd::transmission::Budget::default()));
             let follower = tokio::spawn(manager.clone().follow_ring());
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -128,6 +155,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r = server => r.context("NBD server task")?,
             }
             follower.abort();
+            probe.abort();
             if let Some(t) = http_task {
                 t.abort();
             }
@@ -138,7 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() {
-    torus_cli::init_logging("info");
     let cli = Cli::parse();
+    torus_cli::init_logging("info", cli.log.log_format);
     torus_cli::run_main("torusblk", true, run(cli));
 }

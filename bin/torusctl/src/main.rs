@@ -16,6 +16,8 @@ use torus_meta::cluster::{ClusterConfig, DEFAULT_EXTENT_SIZE, DEFAULT_REPLICATIO
 struct Cli {
     #[command(flatten)]
     etcd: EtcdArgs,
+    #[command(flatten)]
+    log: torus_cli::LogArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -96,6 +98,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    torus_cli::init_logging("warn");
+    torus_cli::init_logging("warn", cli.log.log_format);
     torus_cli::run_main("torusctl", false, run(cli));
 }

@@ -17,6 +17,8 @@ use torus_store::{Store, StoreOptions};
 struct Args {
     #[command(flatten)]
     etcd: EtcdArgs,
+    #[command(flatten)]
+    log: torus_cli::LogArgs,
     /// Directory holding this node's data (created if missing).
     #[arg(long = "data-dir")]
     data_dir: PathBuf,
@@ -106,13 +108,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
+    let liveness = Arc::new(torus_node::liveness::Liveness::default());
     let mut http_address = None;
     if let Some(port) = args.port.filter(|p| *p != 0) {
         let l = tokio::net::TcpListener::bind((args.host.as_str(), port))
             .await
             .with_context(|| format!("listening for HTTP on {}:{port}", args.host))?;
         http_address = Some(l.local_addr().context("reading the HTTP address")?.to_string());
-        let ctx = http::StatusContext { id, address: address.clone(), store: store.clone(), metrics: metrics.clone() };
+        let ctx = http::StatusContext {
+            id,
+            address: address.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            liveness: liveness.clone(),
+        };
         tokio::spawn(http::serve(l, ctx));
     }
 
@@ -174,7 +183,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             torus_volume::repair::Repairer::new(cluster.clone(), id, opts, Duration::from_secs(args.repair_interval));
         (repairer.manager(), tokio::spawn(repairer.run()))
     });
-    let liveness = Arc::new(torus_node::liveness::Liveness::default());
     let reg = Registration {
         liveness: liveness.clone(),
         cluster,
@@ -207,8 +215,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() {
-    torus_cli::init_logging("info");
-    torus_store::failpoints_from_env();
     let args = Args::parse();
+    torus_cli::init_logging("info", args.log.log_format);
+    torus_store::failpoints_from_env();
     torus_cli::run_main("torusd", true, run(args));
 }

@@ -4,7 +4,7 @@
 //! `tracing` (level from `RUST_LOG`, default info), and sizes.
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use std::sync::Arc;
 use torus_meta::cluster::Cluster;
 use torus_meta::{EtcdStore, MetadataStore};
@@ -29,16 +29,36 @@ impl EtcdArgs {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` overrides the default level.
-pub fn init_logging(default: &str) {
+/// How log lines are written.
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line per event, for people.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, fields, spans), for log collectors.
+    Json,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long = "log-format", value_enum, default_value_t, env = "TORUS_LOG_FORMAT", global = true)]
+    pub log_format: LogFormat,
+}
+
+/// The format chosen at start-up (fatal errors are written in it too).
+static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Logs to stderr in `format`; `RUST_LOG` overrides the default level.
+pub fn init_logging(default: &str, format: LogFormat) {
+    let _ = FORMAT.set(format);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        LogFormat::Text => fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).init(),
+    }
 }
 
 /// A clap value parser for human sizes (512MiB, 10GiB, 1T, 4096).
@@ -75,7 +95,10 @@ where
     }
     .expect("tokio runtime starts");
     if let Err(e) = rt.block_on(main) {
-        eprintln!("{name}: {}", one_line(&e));
+        match FORMAT.get() {
+            Some(LogFormat::Json) => tracing::error!("{name}: {}", one_line(&e)),
+            _ => eprintln!("{name}: {}", one_line(&e)),
+        }
         std::process::exit(1);
     }
 }

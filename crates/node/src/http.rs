@@ -1,6 +1,9 @@
 //! The node's HTTP endpoint: `/status` (JSON), `/metrics` (Prometheus text),
-//! `/healthz`. Read-only; nothing here changes the node.
+//! `/healthz` (the process answers) and `/readyz` (it may take writes: its
+//! registration lease is provably alive and its store has not failed).
+//! Read-only; nothing here changes the node.
 
+use crate::liveness::Liveness;
 use crate::metrics::NodeMetrics;
 use hyper::StatusCode;
 use std::sync::Arc;
@@ -14,6 +17,7 @@ pub struct StatusContext {
     pub address: String,
     pub store: Arc<Store>,
     pub metrics: Arc<NodeMetrics>,
+    pub liveness: Arc<Liveness>,
 }
 
 fn respond(ctx: &StatusContext, path: &str) -> torus_metrics::http::Answer {
@@ -32,7 +36,19 @@ fn respond(ctx: &StatusContext, path: &str) -> torus_metrics::http::Answer {
             (StatusCode::OK, "application/json", format!("{v}\n"))
         }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /status or /metrics\n".to_string()),
+        "/readyz" => {
+            if let Some(reason) = ctx.store.failure() {
+                (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: the store failed: {reason}\n"))
+            } else if ctx.liveness.is_isolated() {
+                let why = "not ready: not registered, or cut off from etcd for longer than its lease\n";
+                (StatusCode::SERVICE_UNAVAILABLE, "text/plain", why.to_string())
+            } else {
+                (StatusCode::OK, "text/plain", "ready\n".to_string())
+            }
+        }
+        _ => {
+            (StatusCode::NOT_FOUND, "text/plain", "not found: try /status, /metrics, /healthz or /readyz\n".to_string())
+        }
     }
 }
 

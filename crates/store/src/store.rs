@@ -170,6 +170,11 @@ impl Store {
         res
     }
 
+    /// Why the store failed (it then answers FAILED to everything), if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().expect("failed flag poisoned").clone()
+    }
+
     fn check_failed(&self) -> Result<()> {
         match &*self.failed.lock().expect("failed flag poisoned") {
             Some(reason) => Err(StoreError::Failed { reason: reason.clone() }),

@@ -13,6 +13,7 @@ mod faults;
 mod filesystem;
 mod full;
 mod healing;
+mod logs;
 mod memory;
 mod metrics;
 mod nbd_clients;

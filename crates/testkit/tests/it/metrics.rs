@@ -1,10 +1,10 @@
 //! Metrics after real I/O on 3 nodes: every process's `/metrics` parsed by
 //! the Prometheus project's own OpenMetrics parser (python3-prometheus-client),
 //! the named series present, histogram buckets monotone, counters grown by
-//! the I/O done.
+//! the I/O done, and every metric contrib/grafana/torus.json queries exported.
 
 use crate::ok;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::process::{Command, Stdio};
 use torus_testkit::{free_port, Cluster};
 
@@ -121,6 +121,73 @@ fn check_histograms(fams: &HashMap<String, (String, Vec<Sample>)>, who: &str) ->
     checked
 }
 
+/// The names of every sample of `fams` (`_total`, `_bucket`, `_sum`, `_count` included).
+fn sample_names(fams: &HashMap<String, (String, Vec<Sample>)>) -> HashSet<String> {
+    fams.values().flat_map(|(_, samples)| samples.iter().map(|s| s.0.clone())).collect()
+}
+
+/// Every string under an `expr` (a panel's query) or `query` (a variable's) key in `v`.
+fn queries(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match v.as_str() {
+                    Some(s) if k == "expr" || k == "query" => out.push(s.to_string()),
+                    _ => queries(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| queries(v, out)),
+        _ => {}
+    }
+}
+
+/// The `torus_` metric names a PromQL expression reads: identifiers outside
+/// `{...}` and quotes, so label names and values are not taken for metrics
+/// (functions, `by (le)` and Grafana's `$variables` never start with `torus_`).
+fn metric_names(expr: &str) -> Vec<String> {
+    let (mut names, mut word, mut depth, mut quoted) = (Vec::new(), String::new(), 0usize, false);
+    for c in expr.chars().chain([' ']) {
+        if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+            word.push(c);
+            continue;
+        }
+        if depth == 0 && !quoted && word.starts_with("torus_") {
+            names.push(word.clone());
+        }
+        word.clear();
+        match c {
+            '"' => quoted = !quoted,
+            '{' if !quoted => depth += 1,
+            '}' if !quoted => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    names
+}
+
+/// Every `torus_` name the Grafana dashboard queries is a sample some
+/// process exported; returns how many names it queries.
+fn check_dashboard(exported: &HashSet<String>) -> usize {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../contrib/grafana/torus.json");
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {path}: {e}"));
+    let mut exprs = Vec::new();
+    queries(&dashboard, &mut exprs);
+    let used: BTreeSet<String> = exprs.iter().flat_map(|e| metric_names(e)).collect();
+    let missing: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
+    assert!(missing.is_empty(), "{path} queries metrics no process exports: {missing:?}");
+    assert!(used.len() >= 10, "{path} queries only {} torus_ metrics: {used:?}", used.len());
+    used.len()
+}
+
+#[test]
+fn metric_names_skip_labels_functions_and_variables() {
+    let expr = r#"histogram_quantile(0.9, sum by (le) (rate(torus_a_bucket{op!="torus_x", i=~"$i"}[5m]))) / torus_b"#;
+    assert_eq!(metric_names(expr), ["torus_a_bucket", "torus_b"]);
+    assert_eq!(metric_names("label_values(torus_volume_requests_total, volume)"), ["torus_volume_requests_total"]);
+}
+
 #[test]
 fn every_process_exports_parseable_metrics_that_count_the_io_done() {
     let c = Cluster::start(3, 2);
@@ -136,6 +203,7 @@ fn every_process_exports_parseable_metrics_that_count_the_io_done() {
     ok(Command::new("nbdinfo").arg("--map").arg(&uri));
 
     let fams = parse(&get(port, "/metrics"));
+    let mut exported = sample_names(&fams);
     let vol = [("volume", "m")];
     let writes = value(&fams, "torus_volume_requests", "torus_volume_requests_total", &[vol[0], ("op", "write")]);
     let reads = value(&fams, "torus_volume_requests", "torus_volume_requests_total", &[vol[0], ("op", "read")]);
@@ -159,6 +227,7 @@ fn every_process_exports_parseable_metrics_that_count_the_io_done() {
     let mut node_histograms = 0;
     for (i, n) in c.nodes.iter().enumerate() {
         let fams = parse(&get(n.http_port, "/metrics"));
+        exported.extend(sample_names(&fams));
         node_written += value(&fams, "torus_node_written_bytes", "torus_node_written_bytes_total", &[]);
         let w = fams["torus_node_requests"]
             .1
@@ -181,9 +250,11 @@ fn every_process_exports_parseable_metrics_that_count_the_io_done() {
         node_histograms += check_histograms(&fams, &format!("node {i}"));
     }
     assert!(node_written >= 2.0 * 8.0 * 1048576.0, "both replicas of 8 MiB written: {node_written}");
+    let dashboard = check_dashboard(&exported);
     eprintln!(
         "metrics: torusblk counted {writes} writes and {reads} reads (8 MiB each way), {blk_histograms} latency histograms; \
-         3 nodes wrote {} MiB, {node_histograms} histograms, all parsed by the OpenMetrics parser",
+         3 nodes wrote {} MiB, {node_histograms} histograms, all parsed by the OpenMetrics parser; \
+         the Grafana dashboard's {dashboard} torus_ metrics all exported",
         node_written as u64 >> 20
     );
 }
