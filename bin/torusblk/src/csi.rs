@@ -95,7 +95,7 @@ fn choose(attach: AttachArg) -> anyhow::Result<Backend> {
     }
 }
 
-pub async fn run(etcd: &EtcdArgs, args: CsiArgs) -> anyhow::Result<()> {
+pub async fn run(etcd: &EtcdArgs, tls: &torus_cli::TlsArgs, args: CsiArgs) -> anyhow::Result<()> {
     let socket = socket_path(&args.endpoint)?;
     let mode = match args.mode {
         ModeArg::Controller => torus_csi::Mode::Controller,
@@ -114,8 +114,12 @@ pub async fn run(etcd: &EtcdArgs, args: CsiArgs) -> anyhow::Result<()> {
     cluster.config().await?;
     let lock_wait = Duration::from_secs(args.lock_wait.unwrap_or(args.lease_ttl + 2));
     let exe = std::env::current_exe().context("finding the torusblk binary for keepers")?;
-    let command: Vec<OsString> =
+    let mut command: Vec<OsString> =
         vec![exe.into(), "-C".into(), etcd.etcd.clone().into(), "--etcd-prefix".into(), etcd.prefix.clone().into()];
+    // Keepers reach the storage nodes with the plugin's certificates.
+    if let Some(dir) = &tls.tls_dir {
+        command.extend(["--tls-dir".into(), dir.clone().into_os_string()]);
+    }
     let keeper_args: Vec<OsString> = vec![
         "--lease-ttl".into(),
         args.lease_ttl.to_string().into(),

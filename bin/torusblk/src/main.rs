@@ -20,6 +20,8 @@ struct Cli {
     etcd: EtcdArgs,
     #[command(flatten)]
     log: torus_cli::LogArgs,
+    #[command(flatten)]
+    tls: torus_cli::TlsArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -78,8 +80,9 @@ async fn probe_etcd(cluster: torus_meta::cluster::Cluster, seen: Arc<std::sync::
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    cli.tls.install_client()?;
     match cli.cmd {
-        Cmd::Csi(args) => csi::run(&cli.etcd, args).await,
+        Cmd::Csi(args) => csi::run(&cli.etcd, &cli.tls, args).await,
         Cmd::Keeper(args) => keeper::run(&cli.etcd, args).await,
         Cmd::Nbdserve { listen, read_only, lease_ttl, io_hold, node_connections, node_timeout, lock_wait, http } => {
             if !(1..=60).contains(&lease_ttl) {

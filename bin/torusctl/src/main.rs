@@ -1,5 +1,6 @@
 //! torusctl: administration. One module per noun; this file parses and dispatches.
 
+mod certs;
 mod peer;
 mod snapshot;
 mod status;
@@ -18,6 +19,8 @@ struct Cli {
     etcd: EtcdArgs,
     #[command(flatten)]
     log: torus_cli::LogArgs,
+    #[command(flatten)]
+    tls: torus_cli::TlsArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -59,6 +62,9 @@ enum Cmd {
     /// Manage volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
+    /// Make the cluster CA and the processes' TLS directories (no etcd needed).
+    #[command(subcommand)]
+    Certs(certs::CertsCmd),
     /// Wait until the cluster is healthy, rebalanced or caught up (exit 0), or time out (non-zero, with the reason).
     Wait {
         #[arg(value_enum)]
@@ -70,6 +76,10 @@ enum Cmd {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::Certs(c) = cli.cmd {
+        return certs::run(c);
+    }
+    cli.tls.install_client()?;
     let cluster = cli.etcd.connect().await?;
     match cli.cmd {
         Cmd::Init { extent_size, replication } => {
@@ -93,6 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Volume(c) => volume::run(&cluster, c).await,
         Cmd::Status { output } => status::run(&cluster, output).await,
         Cmd::Wait { condition, timeout } => wait::run(&cluster, condition, timeout).await,
+        Cmd::Certs(_) => unreachable!("handled before connecting"),
     }
 }
 

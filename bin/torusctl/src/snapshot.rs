@@ -16,7 +16,7 @@ pub enum SnapshotCmd {
         /// VOL@SNAP
         snapshot: String,
         /// How long to wait for the volume's writer (another process) to take it.
-        #[arg(long, default_value = "30s", value_parser = humantime_secs)]
+        #[arg(long, default_value = "30s", value_parser = crate::wait::parse_duration)]
         timeout: Duration,
     },
     /// List snapshots (of one volume, or all).
@@ -39,20 +39,6 @@ pub enum SnapshotCmd {
         /// VOL@SNAP
         snapshot: String,
     },
-}
-
-/// Parses `30s`, `2m` or a number of seconds.
-fn humantime_secs(s: &str) -> Result<Duration, String> {
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 2m)"))?;
-    match unit {
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?} is not a duration (e.g. 30s, 2m)")),
-    }
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) of a Unix time.

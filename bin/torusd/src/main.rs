@@ -19,6 +19,8 @@ struct Args {
     etcd: EtcdArgs,
     #[command(flatten)]
     log: torus_cli::LogArgs,
+    #[command(flatten)]
+    tls: torus_cli::TlsArgs,
     /// Directory holding this node's data (created if missing).
     #[arg(long = "data-dir")]
     data_dir: PathBuf,
@@ -77,6 +79,8 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Peers (clients, other nodes) only with a certificate the cluster CA signed, if given a TLS directory.
+    let tls = args.tls.server()?;
     if args.size < 1 << 20 {
         bail!("--size {} is too small: offer at least 1 MiB", args.size);
     }
@@ -191,7 +195,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ttl: Duration::from_secs(args.lease_ttl),
     };
     let reg_task = tokio::spawn(reg.run());
-    let srv_task = tokio::spawn(server::serve(listener, server::Handler::new(store.clone(), metrics), liveness));
+    let srv_task = tokio::spawn(server::serve(listener, server::Handler::new(store.clone(), metrics), liveness, tls));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing SIGTERM handler")?;

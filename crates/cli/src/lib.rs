@@ -46,6 +46,33 @@ pub struct LogArgs {
     pub log_format: LogFormat,
 }
 
+#[derive(Args, Clone, Debug)]
+pub struct TlsArgs {
+    /// A TLS directory (`torusctl certs issue`): connect to storage nodes
+    /// with mutual TLS (and, for torusd, serve only clients the cluster CA signed).
+    #[arg(long = "tls-dir", env = "TORUS_TLS_DIR", global = true)]
+    pub tls_dir: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// Makes every connection to a storage node of this process use TLS, if a directory was given.
+    pub fn install_client(&self) -> anyhow::Result<()> {
+        if let Some(dir) = &self.tls_dir {
+            torus_proto::tls::use_client(torus_proto::tls::client_config(dir)?);
+        }
+        Ok(())
+    }
+
+    /// The same, and the configuration a node serves with.
+    pub fn server(&self) -> anyhow::Result<Option<Arc<torus_proto::tls::ServerConfig>>> {
+        self.install_client()?;
+        match &self.tls_dir {
+            Some(dir) => Ok(Some(torus_proto::tls::server_config(dir)?)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// The format chosen at start-up (fatal errors are written in it too).
 static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 

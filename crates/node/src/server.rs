@@ -15,7 +15,7 @@ use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use torus_proto::frame::{self, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, REQUEST_HEADER_LEN};
 use torus_store::{Store, StoreError};
@@ -39,15 +39,41 @@ struct Held {
 type Queued = (Reply, Held);
 
 /// Serves the peer protocol on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, handler: Arc<Handler>, liveness: Arc<Liveness>) {
+/// Serves peers on `listener`; with `tls`, only those whose certificate the
+/// cluster CA signed (a connection is read from only once its handshake is done).
+pub async fn serve(
+    listener: TcpListener,
+    handler: Arc<Handler>,
+    liveness: Arc<Liveness>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let budget = Arc::new(Semaphore::new(PROCESS_BYTES));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let (handler, liveness, budget) = (handler.clone(), liveness.clone(), budget.clone());
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    if let Err(reason) = connection(stream, handler, liveness, budget).await {
+                    let result = match acceptor {
+                        None => {
+                            let (rd, wr) = stream.into_split();
+                            connection(rd, wr, handler, liveness, budget).await
+                        }
+                        Some(acceptor) => {
+                            let handshake = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await;
+                            match handshake {
+                                Ok(Ok(tls)) => {
+                                    let (rd, wr) = tokio::io::split(tls);
+                                    connection(rd, wr, handler, liveness, budget).await
+                                }
+                                Ok(Err(e)) => Err(format!("TLS handshake refused: {e}")),
+                                Err(_) => Err("TLS handshake timed out".into()),
+                            }
+                        }
+                    };
+                    if let Err(reason) = result {
                         tracing::debug!(%peer, %reason, "peer connection closed");
                     }
                 });
@@ -59,6 +85,9 @@ pub async fn serve(listener: TcpListener, handler: Arc<Handler>, liveness: Arc<L
         }
     }
 }
+
+/// How long a peer has to complete the TLS handshake.
+const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn status_of(e: &StoreError) -> Status {
     match e {
@@ -268,13 +297,17 @@ impl Handler {
     }
 }
 
-async fn connection(
-    stream: TcpStream,
+async fn connection<R, W>(
+    mut rd: R,
+    wr: W,
     handler: Arc<Handler>,
     liveness: Arc<Liveness>,
     budget: Arc<Semaphore>,
-) -> Result<(), String> {
-    let (mut rd, wr) = stream.into_split();
+) -> Result<(), String>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(256 << 10, wr);

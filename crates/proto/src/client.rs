@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use torus_types::{Epoch, ExtentId, VolumeId};
@@ -94,7 +94,25 @@ impl TcpLink {
             .map_err(|e| conn_err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let local = matches!((stream.local_addr(), stream.peer_addr()), (Ok(a), Ok(b)) if a.ip() == b.ip());
-        let (mut rd, wr) = stream.into_split();
+        let (mut rd, wr): (Box<dyn AsyncRead + Unpin + Send>, Box<dyn AsyncWrite + Unpin + Send>) =
+            match crate::tls::client() {
+                None => {
+                    let (rd, wr) = stream.into_split();
+                    (Box::new(rd), Box::new(wr))
+                }
+                Some(config) => {
+                    let name = crate::tls::server_name(addr).ok_or_else(|| conn_err("not a host name or IP".into()))?;
+                    let tls = tokio::time::timeout(
+                        timeout.min(Duration::from_secs(5)),
+                        tokio_rustls::TlsConnector::from(config).connect(name, stream),
+                    )
+                    .await
+                    .map_err(|_| conn_err("TLS handshake timed out".into()))?
+                    .map_err(|e| conn_err(format!("TLS handshake: {e}")))?;
+                    let (rd, wr) = tokio::io::split(tls);
+                    (Box::new(rd), Box::new(wr))
+                }
+            };
         let shared =
             Arc::new(Shared { addr: addr.to_string(), pending: Mutex::new(HashMap::new()), dead: Mutex::new(None) });
         let (tx, mut rx) = mpsc::unbounded_channel::<([u8; frame::REQUEST_HEADER_LEN], Option<Bytes>)>();

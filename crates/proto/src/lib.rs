@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod frame;
+pub mod tls;
 pub mod transport;
 
 pub use client::{PeerClient, PeerError};

@@ -22,6 +22,7 @@ mod partition;
 mod resize;
 mod snapshots;
 mod sparse;
+mod tls;
 mod transfer;
 mod wait;
 mod writer_crash;
