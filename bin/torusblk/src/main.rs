@@ -58,12 +58,25 @@ enum Cmd {
         /// Serve /metrics (Prometheus), /healthz and /readyz (etcd answers) over HTTP on this address, e.g. 127.0.0.1:9560.
         #[arg(long)]
         http: Option<String>,
+        /// NBD over TLS (NBD_OPT_STARTTLS) with the certificates of --tls-dir:
+        /// off, on (clients may ask), require (every other option is refused
+        /// with NBD_REP_ERR_TLS_REQD until TLS is on). Default: on with --tls-dir, else off.
+        #[arg(long, value_enum)]
+        tls: Option<NbdTlsMode>,
     },
     /// Serve the CSI driver (Identity, Controller, Node) on a unix socket.
     Csi(csi::CsiArgs),
     /// Hold one volume attached as a local block device (started by `torusblk csi`).
     #[command(hide = true)]
     Keeper(keeper::KeeperArgs),
+}
+
+/// `torusblk nbdserve --tls`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum NbdTlsMode {
+    Off,
+    On,
+    Require,
 }
 
 /// Seconds without an answer from etcd after which torusblk is not ready.
@@ -84,7 +97,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Csi(args) => csi::run(&cli.etcd, &cli.tls, args).await,
         Cmd::Keeper(args) => keeper::run(&cli.etcd, args).await,
-        Cmd::Nbdserve { listen, read_only, lease_ttl, io_hold, node_connections, node_timeout, lock_wait, http } => {
+        Cmd::Nbdserve {
+            listen,
+            read_only,
+            lease_ttl,
+            io_hold,
+            node_connections,
+            node_timeout,
+            lock_wait,
+            http,
+            tls,
+        } => {
+            let mode = tls.unwrap_or(if cli.tls.tls_dir.is_some() { NbdTlsMode::On } else { NbdTlsMode::Off });
+            let nbd_tls = match (mode, &cli.tls.tls_dir) {
+                (NbdTlsMode::Off, _) => None,
+                (_, None) => bail!("--tls {mode:?} needs --tls-dir (the server's certificate and the clients' CA)"),
+                (_, Some(dir)) => Some(torus_nbd::server::NbdTls {
+                    acceptor: tokio_rustls::TlsAcceptor::from(torus_proto::tls::server_config(dir)?),
+                    required: mode == NbdTlsMode::Require,
+                }),
+            };
             if !(1..=60).contains(&lease_ttl) {
                 bail!("--lease-ttl must be between 1 and 60 seconds");
             }
@@ -147,8 +179,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => None,
             };
             let exports = Arc::new(exports::VolumeExports { manager: manager.clone(), read_only, stats });
-            tracing::info!(%addr, read_only, "serving volumes over NBD (export name = volume name)");
-            let server = tokio::spawn(torus_nbd::serve(listener, exports, torus_nbd::transmission::Budget::default()));
+            tracing::info!(%addr, read_only, tls = ?mode, "serving volumes over NBD (export name = volume name)");
+            let server =
+                tokio::spawn(torus_nbd::serve(listener, exports, torus_nbd::transmission::Budget::default(), nbd_tls));
             let follower = tokio::spawn(manager.clone().follow_ring());
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("installing SIGTERM handler")?;

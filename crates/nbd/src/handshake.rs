@@ -25,6 +25,28 @@ pub enum HandshakeError {
     UnknownExport(String),
     #[error("export {name:?} could not be opened: {reason}")]
     OpenFailed { name: String, reason: String },
+    #[error("client asked for an export with NBD_OPT_EXPORT_NAME before TLS, which this server requires")]
+    TlsRequired,
+}
+
+/// What the server does about TLS during option haggling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tls {
+    /// NBD_OPT_STARTTLS is accepted.
+    pub offered: bool,
+    /// Every option but STARTTLS and ABORT is refused (NBD_REP_ERR_TLS_REQD) until TLS is on.
+    pub required: bool,
+    /// The connection is already encrypted (a second STARTTLS is invalid).
+    pub active: bool,
+}
+
+/// How option haggling ended.
+pub enum Step<D> {
+    /// An export was chosen, or (`None`) the client ended the handshake cleanly.
+    Done(Option<Negotiated<D>>),
+    /// The client asked for TLS and was told yes: the TLS handshake follows on
+    /// this stream, then haggling starts again ([`haggle`], with `active`).
+    StartTls,
 }
 
 /// What the handshake ended with.
@@ -123,12 +145,22 @@ fn lists_allocation(queries: &[String]) -> bool {
     queries.is_empty() || queries.iter().any(|q| q == "base:" || q == CONTEXT_BASE_ALLOCATION)
 }
 
-/// Runs the handshake; `Ok(None)` when the client ended it cleanly without an export.
+/// Runs the handshake without TLS; `Ok(None)` when the client ended it cleanly without an export.
 pub async fn negotiate<S, E>(s: &mut S, exports: &E) -> Result<Option<Negotiated<E::Device>>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     E: Exports,
 {
+    let no_zeroes = greet(s).await?;
+    match haggle(s, exports, no_zeroes, Tls::default()).await? {
+        Step::Done(n) => Ok(n),
+        Step::StartTls => unreachable!("STARTTLS is refused when TLS is not offered"),
+    }
+}
+
+/// Sends the server's greeting and reads the client's flags; returns whether
+/// the client asked for no zero padding (NBD_FLAG_C_NO_ZEROES).
+pub async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<bool, HandshakeError> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -140,7 +172,15 @@ where
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
         return Err(HandshakeError::ClientFlags(client_flags));
     }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    Ok(client_flags & CLIENT_NO_ZEROES != 0)
+}
+
+/// Option haggling, until an export is chosen, the client leaves, or TLS starts.
+pub async fn haggle<S, E>(s: &mut S, exports: &E, no_zeroes: bool, tls: Tls) -> Result<Step<E::Device>, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    E: Exports,
+{
     let mut structured = false;
     // The export a SET_META_CONTEXT was for, and whether it selected base:allocation.
     let mut selected: Option<(String, bool)> = None;
@@ -164,6 +204,14 @@ where
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data).await?;
 
+        if tls.required && !tls.active && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            if option == OPT_EXPORT_NAME {
+                // No error can be sent in reply to EXPORT_NAME: the spec says close the connection.
+                return Err(HandshakeError::TlsRequired);
+            }
+            error_reply(s, option, REP_ERR_TLS_REQD, "this server requires TLS: use NBD_OPT_STARTTLS").await?;
+            continue;
+        }
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
@@ -182,11 +230,11 @@ where
                 s.write_all(&buf).await?;
                 s.flush().await?;
                 let features = features(&name, structured, &selected);
-                return Ok(Some(Negotiated { name, device, features }));
+                return Ok(Step::Done(Some(Negotiated { name, device, features })));
             }
             OPT_ABORT => {
                 let _ = reply(s, option, REP_ACK, &[]).await;
-                return Ok(None);
+                return Ok(Step::Done(None));
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -256,7 +304,7 @@ where
                 reply(s, option, REP_ACK, &[]).await?;
                 if let Some(device) = device {
                     let features = features(&name, structured, &selected);
-                    return Ok(Some(Negotiated { name, device, features }));
+                    return Ok(Step::Done(Some(Negotiated { name, device, features })));
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
@@ -286,7 +334,17 @@ where
                 }
                 reply(s, option, REP_ACK, &[]).await?;
             }
-            OPT_STARTTLS => error_reply(s, option, REP_ERR_UNSUP, "TLS is not supported by this server").await?,
+            OPT_STARTTLS if !tls.offered => {
+                error_reply(s, option, REP_ERR_UNSUP, "TLS is not enabled on this server (torusblk --tls-dir)").await?
+            }
+            OPT_STARTTLS if tls.active => error_reply(s, option, REP_ERR_INVALID, "TLS is already on").await?,
+            OPT_STARTTLS if !data.is_empty() => {
+                error_reply(s, option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data").await?
+            }
+            OPT_STARTTLS => {
+                reply(s, option, REP_ACK, &[]).await?;
+                return Ok(Step::StartTls);
+            }
             OPT_STRUCTURED_REPLY if !data.is_empty() => {
                 error_reply(s, option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data").await?
             }

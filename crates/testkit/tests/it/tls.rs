@@ -1,8 +1,9 @@
-//! Mutual TLS on the peer protocol: a cluster whose every process has a TLS
+//! TLS: on the peer protocol, a cluster whose every process has a TLS
 //! directory from `torusctl certs` serves volumes as before; a connection
 //! without a certificate, with a self-signed one, or with one from another
 //! CA is refused before any request is handled, and nothing on the nodes'
-//! disks changes.
+//! disks changes. On NBD (STARTTLS), nbdcopy, nbdinfo and qemu-img work
+//! with the same directory, and `--tls require` refuses plain clients.
 
 use crate::{ok, qemu_io};
 use std::io::{Read, Write};
@@ -29,6 +30,33 @@ fn snapshot_dir(dir: &Path) -> Vec<(String, Vec<u8>)> {
     }
     out.sort();
     out
+}
+
+/// A raw NBD client without TLS: the reply type the server gives NBD_OPT_LIST.
+fn plain_list_reply(addr: &str) -> u32 {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).expect("the server's greeting");
+    s.write_all(&3u32.to_be_bytes()).expect("client flags (fixed newstyle, no zeroes)");
+    let mut opt = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec(); // IHAVEOPT
+    opt.extend_from_slice(&3u32.to_be_bytes()); // NBD_OPT_LIST
+    opt.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&opt).expect("NBD_OPT_LIST");
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).expect("the option's reply");
+    u32::from_be_bytes([reply[12], reply[13], reply[14], reply[15]])
+}
+
+/// Two nodes (R=2) whose every process, torusctl included, uses the TLS directory `dir`.
+fn tls_cluster(dir: &str) -> Cluster {
+    let mut c = Cluster::init(Etcd::start(), 2);
+    c.env.push(("TORUS_TLS_DIR".into(), dir.to_string()));
+    for _ in 0..2 {
+        c.add_node("1GiB");
+    }
+    c.start_all_in_ring();
+    c
 }
 
 fn certs(args: &[&str]) -> String {
@@ -59,12 +87,7 @@ fn peers_speak_mutual_tls_and_refuse_connections_without_a_cluster_certificate()
         "an existing CA is never overwritten"
     );
 
-    let mut c = Cluster::init(Etcd::start(), 2);
-    c.env.push(("TORUS_TLS_DIR".into(), p("tls")));
-    for _ in 0..2 {
-        c.add_node("1GiB");
-    }
-    c.start_all_in_ring();
+    let c = tls_cluster(&p("tls"));
     c.ctl_ok(&["volume", "create-block", "v", "8MiB"]);
     let blk = c.start_blk(&[]);
     qemu_io(&blk.uri("v"), &["write -P 0x5a 0 4M", "flush", "read -P 0x5a 0 4M"]);
@@ -119,4 +142,51 @@ fn peers_speak_mutual_tls_and_refuse_connections_without_a_cluster_certificate()
     c.ctl_ok(&["volume", "export", "v", &img]);
     let data = std::fs::read(&img).expect("the export");
     assert!(data[..4 << 20].iter().all(|b| *b == 0x5a), "the data read back over TLS");
+}
+
+#[test]
+fn nbd_clients_use_tls_with_the_cluster_certificates_and_plain_ones_are_refused_when_it_is_required() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let p = |name: &str| tmp.path().join(name).display().to_string();
+    certs(&["init", &p("ca")]);
+    certs(&["issue", &p("ca"), &p("tls"), "--name", "torusblk", "--san", "127.0.0.1"]);
+    certs(&["init", &p("other")]);
+    certs(&["issue", &p("other"), &p("foreign"), "--name", "intruder", "--san", "127.0.0.1"]);
+    std::fs::copy(tmp.path().join("tls/ca-cert.pem"), tmp.path().join("foreign/ca-cert.pem")).unwrap();
+
+    // The whole cluster uses TLS (one directory for all: every process is on loopback).
+    let c = tls_cluster(&p("tls"));
+    c.ctl_ok(&["volume", "create-block", "v", "64MiB"]);
+    let blk = c.start_blk(&["--tls", "require"]);
+    let tls_uri = |dir: &str| format!("nbds://{}/v?tls-certificates={}", blk.addr, p(dir));
+
+    // 64 MiB through nbdcopy over TLS, and back, byte for byte.
+    let src = tmp.path().join("src.img");
+    std::fs::write(&src, torus_testkit::random_bytes(64 << 20, 11)).unwrap();
+    ok(Command::new("nbdcopy").arg(&src).arg(tls_uri("tls")));
+    let back = tmp.path().join("back.img");
+    ok(Command::new("nbdcopy").arg(tls_uri("tls")).arg(&back));
+    assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(), "64 MiB round trip over TLS");
+    let info = ok(Command::new("nbdinfo").arg(tls_uri("tls")));
+    assert!(info.contains("export-size: 67108864"), "{info}");
+
+    // qemu-img with the same directory.
+    let qemu = ok(Command::new("qemu-img")
+        .args(["info", "--object"])
+        .arg(format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", p("tls")))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=v,tls-creds=tls0",
+            blk.addr.rsplit_once(':').map(|(_, port)| port).unwrap_or("")
+        )));
+    assert!(qemu.contains("64 MiB"), "{qemu}");
+
+    // Plain: refused, nothing listed; at the protocol level, NBD_REP_ERR_TLS_REQD.
+    let plain = crate::run(Command::new("nbdinfo").arg("--list").arg(format!("nbd://{}", blk.addr)));
+    let text = crate::text(&plain);
+    assert!(!plain.status.success() && !text.contains("\"v\""), "a plain client lists nothing: {text}");
+    assert_eq!(plain_list_reply(&blk.addr), 0x8000_0005, "NBD_OPT_LIST before TLS gets NBD_REP_ERR_TLS_REQD");
+    // Another CA's client certificate: refused.
+    let foreign = crate::run(Command::new("nbdinfo").arg(tls_uri("foreign")));
+    assert!(!foreign.status.success(), "another CA's client certificate: {}", crate::text(&foreign));
 }
