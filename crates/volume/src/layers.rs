@@ -50,15 +50,8 @@ impl Layers {
         Layers { chain, cache_top, maps: Mutex::new(HashMap::new()) }
     }
 
-    /// The layers after a snapshot: a new empty one in front; the maps
-    /// learnt so far stay true (the old newest layer is frozen now).
-    pub fn with_new_top(&self, chain: Vec<VolumeId>) -> Layers {
-        let maps = self.maps.lock().expect("layer maps poisoned").clone();
-        Layers { chain, cache_top: true, maps: Mutex::new(maps) }
-    }
-
-    /// The same maps under another chain (the writer of a live volume took a
-    /// snapshot, or it was restored): frozen layers' maps stay true.
+    /// The same maps under another chain (a snapshot put a new empty layer in
+    /// front, or the volume was restored): frozen layers' maps stay true.
     pub fn with_chain(&self, chain: Vec<VolumeId>) -> Layers {
         let maps = self.maps.lock().expect("layer maps poisoned").clone();
         Layers { chain, cache_top: self.cache_top, maps: Mutex::new(maps) }
@@ -220,39 +213,32 @@ impl Volume {
         data: Option<Bytes>,
         fua: bool,
     ) -> Result<(), VolumeError> {
+        let res = async {
+            let bs = BLOCK_SIZE as u32;
+            let (start, end) = (piece.within, piece.within + piece.len);
+            let index = piece.extent.index;
+            // Up to three segments: a partial head block, whole blocks, a partial tail block.
+            let head_end = if start % bs == 0 { start } else { ((start / bs + 1) * bs).min(end) };
+            let tail_start = if end % bs == 0 || end <= head_end { end } else { (end / bs * bs).max(head_end) };
+            let slice =
+                |from: u32, to: u32| data.as_ref().map(|d| d.slice((from - start) as usize..(to - start) as usize));
+            if head_end < tail_start {
+                self.send(p, piece.extent, head_end, tail_start - head_end, slice(head_end, tail_start), fua).await?;
+                self.mark_present(layers, index, block(head_end), block(tail_start)).await;
+            }
+            for (from, to) in [(start, head_end), (tail_start, end)] {
+                if from < to {
+                    self.write_edge(p, layers, piece.extent, from, to, slice(from, to), fua).await?;
+                }
+            }
+            Ok(())
+        }
+        .await;
         // A failed write may have landed on every copy, unknown to the map: learn it again.
-        let res = self.write_layered_parts(p, layers, piece, data, fua).await;
         if res.is_err() {
             layers.forget(layers.top(), piece.extent.index);
         }
         res
-    }
-
-    async fn write_layered_parts(
-        &self,
-        p: &Placement,
-        layers: &Layers,
-        piece: &Piece,
-        data: Option<Bytes>,
-        fua: bool,
-    ) -> Result<(), VolumeError> {
-        let bs = BLOCK_SIZE as u32;
-        let (start, end) = (piece.within, piece.within + piece.len);
-        let index = piece.extent.index;
-        // Up to three segments: a partial head block, whole blocks, a partial tail block.
-        let head_end = if start % bs == 0 { start } else { ((start / bs + 1) * bs).min(end) };
-        let tail_start = if end % bs == 0 || end <= head_end { end } else { (end / bs * bs).max(head_end) };
-        let slice = |from: u32, to: u32| data.as_ref().map(|d| d.slice((from - start) as usize..(to - start) as usize));
-        if head_end < tail_start {
-            self.send(p, piece.extent, head_end, tail_start - head_end, slice(head_end, tail_start), fua).await?;
-            self.mark_present(layers, index, block(head_end), block(tail_start)).await;
-        }
-        for (from, to) in [(start, head_end), (tail_start, end)] {
-            if from < to {
-                self.write_edge(p, layers, piece.extent, from, to, slice(from, to), fua).await?;
-            }
-        }
-        Ok(())
     }
 
     /// Part of one block: sent as it is if the newest layer holds the block,

@@ -266,7 +266,7 @@ impl Volume {
         }
         let (now, snap) = self.cluster.take_snapshot(&self.info.name, name, self.epoch).await?;
         let frozen = layers.top();
-        *layers = Arc::new(layers.with_new_top(now.chain()));
+        *layers = Arc::new(layers.with_chain(now.chain()));
         self.top.store(now.top().0, Ordering::Release);
         drop(layers);
         tracing::info!(volume = %self.info.name, snapshot = %name, %frozen, new_layer = %now.top(), "snapshot taken");
