@@ -122,7 +122,8 @@ impl Cluster {
             .get(&snapshot_key(info.id, name))
             .await?
             .ok_or_else(|| ClusterError::SnapshotNotFound { volume: volume.into(), name: name.into() })?;
-        Ok((kv.clone(), decode(&kv.key, &kv.value)?))
+        let snap = decode(&kv.key, &kv.value)?;
+        Ok((kv, snap))
     }
 
     pub async fn snapshot(&self, volume: &str, name: &str) -> Result<SnapshotInfo> {
