@@ -95,7 +95,12 @@ fn choose(attach: AttachArg) -> anyhow::Result<Backend> {
     }
 }
 
-pub async fn run(etcd: &EtcdArgs, tls: &torus_cli::TlsArgs, args: CsiArgs) -> anyhow::Result<()> {
+pub async fn run(
+    etcd: &EtcdArgs,
+    tls: &torus_cli::TlsArgs,
+    key: &torus_cli::KeyArgs,
+    args: CsiArgs,
+) -> anyhow::Result<()> {
     let socket = socket_path(&args.endpoint)?;
     let mode = match args.mode {
         ModeArg::Controller => torus_csi::Mode::Controller,
@@ -114,11 +119,15 @@ pub async fn run(etcd: &EtcdArgs, tls: &torus_cli::TlsArgs, args: CsiArgs) -> an
     cluster.config().await?;
     let lock_wait = Duration::from_secs(args.lock_wait.unwrap_or(args.lease_ttl + 2));
     let exe = std::env::current_exe().context("finding the torusblk binary for keepers")?;
-    let mut command: Vec<OsString> =
-        vec![exe.into(), "-C".into(), etcd.etcd.clone().into(), "--etcd-prefix".into(), etcd.prefix.clone().into()];
+    let mut command: Vec<OsString> = std::iter::once(exe.into()).chain(etcd.child_args()).collect();
     // Keepers reach the storage nodes with the plugin's certificates.
     if let Some(dir) = &tls.tls_dir {
         command.extend(["--tls-dir".into(), dir.clone().into_os_string()]);
+    }
+    // And with its cluster key (the file's path: the key is read by each keeper).
+    let cluster_key = key.load()?;
+    if let Some(file) = &key.key_file {
+        command.extend(["--key-file".into(), file.clone().into_os_string()]);
     }
     let keeper_args: Vec<OsString> = vec![
         "--lease-ttl".into(),
@@ -150,6 +159,7 @@ pub async fn run(etcd: &EtcdArgs, tls: &torus_cli::TlsArgs, args: CsiArgs) -> an
         state_dir: args.state_dir.clone(),
         attacher,
         lease_ttl: Duration::from_secs(args.lease_ttl),
+        key: cluster_key,
     };
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

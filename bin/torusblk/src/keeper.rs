@@ -34,7 +34,7 @@ pub struct KeeperArgs {
 }
 
 /// Runs the keeper; exits with the status `keeper::exit_code` gives on failure.
-pub async fn run(etcd: &EtcdArgs, args: KeeperArgs) -> anyhow::Result<()> {
+pub async fn run(etcd: &EtcdArgs, key: &torus_cli::KeyArgs, args: KeeperArgs) -> anyhow::Result<()> {
     let cluster = etcd.connect().await?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let opts = KeeperOptions {
@@ -50,6 +50,7 @@ pub async fn run(etcd: &EtcdArgs, args: KeeperArgs) -> anyhow::Result<()> {
             io_hold: Duration::from_secs(args.io_hold),
             lock_wait: Duration::from_millis(args.lock_wait_ms),
             host: args.host_id.unwrap_or_else(torus_volume::holder::hostname),
+            key: key.load()?,
             ..Default::default()
         },
     };

@@ -22,6 +22,8 @@ struct Cli {
     log: torus_cli::LogArgs,
     #[command(flatten)]
     tls: torus_cli::TlsArgs,
+    #[command(flatten)]
+    key: torus_cli::KeyArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -95,8 +97,8 @@ async fn probe_etcd(cluster: torus_meta::cluster::Cluster, seen: Arc<std::sync::
 async fn run(cli: Cli) -> anyhow::Result<()> {
     cli.tls.install_client()?;
     match cli.cmd {
-        Cmd::Csi(args) => csi::run(&cli.etcd, &cli.tls, args).await,
-        Cmd::Keeper(args) => keeper::run(&cli.etcd, args).await,
+        Cmd::Csi(args) => csi::run(&cli.etcd, &cli.tls, &cli.key, args).await,
+        Cmd::Keeper(args) => keeper::run(&cli.etcd, &cli.key, args).await,
         Cmd::Nbdserve {
             listen,
             read_only,
@@ -142,6 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 io_hold: Duration::from_secs(io_hold),
                 request_timeout: Duration::from_secs(node_timeout),
                 lock_wait: Duration::from_secs(lock_wait.unwrap_or(lease_ttl + 2)),
+                key: cli.key.load()?,
                 ..Default::default()
             };
             // When etcd last answered (Unix seconds), for /readyz.

@@ -21,6 +21,8 @@ struct Cli {
     log: torus_cli::LogArgs,
     #[command(flatten)]
     tls: torus_cli::TlsArgs,
+    #[command(flatten)]
+    key: torus_cli::KeyArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -100,7 +102,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::ListPeers { output } => peer::list_peers(&cluster, output).await,
         Cmd::Peer(c) => peer::run(&cluster, c).await,
         Cmd::Ring(c) => peer::run_ring(&cluster, c).await,
-        Cmd::Volume(c) => volume::run(&cluster, c).await,
+        Cmd::Volume(c) => volume::run(&cluster, &cli.key, c).await,
         Cmd::Status { output } => status::run(&cluster, output).await,
         Cmd::Wait { condition, timeout } => wait::run(&cluster, condition, timeout).await,
         Cmd::Certs(_) => unreachable!("handled before connecting"),

@@ -174,10 +174,12 @@ fn read_source(
 
 pub async fn import(
     cluster: &Cluster,
+    key: &torus_cli::KeyArgs,
     source: &str,
     name: &str,
     size: Option<u64>,
     replication: Option<u32>,
+    encryption: Option<torus_meta::cluster::Encryption>,
 ) -> anyhow::Result<()> {
     if cluster.volume(name).await.is_ok() {
         bail!("volume {name} exists already: import creates the volume (delete it, or pick another name)");
@@ -202,9 +204,10 @@ pub async fn import(
         (None, Some(l)) => l.div_ceil(512) * 512,
         (None, None) => bail!("importing from standard input needs --size (the volume's size)"),
     };
-    let info = cluster.create_volume(name, size, replication).await.context("creating the volume")?;
+    let key = key.load()?;
+    let info = cluster.create_volume_with(name, size, replication, encryption).await.context("creating the volume")?;
     let started = Instant::now();
-    let result = import_into(cluster, name, size, input).await;
+    let result = import_into(cluster, key, name, size, input).await;
     match result {
         Ok(stored) => {
             println!(
@@ -228,8 +231,15 @@ pub async fn import(
     }
 }
 
-async fn import_into(cluster: &Cluster, name: &str, size: u64, input: Source) -> anyhow::Result<u64> {
-    let opts = ManagerOptions { holder: format!("torusctl import (pid {})", std::process::id()), ..Default::default() };
+async fn import_into(
+    cluster: &Cluster,
+    key: Option<std::sync::Arc<torus_volume::crypt::ClusterKey>>,
+    name: &str,
+    size: u64,
+    input: Source,
+) -> anyhow::Result<u64> {
+    let opts =
+        ManagerOptions { holder: format!("torusctl import (pid {})", std::process::id()), key, ..Default::default() };
     let manager = VolumeManager::new(cluster.clone(), opts);
     let vol = manager.open(name, true).await.context("opening the new volume")?;
     let bar = progress(input.len().unwrap_or(size), "import");
@@ -270,12 +280,18 @@ enum Sink {
     Stdout(std::io::Stdout),
 }
 
-pub async fn export(cluster: &Cluster, spec: &str, dest: &str, force: bool) -> anyhow::Result<()> {
+pub async fn export(
+    cluster: &Cluster,
+    key: &torus_cli::KeyArgs,
+    spec: &str,
+    dest: &str,
+    force: bool,
+) -> anyhow::Result<()> {
     if spec.contains('@') {
         torus_meta::cluster::parse_snapshot_ref(spec)?;
     }
     let name = spec;
-    let manager = VolumeManager::new(cluster.clone(), ManagerOptions::default());
+    let manager = VolumeManager::new(cluster.clone(), ManagerOptions { key: key.load()?, ..Default::default() });
     let vol = manager.open(name, false).await.with_context(|| format!("opening volume {name} to read it"))?;
     let size = vol.size();
     let mut sink = if dest == "-" {

@@ -22,6 +22,10 @@ pub enum VolumeCmd {
         /// Copies of each extent (default: the cluster's).
         #[arg(long)]
         replication: Option<u32>,
+        /// Encrypt its data (AES-256-XTS) under a new volume key, wrapped by
+        /// the cluster key of --key-file: clients need that key to read or write it.
+        #[arg(long)]
+        encrypt: bool,
     },
     /// List volumes.
     #[command(alias = "ls")]
@@ -55,6 +59,9 @@ pub enum VolumeCmd {
         /// Copies of each extent (default: the cluster's).
         #[arg(long)]
         replication: Option<u32>,
+        /// Create the volume encrypted (see create-block --encrypt).
+        #[arg(long)]
+        encrypt: bool,
     },
     /// Write a volume or a snapshot to a file (holes stay holes) or to
     /// standard output (-), reading only what holds data; works while the
@@ -78,13 +85,35 @@ pub enum VolumeCmd {
         /// The new volume's name.
         name: String,
     },
+    /// Rotate the cluster key: wrap the key of every encrypted volume and
+    /// snapshot that --key-file wraps with the key of --new-key-file instead
+    /// (data is not re-encrypted; give clients the new key afterwards).
+    Rekey {
+        #[arg(long = "new-key-file")]
+        new_key_file: std::path::PathBuf,
+    },
 }
 
-pub async fn run(cluster: &Cluster, cmd: VolumeCmd) -> anyhow::Result<()> {
+/// The key for `--encrypt`.
+fn encryption(key: &torus_cli::KeyArgs, encrypt: bool) -> anyhow::Result<Option<torus_meta::cluster::Encryption>> {
+    if !encrypt {
+        return Ok(None);
+    }
+    let Some(key) = key.load()? else {
+        bail!("--encrypt needs the cluster key: --key-file FILE (make one with `head -c 32 /dev/urandom > FILE`)")
+    };
+    Ok(Some(key.new_volume_key()?))
+}
+
+pub async fn run(cluster: &Cluster, key: &torus_cli::KeyArgs, cmd: VolumeCmd) -> anyhow::Result<()> {
     match cmd {
-        VolumeCmd::CreateBlock { name, size, replication } => {
-            let v = cluster.create_volume(&name, size, replication).await?;
-            println!("created volume {} ({}, replication {})", v.name, format_size(v.size), v.replication);
+        VolumeCmd::CreateBlock { name, size, replication, encrypt } => {
+            let v = cluster.create_volume_with(&name, size, replication, encryption(key, encrypt)?).await?;
+            let enc = match &v.encryption {
+                Some(e) => format!(", encrypted under cluster key {}", e.key_id),
+                None => String::new(),
+            };
+            println!("created volume {} ({}, replication {}{enc})", v.name, format_size(v.size), v.replication);
         }
         VolumeCmd::List { output } => {
             let vols = cluster.volumes().await?;
@@ -120,13 +149,41 @@ pub async fn run(cluster: &Cluster, cmd: VolumeCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        VolumeCmd::Import { source, name, size, replication } => {
-            crate::transfer::import(cluster, &source, &name, size, replication).await?
+        VolumeCmd::Import { source, name, size, replication, encrypt } => {
+            let enc = encryption(key, encrypt)?;
+            crate::transfer::import(cluster, key, &source, &name, size, replication, enc).await?
         }
-        VolumeCmd::Export { volume, dest, force } => crate::transfer::export(cluster, &volume, &dest, force).await?,
+        VolumeCmd::Export { volume, dest, force } => {
+            crate::transfer::export(cluster, key, &volume, &dest, force).await?
+        }
+        VolumeCmd::Rekey { new_key_file } => rekey(cluster, key, &new_key_file).await?,
         VolumeCmd::Snapshot(cmd) => crate::snapshot::run(cluster, cmd).await?,
         VolumeCmd::Clone { snapshot, name } => crate::snapshot::clone(cluster, &snapshot, &name).await?,
     }
+    Ok(())
+}
+
+/// Wraps every volume key the old cluster key wraps with the new one.
+async fn rekey(cluster: &Cluster, key: &torus_cli::KeyArgs, new: &std::path::Path) -> anyhow::Result<()> {
+    let Some(old) = key.load()? else { bail!("rekey needs the current cluster key: --key-file FILE") };
+    let new = torus_volume::crypt::ClusterKey::load(new)?;
+    let changed = cluster
+        .rewrap_keys(|record, enc| {
+            if enc.key_id == new.id() {
+                return Ok(None);
+            }
+            old.rewrap(record, enc, &new).map(Some)
+        })
+        .await
+        .context("nothing after the first error was changed; run rekey again once it is mended")?;
+    let snapshots = changed.iter().filter(|k| k.starts_with("snapshots/")).count();
+    println!(
+        "rewrapped {} volume key(s) and {snapshots} snapshot key(s): cluster key {} -> {}; \
+         give clients (torusblk, the CSI plugin) the new key file",
+        changed.len() - snapshots,
+        old.id(),
+        new.id()
+    );
     Ok(())
 }
 

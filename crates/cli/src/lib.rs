@@ -5,9 +5,10 @@
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use std::path::PathBuf;
 use std::sync::Arc;
 use torus_meta::cluster::Cluster;
-use torus_meta::{EtcdStore, MetadataStore};
+use torus_meta::{EtcdSecurity, EtcdStore, MetadataStore};
 
 #[derive(Args, Clone, Debug)]
 pub struct EtcdArgs {
@@ -17,15 +18,68 @@ pub struct EtcdArgs {
     /// Key prefix under which Torus keeps its metadata in etcd.
     #[arg(long = "etcd-prefix", env = "TORUS_ETCD_PREFIX", default_value = torus_meta::DEFAULT_PREFIX, global = true)]
     pub prefix: String,
+    /// CA certificate (PEM) that signed etcd's: connect to etcd over TLS
+    /// (endpoints without a scheme become https://).
+    #[arg(long = "etcd-cacert", env = "TORUS_ETCD_CACERT", global = true)]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (PEM) to present to etcd (with --etcd-key).
+    #[arg(long = "etcd-cert", env = "TORUS_ETCD_CERT", global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long = "etcd-key", env = "TORUS_ETCD_KEY", global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// etcd user, as USER or USER:PASSWORD (the password may come from TORUS_ETCD_PASSWORD instead).
+    #[arg(long = "etcd-user", env = "TORUS_ETCD_USER", global = true)]
+    pub user: Option<String>,
 }
 
 impl EtcdArgs {
     /// Connects to etcd, failing within seconds (naming the endpoint) if it does not answer.
     pub async fn connect(&self) -> anyhow::Result<Cluster> {
-        let store = EtcdStore::connect(&self.etcd, &self.prefix)
+        let security = self.security()?;
+        let store = EtcdStore::connect_with(&self.etcd, &self.prefix, &security)
             .await
             .with_context(|| format!("connecting to etcd at {}", self.etcd))?;
         Ok(Cluster::new(Arc::new(store) as Arc<dyn MetadataStore>))
+    }
+
+    /// The same flags, for a child process (the CSI plugin's keepers).
+    pub fn child_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["-C".into(), self.etcd.clone().into(), "--etcd-prefix".into(), self.prefix.clone().into()];
+        for (flag, path) in [("--etcd-cacert", &self.cacert), ("--etcd-cert", &self.cert), ("--etcd-key", &self.key)] {
+            if let Some(p) = path {
+                args.extend([flag.into(), p.clone().into_os_string()]);
+            }
+        }
+        if let Some(u) = &self.user {
+            args.extend(["--etcd-user".into(), u.clone().into()]);
+        }
+        args
+    }
+
+    /// TLS files and user from the flags, read now (a missing file is an error naming it).
+    pub fn security(&self) -> anyhow::Result<EtcdSecurity> {
+        let read =
+            |p: &PathBuf, what: &str| std::fs::read(p).with_context(|| format!("reading {what} {}", p.display()));
+        let ca = self.cacert.as_ref().map(|p| read(p, "the etcd CA certificate")).transpose()?;
+        let identity = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some((read(c, "the etcd client certificate")?, read(k, "the etcd client key")?)),
+            _ => None,
+        };
+        let user = match &self.user {
+            None => None,
+            Some(u) => match u.split_once(':') {
+                Some((name, password)) => Some((name.to_string(), password.to_string())),
+                None => {
+                    let password = std::env::var("TORUS_ETCD_PASSWORD").with_context(|| {
+                        format!("--etcd-user {u}: no password (USER:PASSWORD or TORUS_ETCD_PASSWORD)")
+                    })?;
+                    Some((u.clone(), password))
+                }
+            },
+        };
+        Ok(EtcdSecurity { ca, identity, user })
     }
 }
 
@@ -68,6 +122,24 @@ impl TlsArgs {
         self.install_client()?;
         match &self.tls_dir {
             Some(dir) => Ok(Some(torus_proto::tls::server_config(dir)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct KeyArgs {
+    /// The cluster key (32 bytes, or 64 hex digits): encrypted volumes are
+    /// read and written with it, and `--encrypt` creates them under it.
+    #[arg(long = "key-file", env = "TORUS_KEY_FILE", global = true)]
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl KeyArgs {
+    /// The key, if a file was given.
+    pub fn load(&self) -> anyhow::Result<Option<Arc<torus_volume::crypt::ClusterKey>>> {
+        match &self.key_file {
+            Some(p) => Ok(Some(Arc::new(torus_volume::crypt::ClusterKey::load(p)?))),
             None => Ok(None),
         }
     }

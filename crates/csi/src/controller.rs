@@ -3,7 +3,9 @@
 //! - A CSI volume id is the Torus volume name (CreateVolume's `name`), so
 //!   every call is idempotent by its natural key.
 //! - CreateVolume rounds the size up to the extent size (or, when the limit
-//!   forbids that, to 4 KiB); StorageClass parameters: `replication`, and
+//!   forbids that, to 4 KiB); StorageClass parameters: `replication`,
+//!   `encrypted` ("true": a new volume key wrapped by the plugin's cluster
+//!   key, `--key-file`; copies keep their source's), and
 //!   `csi.storage.k8s.io/fstype` (checked; the file system itself arrives in
 //!   the volume capability at staging). Other `csi.storage.k8s.io/*` keys
 //!   (PVC name and namespace from --extra-create-metadata) are accepted.
@@ -26,6 +28,7 @@ use torus_types::NodeId;
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_SIZE: u64 = 1 << 30;
 pub const PARAM_REPLICATION: &str = "replication";
+pub const PARAM_ENCRYPTED: &str = "encrypted";
 pub const PARAM_FSTYPE: &str = "csi.storage.k8s.io/fstype";
 /// Prefix of the parameters Kubernetes adds (accepted, not used).
 const K8S_PARAM_PREFIX: &str = "csi.storage.k8s.io/";
@@ -48,11 +51,13 @@ pub(crate) fn page_start<'a>(max_entries: i32, token: &'a str, rpc: &str) -> Res
 
 pub struct ControllerService {
     cluster: Cluster,
+    /// Wraps the keys of volumes created with `encrypted: "true"`.
+    key: Option<std::sync::Arc<torus_volume::crypt::ClusterKey>>,
 }
 
 impl ControllerService {
-    pub fn new(cluster: Cluster) -> Self {
-        ControllerService { cluster }
+    pub fn new(cluster: Cluster, key: Option<std::sync::Arc<torus_volume::crypt::ClusterKey>>) -> Self {
+        ControllerService { cluster, key }
     }
 
     /// What a volume's condition is judged from, read once for any number of volumes.
@@ -107,7 +112,10 @@ fn volume_message(info: &VolumeInfo) -> Volume {
     Volume {
         capacity_bytes: info.size as i64,
         volume_id: info.name.clone(),
-        volume_context: HashMap::from([(PARAM_REPLICATION.to_string(), info.replication.to_string())]),
+        volume_context: HashMap::from([
+            (PARAM_REPLICATION.to_string(), info.replication.to_string()),
+            (PARAM_ENCRYPTED.to_string(), info.encryption.is_some().to_string()),
+        ]),
         content_source: None,
         accessible_topology: Vec::new(),
     }
@@ -141,10 +149,17 @@ pub fn size_for(range: Option<&CapacityRange>, extent_size: u64) -> Result<u64, 
     )))
 }
 
-fn parse_replication(params: &HashMap<String, String>) -> Result<Option<u32>, Status> {
+/// The StorageClass parameters a volume is made with.
+#[derive(Debug, PartialEq, Eq)]
+struct Params {
+    replication: Option<u32>,
+    encrypted: bool,
+}
+
+fn parse_params(params: &HashMap<String, String>) -> Result<Params, Status> {
     for (k, v) in params {
         match k.as_str() {
-            PARAM_REPLICATION => {}
+            PARAM_REPLICATION | PARAM_ENCRYPTED => {}
             PARAM_FSTYPE => {
                 if !caps::FS_TYPES.contains(&v.as_str()) {
                     return Err(Status::invalid_argument(format!(
@@ -156,18 +171,28 @@ fn parse_replication(params: &HashMap<String, String>) -> Result<Option<u32>, St
             _ if k.starts_with(K8S_PARAM_PREFIX) => {}
             _ => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown parameter {k:?} (known: {PARAM_REPLICATION}, {PARAM_FSTYPE})"
+                    "unknown parameter {k:?} (known: {PARAM_REPLICATION}, {PARAM_ENCRYPTED}, {PARAM_FSTYPE})"
                 )))
             }
         }
     }
-    match params.get(PARAM_REPLICATION) {
-        None => Ok(None),
+    let replication = match params.get(PARAM_REPLICATION) {
+        None => None,
         Some(v) => match v.parse::<u32>() {
-            Ok(r) if (1..=16).contains(&r) => Ok(Some(r)),
-            _ => Err(Status::invalid_argument(format!("parameter {PARAM_REPLICATION}={v:?}: a number from 1 to 16"))),
+            Ok(r) if (1..=16).contains(&r) => Some(r),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "parameter {PARAM_REPLICATION}={v:?}: a number from 1 to 16"
+                )))
+            }
         },
-    }
+    };
+    let encrypted = match params.get(PARAM_ENCRYPTED).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => return Err(Status::invalid_argument(format!("parameter {PARAM_ENCRYPTED}={v:?}: true or false"))),
+    };
+    Ok(Params { replication, encrypted })
 }
 
 fn capabilities(list: &[CtlCap]) -> Vec<ControllerServiceCapability> {
@@ -186,9 +211,20 @@ impl Controller for ControllerService {
         let req = req.into_inner();
         need("name", &req.name)?;
         caps::parse_all(&req.volume_capabilities)?;
-        let replication = parse_replication(&req.parameters)?;
+        let Params { replication, encrypted } = parse_params(&req.parameters)?;
         let config = self.cluster.config().await.map_err(status::cluster)?;
         let size = size_for(req.capacity_range.as_ref(), config.extent_size)?;
+        let encryption = match (encrypted, &self.key, &req.volume_content_source) {
+            (false, _, _) | (true, _, Some(_)) => None,
+            (true, None, None) => {
+                return Err(Status::invalid_argument(format!(
+                    "parameter {PARAM_ENCRYPTED}=true, but this plugin has no cluster key (--key-file)"
+                )))
+            }
+            (true, Some(key), None) => {
+                Some(key.new_volume_key().map_err(|e| Status::internal(format!("making the volume key: {e}")))?)
+            }
+        };
         if let Some(source) = &req.volume_content_source {
             let Some(kind) = &source.r#type else {
                 return Err(Status::invalid_argument("volume_content_source: a snapshot or a volume is required"));
@@ -199,12 +235,13 @@ impl Controller for ControllerService {
             // The requested size only bounds it: a copy is never smaller than its source.
             let requested = req.capacity_range.as_ref().map(|r| r.required_bytes.max(0) as u64).unwrap_or(0);
             let limit = req.capacity_range.as_ref().map(|r| r.limit_bytes.max(0) as u64).unwrap_or(0);
-            let info = snapshots::create_volume_from(&self.cluster, &req.name, requested, limit, kind).await?;
+            let info =
+                snapshots::create_volume_from(&self.cluster, &req.name, requested, limit, kind, encrypted).await?;
             let mut volume = volume_message(&info);
             volume.content_source = Some(source.clone());
             return Ok(Response::new(CreateVolumeResponse { volume: Some(volume) }));
         }
-        let info = match self.cluster.create_volume(&req.name, size, replication).await {
+        let info = match self.cluster.create_volume_with(&req.name, size, replication, encryption).await {
             Ok(info) => info,
             Err(ClusterError::VolumeExists { .. }) => {
                 let info = self.cluster.volume(&req.name).await.map_err(status::cluster)?;
@@ -214,17 +251,28 @@ impl Controller for ControllerService {
                     .map(|r| (r.required_bytes as u64, r.limit_bytes as u64))
                     .unwrap_or((0, 0));
                 let fits = info.size >= required && (limit == 0 || info.size <= limit);
-                if !fits || replication.is_some_and(|r| r != info.replication) {
+                if !fits || replication.is_some_and(|r| r != info.replication) || encrypted != info.encryption.is_some()
+                {
                     return Err(Status::already_exists(format!(
-                        "volume {:?} exists with {} bytes and replication {}, which this request does not accept",
-                        info.name, info.size, info.replication
+                        "volume {:?} exists with {} bytes, replication {} and encrypted={}, \
+                         which this request does not accept",
+                        info.name,
+                        info.size,
+                        info.replication,
+                        info.encryption.is_some()
                     )));
                 }
                 info
             }
             Err(e) => return Err(status::cluster(e)),
         };
-        tracing::info!(volume = %info.name, size = info.size, replication = info.replication, "volume created");
+        tracing::info!(
+            volume = %info.name,
+            size = info.size,
+            replication = info.replication,
+            encrypted = info.encryption.is_some(),
+            "volume created"
+        );
         // Every Torus volume is reachable from every host, whatever the
         // requirements: no accessible_topology means exactly that, and pins no
         // PersistentVolume to the zones (or nodes) that existed when it was made.
@@ -319,7 +367,7 @@ impl Controller for ControllerService {
                 message: e.message().to_string(),
             }));
         }
-        if let Err(e) = parse_replication(&req.parameters) {
+        if let Err(e) = parse_params(&req.parameters) {
             return Ok(Response::new(ValidateVolumeCapabilitiesResponse {
                 confirmed: None,
                 message: e.message().to_string(),
@@ -376,7 +424,7 @@ impl Controller for ControllerService {
         if !req.volume_capabilities.is_empty() {
             caps::parse_all(&req.volume_capabilities)?;
         }
-        let replication = parse_replication(&req.parameters)?;
+        let replication = parse_params(&req.parameters)?.replication;
         let config = self.cluster.config().await.map_err(status::cluster)?;
         let r = replication.unwrap_or(config.replication).max(1) as u64;
         let (ring, _) = self.cluster.ring().await.map_err(status::cluster)?;
@@ -534,13 +582,20 @@ mod tests {
     #[test]
     fn parameters() {
         let p = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        assert_eq!(parse_replication(&p(&[])).expect("none"), None);
-        assert_eq!(parse_replication(&p(&[("replication", "3"), (PARAM_FSTYPE, "xfs")])).expect("ok"), Some(3));
-        assert!(parse_replication(&p(&[("csi.storage.k8s.io/pvc/name", "data")])).is_ok());
-        for bad in
-            [&[("replication", "0")][..], &[("replication", "x")], &[("colour", "red")], &[(PARAM_FSTYPE, "zfs")]]
-        {
-            assert_eq!(parse_replication(&p(bad)).expect_err("bad").code(), tonic::Code::InvalidArgument);
+        assert_eq!(parse_params(&p(&[])).expect("none"), Params { replication: None, encrypted: false });
+        assert_eq!(
+            parse_params(&p(&[("replication", "3"), (PARAM_FSTYPE, "xfs"), ("encrypted", "true")])).expect("ok"),
+            Params { replication: Some(3), encrypted: true }
+        );
+        assert!(parse_params(&p(&[("csi.storage.k8s.io/pvc/name", "data")])).is_ok());
+        for bad in [
+            &[("replication", "0")][..],
+            &[("replication", "x")],
+            &[("colour", "red")],
+            &[(PARAM_FSTYPE, "zfs")],
+            &[("encrypted", "yes")],
+        ] {
+            assert_eq!(parse_params(&p(bad)).expect_err("bad").code(), tonic::Code::InvalidArgument);
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct Options<A: Attacher> {
     pub attacher: Arc<A>,
     /// TTL of this host's registration.
     pub lease_ttl: Duration,
+    /// The cluster key (`--key-file`): encrypted volumes are created with it.
+    pub key: Option<Arc<torus_volume::crypt::ClusterKey>>,
 }
 
 /// Binds the socket (replacing a stale one), serves until `shutdown` resolves.
@@ -79,7 +81,7 @@ pub async fn serve<A: Attacher>(
         IdentityServer::new(IdentityService { cluster: cluster.clone(), controller: opts.mode.controller() });
     let mut router = tonic::transport::Server::builder().add_service(identity);
     if opts.mode.controller() {
-        router = router.add_service(ControllerServer::new(ControllerService::new(cluster.clone())));
+        router = router.add_service(ControllerServer::new(ControllerService::new(cluster.clone(), opts.key.clone())));
     }
     if opts.mode.node() {
         router = router.add_service(NodeServer::new(NodeService::new(

@@ -57,6 +57,8 @@ pub(crate) fn manager(cluster: &Cluster) -> VolumeManager {
                 torus_volume::holder::hostname(),
                 std::process::id()
             ),
+            // Snapshots need no key: no data is read.
+            without_key: true,
             ..Default::default()
         },
     )
@@ -143,7 +145,14 @@ pub(crate) async fn create_volume_from(
     size: u64,
     limit: u64,
     source: &volume_content_source::Type,
+    encrypted: bool,
 ) -> Result<VolumeInfo, Status> {
+    // Checked before anything is made: a copy keeps its source's encryption.
+    let plain_source = |what: &str| {
+        Status::invalid_argument(format!(
+            "parameter encrypted=true, but the source {what} is not encrypted (a copy keeps its source's encryption)"
+        ))
+    };
     let snap = match source {
         volume_content_source::Type::Snapshot(s) => {
             need("volume_content_source.snapshot.snapshot_id", &s.snapshot_id)?;
@@ -158,9 +167,15 @@ pub(crate) async fn create_volume_from(
         }
         volume_content_source::Type::Volume(v) => {
             need("volume_content_source.volume.volume_id", &v.volume_id)?;
+            if encrypted && cluster.volume(&v.volume_id).await.is_ok_and(|i| i.encryption.is_none()) {
+                return Err(plain_source(&format!("volume {:?}", v.volume_id)));
+            }
             return clone_of_volume(cluster, name, size, limit, &v.volume_id).await;
         }
     };
+    if encrypted && snap.encryption.is_none() {
+        return Err(plain_source(&format!("snapshot {:?}", snap.full_name())));
+    }
     finish_clone(cluster, name, size, limit, &snap).await
 }
 

@@ -3,6 +3,8 @@
 //! Every key lives under `<prefix>/`. Every call has a deadline, so that an
 //! unreachable etcd is reported (naming the endpoint) within seconds instead
 //! of hanging. `etcd_client::Error` is converted here and nowhere else.
+//! [`EtcdSecurity`] adds TLS (a CA to verify etcd, a client certificate to
+//! present) and an etcd user.
 
 use crate::store::*;
 use crate::{MetaError, Result};
@@ -22,11 +24,31 @@ pub struct EtcdStore {
     prefix: String,
 }
 
-/// Normalises `host:port` or `http://host:port` to a URL etcd-client accepts.
-fn normalise(endpoint: &str) -> String {
+/// How to reach a secured etcd: all optional.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdSecurity {
+    /// PEM CA certificate(s) that signed etcd's server certificate: TLS to etcd.
+    pub ca: Option<Vec<u8>>,
+    /// PEM certificate and key presented to etcd (`--client-cert-auth`).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// An etcd user and password (etcd authentication).
+    pub user: Option<(String, String)>,
+}
+
+impl EtcdSecurity {
+    fn tls(&self) -> bool {
+        self.ca.is_some() || self.identity.is_some()
+    }
+}
+
+/// Normalises `host:port` or `http(s)://host:port` to a URL etcd-client
+/// accepts: `https://` when TLS is configured.
+fn normalise(endpoint: &str, tls: bool) -> String {
     let e = endpoint.trim();
     if e.contains("://") {
         e.to_string()
+    } else if tls {
+        format!("https://{e}")
     } else {
         format!("http://{e}")
     }
@@ -56,7 +78,14 @@ async fn answering(endpoints: &[String]) -> Vec<String> {
 impl EtcdStore {
     /// Connects and checks that etcd answers; `endpoints` is comma-separated.
     pub async fn connect(endpoints: &str, prefix: &str) -> Result<Self> {
-        let list: Vec<String> = endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).map(normalise).collect();
+        Self::connect_with(endpoints, prefix, &EtcdSecurity::default()).await
+    }
+
+    /// The same, with TLS and/or an etcd user.
+    pub async fn connect_with(endpoints: &str, prefix: &str, security: &EtcdSecurity) -> Result<Self> {
+        let tls = security.tls();
+        let list: Vec<String> =
+            endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|e| normalise(e, tls)).collect();
         let shown = list.join(",");
         if list.is_empty() {
             return Err(MetaError::Backend { reason: "no etcd endpoint given".into() });
@@ -65,10 +94,28 @@ impl EtcdStore {
         if !prefix.starts_with('/') {
             return Err(MetaError::Backend { reason: format!("etcd prefix {prefix:?} must start with '/'") });
         }
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3));
+        if tls {
+            if let Some(e) = list.iter().find(|e| e.starts_with("http://")) {
+                return Err(MetaError::Backend {
+                    reason: format!("endpoint {e} is plain http, but TLS to etcd is set"),
+                });
+            }
+            let mut t = etcd_client::TlsOptions::new();
+            if let Some(ca) = &security.ca {
+                t = t.ca_certificate(etcd_client::Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &security.identity {
+                t = t.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(t);
+        }
+        if let Some((user, password)) = &security.user {
+            opts = opts.with_user(user.clone(), password.clone());
+        }
         let unavailable = |reason: String| MetaError::Unavailable { endpoint: shown.clone(), reason };
         // The client balances requests over its endpoints and, at first, sends
         // some to members that are down (failing them): start with the members

@@ -19,7 +19,7 @@ mod mem;
 mod store;
 
 pub use error::MetaError;
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdSecurity, EtcdStore};
 pub use mem::MemStore;
 pub use store::{
     Compare, CompareTarget, KeyValue, Lease, LeaseId, MetadataStore, Revision, Txn, TxnOp, TxnOutcome, Watch,

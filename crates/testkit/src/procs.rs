@@ -241,6 +241,10 @@ pub struct Etcd {
     _dir: Option<tempfile::TempDir>,
     /// How to start it again (private etcd only): data dir, host, client and peer ports.
     restart: Option<(PathBuf, String, u16, u16)>,
+    /// A private etcd serving clients over TLS only: its certificate
+    /// directory (`torusctl certs issue` layout; clients must present one
+    /// of the same CA), and the plain port of its /health.
+    tls: Option<(PathBuf, u16)>,
 }
 
 impl Etcd {
@@ -248,7 +252,7 @@ impl Etcd {
     pub fn start() -> Etcd {
         if let Ok(ep) = std::env::var("TORUS_TEST_ETCD") {
             if !ep.is_empty() {
-                return Etcd { endpoint: ep, proc: None, _dir: None, restart: None };
+                return Etcd { endpoint: ep, proc: None, _dir: None, restart: None, tls: None };
             }
         }
         Self::start_private()
@@ -261,6 +265,17 @@ impl Etcd {
 
     /// A private etcd listening on `host` (an address of this machine).
     pub fn start_private_on(host: &str) -> Etcd {
+        Self::start_private_with(host, None)
+    }
+
+    /// A private etcd on loopback that speaks TLS only and requires client
+    /// certificates: server certificate, key and CA from `dir`
+    /// (`server-cert.pem`, `server-key.pem`, `ca-cert.pem`). Its endpoint is `https://…`.
+    pub fn start_private_tls(dir: &std::path::Path) -> Etcd {
+        Self::start_private_with("127.0.0.1", Some(dir))
+    }
+
+    fn start_private_with(host: &str, tls: Option<&std::path::Path>) -> Etcd {
         crate::require("etcd");
         let dir = tempfile::tempdir().expect("temp dir");
         // A port found free can be taken by another test before etcd binds it:
@@ -268,11 +283,13 @@ impl Etcd {
         for attempt in 0..3 {
             let (cp, pp) = (free_port(), free_port());
             let data = dir.path().join(format!("attempt-{attempt}"));
+            let scheme = if tls.is_some() { "https://" } else { "" };
             let mut e = Etcd {
-                endpoint: format!("{host}:{cp}"),
+                endpoint: format!("{scheme}{host}:{cp}"),
                 proc: None,
                 _dir: None,
                 restart: Some((data, host.to_string(), cp, pp)),
+                tls: tls.map(|d| (d.to_path_buf(), free_port())),
             };
             if e.try_launch() {
                 e._dir = Some(dir);
@@ -290,9 +307,23 @@ impl Etcd {
     fn try_launch(&mut self) -> bool {
         let (data, host, cp, pp) = self.restart.clone().expect("a private etcd");
         std::fs::create_dir_all(&data).expect("etcd dir");
-        let cmd = etcd_member("test", &data.join("data"), &host, cp, pp, &format!("test=http://{host}:{pp}"));
+        let mut cmd = etcd_member("test", &data.join("data"), &host, cp, pp, &format!("test=http://{host}:{pp}"));
+        let mut endpoint = self.endpoint.clone();
+        if let Some((dir, health)) = &self.tls {
+            // Later flags win: clients over TLS with certificates; /health stays plain on its own port.
+            let url = format!("https://{host}:{cp}");
+            cmd.args(["--listen-client-urls", &url, "--advertise-client-urls", &url, "--client-cert-auth"])
+                .arg("--cert-file")
+                .arg(dir.join("server-cert.pem"))
+                .arg("--key-file")
+                .arg(dir.join("server-key.pem"))
+                .arg("--trusted-ca-file")
+                .arg(dir.join("ca-cert.pem"))
+                .arg("--listen-metrics-urls")
+                .arg(format!("http://{host}:{health}"));
+            endpoint = format!("{host}:{health}");
+        }
         let mut proc = Proc::spawn("etcd", cmd, data.join("etcd.log"));
-        let endpoint = self.endpoint.clone();
         let mut exited = false;
         wait_until(Duration::from_secs(30), "etcd to become healthy", || {
             exited = !proc.is_running();
@@ -384,7 +415,7 @@ impl Etcd3 {
 
     /// An `Etcd` naming all three members, for `Cluster::init`.
     pub fn as_etcd(&self) -> Etcd {
-        Etcd { endpoint: self.endpoint.clone(), proc: None, _dir: None, restart: None }
+        Etcd { endpoint: self.endpoint.clone(), proc: None, _dir: None, restart: None, tls: None }
     }
 }
 
@@ -460,8 +491,13 @@ impl Cluster {
 
     /// An initialised cluster with no nodes yet.
     pub fn init(etcd: Etcd, replication: u32) -> Cluster {
+        Self::init_with_env(etcd, replication, Vec::new())
+    }
+
+    /// The same, every process (torusctl init included) run with `env`.
+    pub fn init_with_env(etcd: Etcd, replication: u32, env: Vec<(String, String)>) -> Cluster {
         let c = Cluster {
-            env: Vec::new(),
+            env,
             etcd,
             prefix: unique_prefix(),
             dir: tempfile::tempdir().expect("temp dir"),

@@ -26,6 +26,8 @@ pub enum VolumeError {
     LeaseLost,
     #[error("cannot take the snapshot: {reason}")]
     Snapshot { reason: String },
+    #[error(transparent)]
+    Key(#[from] crate::crypt::KeyError),
 }
 
 impl VolumeError {

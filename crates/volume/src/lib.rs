@@ -1,5 +1,6 @@
 //! torus-volume: a volume as a block device.
 //!
+//! - [`crypt`]: encryption at rest: cluster key, volume keys, the encrypted data path.
 //! - [`device`]: the `BlockDevice` trait the NBD server (and later CSI) serves.
 //! - [`pool`]: connections to storage nodes, by node id.
 //! - [`volume`]: `Volume`, which maps byte ranges to extents, extents to
@@ -17,6 +18,7 @@
 //!
 //! Depends on types, meta, ring and proto; knows nothing of NBD.
 
+pub mod crypt;
 pub mod device;
 mod error;
 pub mod holder;

@@ -9,6 +9,7 @@
 //! whole TTL), the volume refuses writes from then on: a newer writer may
 //! exist.
 
+use crate::crypt::{ClusterKey, Crypt};
 use crate::lease::{Closing, LeaseState, LockGuard};
 use crate::pool::PeerPool;
 use crate::tracker::Tracker;
@@ -48,6 +49,12 @@ pub struct ManagerOptions {
     pub repair: bool,
     /// How nodes are reached: TCP, or in-memory nodes in tests.
     pub transport: Arc<dyn Transport>,
+    /// The cluster key (`--key-file`): reads and writes of encrypted volumes
+    /// need it; without it they can still be repaired and snapshotted.
+    pub key: Option<Arc<ClusterKey>>,
+    /// Encrypted volumes may be opened without the key, to take snapshots
+    /// (their reads and writes fail). Repairs may always.
+    pub without_key: bool,
 }
 
 impl Default for ManagerOptions {
@@ -62,6 +69,8 @@ impl Default for ManagerOptions {
             host: crate::holder::hostname(),
             repair: false,
             transport: Arc::new(torus_proto::Tcp),
+            key: None,
+            without_key: false,
         }
     }
 }
@@ -219,29 +228,42 @@ impl VolumeManager {
         Ok(doc)
     }
 
+    /// How I/O of volume `name` is encrypted, with this process's key.
+    fn crypt(&self, name: &str, enc: Option<&torus_meta::cluster::Encryption>) -> Result<Crypt, VolumeError> {
+        match Crypt::for_volume(name, enc, self.opts.key.as_deref())? {
+            Crypt::Sealed(s) if !(self.opts.repair || self.opts.without_key) => Err(s.error().into()),
+            c => Ok(c),
+        }
+    }
+
     async fn open_new(&self, name: &str, writable: bool) -> Result<Arc<Volume>, VolumeError> {
         if name.contains('@') {
             return self.open_snapshot(name, writable).await;
         }
         let info = self.cluster.volume(name).await?;
+        // A wrong key fails here, before any lock is taken.
+        let crypt = self.crypt(name, info.encryption.as_ref())?;
         let doc = self.refresh_peers().await?;
         if !writable {
             let none = Arc::new(LeaseState::none());
             let state = self.cluster.replica_state(info.id).await?;
             let tracker = Arc::new(Tracker::new(self.cluster.clone(), info.id, state, none.clone()));
             let p = placement_of(&doc);
-            return Ok(Arc::new(Volume::new(
-                self.cluster.clone(),
-                info,
-                Default::default(),
-                p,
-                self.pool.clone(),
-                true,
-                none,
-                tracker,
-                None,
-                false,
-            )));
+            return Ok(Arc::new(
+                Volume::new(
+                    self.cluster.clone(),
+                    info,
+                    Default::default(),
+                    p,
+                    self.pool.clone(),
+                    true,
+                    none,
+                    tracker,
+                    None,
+                    false,
+                )
+                .with_crypt(crypt),
+            ));
         }
         let store = self.cluster.store();
         let granted_at = Instant::now();
@@ -291,18 +313,21 @@ impl VolumeManager {
         let tracker = Arc::new(Tracker::new(self.cluster.clone(), info.id, mine, state.clone()));
         tokio::spawn(Tracker::run_commits(Arc::downgrade(&tracker)));
         let p = placement_of(&doc);
-        let v = Arc::new(Volume::new(
-            self.cluster.clone(),
-            info,
-            epoch,
-            p,
-            self.pool.clone(),
-            false,
-            state,
-            tracker,
-            Some(guard),
-            false,
-        ));
+        let v = Arc::new(
+            Volume::new(
+                self.cluster.clone(),
+                info,
+                epoch,
+                p,
+                self.pool.clone(),
+                false,
+                state,
+                tracker,
+                Some(guard),
+                false,
+            )
+            .with_crypt(crypt),
+        );
         if let Err(e) = v.recover(&previous).await {
             // The dead writer's intent must outlive this failed open: no clean close.
             v.abandon().await;
@@ -332,22 +357,27 @@ impl VolumeManager {
             replication: s.replication,
             created: s.created,
             layers: s.layers.clone(),
+            encryption: s.encryption.clone(),
         };
+        let crypt = self.crypt(name, info.encryption.as_ref())?;
         let none = Arc::new(LeaseState::none());
         // Frozen layers have no copies missing writes: nothing to follow.
         let tracker = Arc::new(Tracker::new(self.cluster.clone(), info.id, ReplicaState::default(), none.clone()));
-        Ok(Arc::new(Volume::new(
-            self.cluster.clone(),
-            info,
-            Default::default(),
-            placement_of(&doc),
-            self.pool.clone(),
-            true,
-            none,
-            tracker,
-            None,
-            true,
-        )))
+        Ok(Arc::new(
+            Volume::new(
+                self.cluster.clone(),
+                info,
+                Default::default(),
+                placement_of(&doc),
+                self.pool.clone(),
+                true,
+                none,
+                tracker,
+                None,
+                true,
+            )
+            .with_crypt(crypt),
+        ))
     }
 
     /// Takes a snapshot of a volume, whoever has it open: this process's

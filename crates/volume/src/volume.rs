@@ -7,6 +7,7 @@
 //! -> one peer-protocol WRITE (carrying the writer's epoch) to each replica,
 //! all in parallel -> acknowledged when every replica acknowledged.
 
+use crate::crypt::{Crypt, KeyError, RawIo};
 use crate::device::{push_run, BlockDevice, Run};
 use crate::layers::Layers;
 use crate::pool::PeerPool;
@@ -157,6 +158,8 @@ pub struct Volume {
     pub(crate) edges: tokio::sync::Mutex<()>,
     /// Opened as `VOLUME@SNAPSHOT`: frozen layers, read-only.
     snapshot: bool,
+    /// Whether reads and writes are encrypted, and with what key (see `crypt`).
+    crypt: Crypt,
     pub(crate) cluster: Cluster,
 }
 
@@ -196,6 +199,7 @@ impl Volume {
             layers: tokio::sync::RwLock::new(Arc::new(layers)),
             edges: tokio::sync::Mutex::new(()),
             snapshot,
+            crypt: Crypt::Plain,
             cluster,
             size: AtomicU64::new(info.size),
             info,
@@ -208,6 +212,21 @@ impl Volume {
             dirty: Mutex::new(HashMap::new()),
             writes: AtomicU64::new(0),
             guard,
+        }
+    }
+
+    /// Sets how client I/O is encrypted (before the volume is shared).
+    pub(crate) fn with_crypt(mut self, crypt: Crypt) -> Self {
+        self.crypt = crypt;
+        self
+    }
+
+    /// Why client reads and writes would fail, if this process lacks the
+    /// volume's key (it can still take snapshots and catch copies up).
+    pub fn sealed(&self) -> Option<KeyError> {
+        match &self.crypt {
+            Crypt::Sealed(e) => Some(e.error()),
+            _ => None,
         }
     }
 
@@ -743,78 +762,38 @@ impl BlockDevice for Volume {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
-        self.check(offset, len as u64)?;
-        let layers = self.layers.read().await.clone();
-        let pieces = self.pieces(offset, len as u64);
-        let placement = self.placement.read().await;
-        let reads = join_all(pieces.iter().map(|p| async {
-            if layers.layered() {
-                self.read_layered(&placement, &layers, p.extent.index, p.within, p.len).await
-            } else {
-                self.read_extent(&placement, p.extent, p.within, p.len, !self.snapshot).await
+        match &self.crypt {
+            Crypt::Plain => self.raw_read(offset, len).await,
+            Crypt::Key(c) => {
+                self.check(offset, len as u64)?;
+                c.read(self, offset, len).await
             }
-        }))
-        .await;
-        if pieces.len() == 1 {
-            return reads.into_iter().next().expect("one piece").map(Bytes::from);
+            Crypt::Sealed(e) => Err(e.error().into()),
         }
-        let mut out = BytesMut::zeroed(len as usize);
-        for (p, r) in pieces.iter().zip(reads) {
-            out[p.at..p.at + p.len as usize].copy_from_slice(&r?);
-        }
-        Ok(out.freeze())
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
-        self.check(offset, data.len() as u64)?;
-        self.check_writable().await?;
-        // Held until the write is done: a snapshot waits for it.
-        let held = self.layers.read().await;
-        let layers: &Layers = &held;
-        let pieces = self.pieces(offset, data.len() as u64);
-        let epoch = self.epoch;
-        let placement = self.placement.read().await;
-        let results = join_all(pieces.iter().map(|p| {
-            let chunk = data.slice(p.at..p.at + p.len as usize);
-            let placement = &placement;
-            async move {
-                if layers.layered() {
-                    return self.write_layered(placement, layers, p, Some(chunk), fua).await;
-                }
-                self.replicate(placement, p.extent, move |c| {
-                    let chunk = chunk.clone();
-                    async move { c.write(p.extent, p.within, chunk, epoch, fua).await }
-                })
-                .await
+        match &self.crypt {
+            Crypt::Plain => self.raw_write(offset, data, fua).await,
+            Crypt::Key(c) => {
+                self.check(offset, data.len() as u64)?;
+                self.check_writable().await?;
+                c.write(self, offset, data.len() as u64, Some(data), fua).await
             }
-        }))
-        .await;
-        results.into_iter().collect()
+            Crypt::Sealed(e) => Err(e.error().into()),
+        }
     }
 
     async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
-        self.check(offset, len)?;
-        self.check_writable().await?;
-        // Held until the write is done: a snapshot waits for it.
-        let held = self.layers.read().await;
-        let layers: &Layers = &held;
-        let pieces = self.pieces(offset, len);
-        let epoch = self.epoch;
-        let placement = self.placement.read().await;
-        let results = join_all(pieces.iter().map(|p| {
-            let placement = &placement;
-            async move {
-                if layers.layered() {
-                    return self.write_layered(placement, layers, p, None, fua).await;
-                }
-                self.replicate(placement, p.extent, move |c| async move {
-                    c.zero(p.extent, p.within, p.len, epoch, fua).await
-                })
-                .await
+        match &self.crypt {
+            Crypt::Plain => self.raw_zero(offset, len, fua).await,
+            Crypt::Key(c) => {
+                self.check(offset, len)?;
+                self.check_writable().await?;
+                c.write(self, offset, len, None, fua).await
             }
-        }))
-        .await;
-        results.into_iter().collect()
+            Crypt::Sealed(e) => Err(e.error().into()),
+        }
     }
 
     /// Flushes every node written since its last flush. A node that cannot be
@@ -867,6 +846,85 @@ impl BlockDevice for Volume {
             }
         }
         Ok(())
+    }
+}
+
+/// The volume's ciphertext (or its plain data, for a volume not
+/// encrypted): what the nodes store, through the layers.
+impl RawIo for Volume {
+    async fn raw_read(&self, offset: u64, len: u32) -> Result<Bytes, VolumeError> {
+        self.check(offset, len as u64)?;
+        let layers = self.layers.read().await.clone();
+        let pieces = self.pieces(offset, len as u64);
+        let placement = self.placement.read().await;
+        let reads = join_all(pieces.iter().map(|p| async {
+            if layers.layered() {
+                self.read_layered(&placement, &layers, p.extent.index, p.within, p.len).await
+            } else {
+                self.read_extent(&placement, p.extent, p.within, p.len, !self.snapshot).await
+            }
+        }))
+        .await;
+        if pieces.len() == 1 {
+            return reads.into_iter().next().expect("one piece").map(Bytes::from);
+        }
+        let mut out = BytesMut::zeroed(len as usize);
+        for (p, r) in pieces.iter().zip(reads) {
+            out[p.at..p.at + p.len as usize].copy_from_slice(&r?);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn raw_write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
+        self.check(offset, data.len() as u64)?;
+        self.check_writable().await?;
+        // Held until the write is done: a snapshot waits for it.
+        let held = self.layers.read().await;
+        let layers: &Layers = &held;
+        let pieces = self.pieces(offset, data.len() as u64);
+        let epoch = self.epoch;
+        let placement = self.placement.read().await;
+        let results = join_all(pieces.iter().map(|p| {
+            let chunk = data.slice(p.at..p.at + p.len as usize);
+            let placement = &placement;
+            async move {
+                if layers.layered() {
+                    return self.write_layered(placement, layers, p, Some(chunk), fua).await;
+                }
+                self.replicate(placement, p.extent, move |c| {
+                    let chunk = chunk.clone();
+                    async move { c.write(p.extent, p.within, chunk, epoch, fua).await }
+                })
+                .await
+            }
+        }))
+        .await;
+        results.into_iter().collect()
+    }
+
+    async fn raw_zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
+        self.check(offset, len)?;
+        self.check_writable().await?;
+        // Held until the write is done: a snapshot waits for it.
+        let held = self.layers.read().await;
+        let layers: &Layers = &held;
+        let pieces = self.pieces(offset, len);
+        let epoch = self.epoch;
+        let placement = self.placement.read().await;
+        let results = join_all(pieces.iter().map(|p| {
+            let placement = &placement;
+            async move {
+                if layers.layered() {
+                    return self.write_layered(placement, layers, p, None, fua).await;
+                }
+                self.replicate(placement, p.extent, move |c| async move {
+                    c.zero(p.extent, p.within, p.len, epoch, fua).await
+                })
+                .await
+            }
+        }))
+        .await;
+        results.into_iter().collect()
     }
 }
 

@@ -35,7 +35,7 @@ pub use peers::{PeerInfo, RebalanceProgress, RingDoc, RingMember};
 pub use replicas::{ExtentSet, ReplicaState};
 pub use ring_watch::RingWatch;
 pub use snapshots::{parse_snapshot_ref, validate_snapshot_name, LayerMap, SnapshotInfo, SnapshotRequest};
-pub use volumes::{validate_volume_name, ProcessTag, VolumeInfo, VolumeLock, MAX_VOLUME_SIZE};
+pub use volumes::{validate_volume_name, Encryption, ProcessTag, RewrapError, VolumeInfo, VolumeLock, MAX_VOLUME_SIZE};
 
 use crate::{MetaError, MetadataStore};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};

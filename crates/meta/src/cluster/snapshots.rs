@@ -46,6 +46,9 @@ pub struct SnapshotInfo {
     pub replication: u32,
     /// Unix seconds.
     pub created: u64,
+    /// The volume's encryption (its key reads the frozen layers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<super::Encryption>,
 }
 
 impl SnapshotInfo {
@@ -151,6 +154,7 @@ impl Cluster {
                 extent_size: info.extent_size,
                 replication: info.replication,
                 created: torus_types::unix_now(),
+                encryption: info.encryption.clone(),
             };
             let mut now = info.clone();
             now.layers = std::iter::once(VolumeId(next)).chain(info.chain()).collect();
@@ -238,6 +242,7 @@ impl Cluster {
                 replication: snap.replication,
                 created: torus_types::unix_now(),
                 layers: std::iter::once(VolumeId(next)).chain(snap.layers.iter().copied()).collect(),
+                encryption: snap.encryption.clone(),
             };
             let txn = Txn::when(vec![
                 counter,

@@ -28,6 +28,38 @@ pub struct VolumeInfo {
     /// has it. Empty: a single layer stored under the volume's own id.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<VolumeId>,
+    /// Set when the volume's data is encrypted (see [`Encryption`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// How a volume's data is encrypted: the cipher, and the volume's own key
+/// wrapped by a cluster key (which is never stored). The nodes store and
+/// check ciphertext; only clients given the cluster key read plaintext.
+/// Snapshots and clones keep the key of the volume they come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// `aes-256-xts` (512-byte sectors, tweak = the sector's number in the volume).
+    pub cipher: String,
+    /// Which cluster key wraps it: the first bytes of the key's SHA-256, in hex.
+    pub key_id: String,
+    /// The volume key, sealed by the cluster key (base64 of nonce, ciphertext and tag).
+    pub wrapped_key: String,
+}
+
+/// Why [`Cluster::rewrap_keys`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RewrapError<E> {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("{0}")]
+    Rewrap(E),
+}
+
+impl<E> From<crate::MetaError> for RewrapError<E> {
+    fn from(e: crate::MetaError) -> Self {
+        RewrapError::Cluster(e.into())
+    }
 }
 
 impl VolumeInfo {
@@ -110,6 +142,17 @@ fn wanted_key(id: VolumeId) -> String {
 impl Cluster {
     /// Creates a block volume. The name must be new; the size a positive multiple of 512.
     pub async fn create_volume(&self, name: &str, size: u64, replication: Option<u32>) -> Result<VolumeInfo> {
+        self.create_volume_with(name, size, replication, None).await
+    }
+
+    /// Creates a block volume, encrypted if `encryption` is given.
+    pub async fn create_volume_with(
+        &self,
+        name: &str,
+        size: u64,
+        replication: Option<u32>,
+        encryption: Option<Encryption>,
+    ) -> Result<VolumeInfo> {
         validate_volume_name(name)?;
         if size == 0 || size % 512 != 0 {
             return Err(ClusterError::InvalidVolumeSize {
@@ -149,6 +192,7 @@ impl Cluster {
                 replication,
                 created: torus_types::unix_now(),
                 layers: Vec::new(),
+                encryption: encryption.clone(),
             };
             let txn = Txn::when(vec![cmp, Compare::exists(name_key(name), false)]).and_then(vec![
                 TxnOp::put("volumes/next-id", (next + 1).to_string()),
@@ -159,6 +203,41 @@ impl Cluster {
             }
         }
         Err(ClusterError::Contended)
+    }
+
+    /// Cluster key rotation: gives every encrypted volume and snapshot the
+    /// encryption `rewrap` returns for its current one (`Ok(None)`: leave it
+    /// as it is). A record is replaced only if unchanged since it was read
+    /// (else it is read again), so nothing else it holds is lost. Returns the
+    /// keys of the records changed; stops at the first error of `rewrap`.
+    pub async fn rewrap_keys<E>(
+        &self,
+        rewrap: impl Fn(&str, &Encryption) -> std::result::Result<Option<Encryption>, E>,
+    ) -> std::result::Result<Vec<String>, RewrapError<E>> {
+        let mut changed = Vec::new();
+        for prefix in ["volumes/by-name/", "snapshots/"] {
+            for listed in self.store.list(prefix).await? {
+                let mut kv = Some(listed);
+                for _ in 0..16 {
+                    let Some(cur) = kv.take() else { break };
+                    let mut record: serde_json::Value = decode(&cur.key, &cur.value)?;
+                    let Some(enc) = record.get("encryption").filter(|e| !e.is_null()) else { break };
+                    let enc: Encryption = serde_json::from_value(enc.clone()).map_err(|e| {
+                        ClusterError::Meta(crate::MetaError::Corrupt { key: cur.key.clone(), reason: e.to_string() })
+                    })?;
+                    let Some(new) = rewrap(&cur.key, &enc).map_err(RewrapError::Rewrap)? else { break };
+                    record["encryption"] = serde_json::to_value(&new).expect("encryption serialises");
+                    let txn = Txn::when(vec![Compare::mod_revision(cur.key.clone(), cur.mod_revision)])
+                        .and_then(vec![TxnOp::put(cur.key.clone(), encode(&record))]);
+                    if self.store.txn(txn).await?.succeeded {
+                        changed.push(cur.key.clone());
+                        break;
+                    }
+                    kv = self.store.get(&cur.key).await?;
+                }
+            }
+        }
+        Ok(changed)
     }
 
     /// The next id to allocate, and the comparison that makes a transaction

@@ -7,6 +7,7 @@ mod cluster;
 mod csi;
 mod deploy;
 mod durability;
+mod encryption;
 mod etcd_ha;
 mod failures;
 mod faults;
@@ -50,6 +51,24 @@ pub fn run(cmd: &mut Command) -> Output {
 
 pub fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Every file under `dir`, recursively (the nodes' data directories, to search or compare).
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 /// GET `path` from a torusd's HTTP port on loopback; the whole response.

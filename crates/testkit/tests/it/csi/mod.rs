@@ -3,6 +3,7 @@
 //! with two hosts, a host's death, a plugin restart under load, and
 //! never formatting a volume that could not be read.
 
+mod encrypted;
 mod failover;
 mod kubelet;
 mod never_format;
