@@ -96,6 +96,7 @@ async fn probe_etcd(cluster: torus_meta::cluster::Cluster, seen: Arc<std::sync::
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     cli.tls.install_client()?;
+    cli.tls.reload_on_sighup();
     match cli.cmd {
         Cmd::Csi(args) => csi::run(&cli.etcd, &cli.tls, &cli.key, args).await,
         Cmd::Keeper(args) => keeper::run(&cli.etcd, &cli.key, args).await,
@@ -115,7 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (NbdTlsMode::Off, _) => None,
                 (_, None) => bail!("--tls {mode:?} needs --tls-dir (the server's certificate and the clients' CA)"),
                 (_, Some(dir)) => Some(torus_nbd::server::NbdTls {
-                    acceptor: tokio_rustls::TlsAcceptor::from(torus_proto::tls::server_config(dir)?),
+                    config: torus_proto::tls::ServerTls::load(dir, torus_proto::tls::ServerKind::Mutual)?,
                     required: mode == NbdTlsMode::Require,
                 }),
             };
@@ -177,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                         _ => (hyper::StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics\n".to_string()),
                     };
-                    Some(tokio::spawn(torus_metrics::http::serve(l, Arc::new(answer))))
+                    Some(tokio::spawn(torus_metrics::http::serve(l, Arc::new(answer), cli.tls.http()?)))
                 }
                 None => None,
             };

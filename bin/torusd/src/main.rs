@@ -80,7 +80,10 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     // Peers (clients, other nodes) only with a certificate the cluster CA signed, if given a TLS directory.
+    args.tls.install_client()?;
+    args.tls.reload_on_sighup();
     let tls = args.tls.server()?;
+    let http_tls = args.tls.http()?;
     if args.size < 1 << 20 {
         bail!("--size {} is too small: offer at least 1 MiB", args.size);
     }
@@ -126,7 +129,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             liveness: liveness.clone(),
         };
-        tokio::spawn(http::serve(l, ctx));
+        tokio::spawn(http::serve(l, ctx, http_tls));
     }
 
     let info = PeerInfo {

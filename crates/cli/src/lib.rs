@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use torus_meta::cluster::Cluster;
 use torus_meta::{EtcdSecurity, EtcdStore, MetadataStore};
+use torus_proto::tls::{ServerKind, ServerTls};
 
 #[derive(Args, Clone, Debug)]
 pub struct EtcdArgs {
@@ -103,9 +104,14 @@ pub struct LogArgs {
 #[derive(Args, Clone, Debug)]
 pub struct TlsArgs {
     /// A TLS directory (`torusctl certs issue`): connect to storage nodes
-    /// with mutual TLS (and, for torusd, serve only clients the cluster CA signed).
+    /// with mutual TLS (and, for torusd, serve only clients the cluster CA
+    /// signed). SIGHUP reads it again: new connections use the new files.
     #[arg(long = "tls-dir", env = "TORUS_TLS_DIR", global = true)]
     pub tls_dir: Option<std::path::PathBuf>,
+    /// Serve the HTTP endpoints (/metrics, /status, /healthz, /readyz) over
+    /// HTTPS with the server certificate of --tls-dir (no client certificate asked).
+    #[arg(long = "http-tls", env = "TORUS_HTTP_TLS", global = true, requires = "tls_dir")]
+    pub http_tls: bool,
 }
 
 impl TlsArgs {
@@ -117,12 +123,41 @@ impl TlsArgs {
         Ok(())
     }
 
-    /// The same, and the configuration a node serves with.
-    pub fn server(&self) -> anyhow::Result<Option<Arc<torus_proto::tls::ServerConfig>>> {
-        self.install_client()?;
+    /// For long-running processes: reads the directory again on each SIGHUP.
+    pub fn reload_on_sighup(&self) {
+        if let Some(dir) = &self.tls_dir {
+            tokio::spawn(reload_on_sighup(dir.clone()));
+        }
+    }
+
+    /// The configuration a node (or an NBD server) serves with, if TLS is on.
+    pub fn server(&self) -> anyhow::Result<Option<ServerTls>> {
         match &self.tls_dir {
-            Some(dir) => Ok(Some(torus_proto::tls::server_config(dir)?)),
+            Some(dir) => Ok(Some(ServerTls::load(dir, ServerKind::Mutual)?)),
             None => Ok(None),
+        }
+    }
+
+    /// The configuration HTTP endpoints serve with, with --http-tls.
+    pub fn http(&self) -> anyhow::Result<Option<ServerTls>> {
+        match (&self.tls_dir, self.http_tls) {
+            (Some(dir), true) => Ok(Some(ServerTls::load(dir, ServerKind::Http)?)),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Certificate rotation: on each SIGHUP, every TLS configuration of the
+/// process is read again from `dir` (all or none; open connections go on).
+async fn reload_on_sighup(dir: std::path::PathBuf) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot catch SIGHUP: certificates are read at start only");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match torus_proto::tls::reload(&dir) {
+            Ok(()) => tracing::info!(dir = %dir.display(), "SIGHUP: TLS certificates reloaded"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: TLS certificates not reloaded; the old ones stay in use"),
         }
     }
 }

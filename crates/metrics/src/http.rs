@@ -1,6 +1,6 @@
 //! A small read-only HTTP endpoint: each GET path is answered by the
-//! owner's function (`/metrics`, `/healthz`, ...). Nothing here changes
-//! anything.
+//! owner's function (`/metrics`, `/healthz`, ...), over TLS if given one
+//! (HTTPS, no client certificate asked). Nothing here changes anything.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -12,8 +12,15 @@ use tokio::net::TcpListener;
 /// An answer: status, content type, body.
 pub type Answer = (StatusCode, &'static str, String);
 
+/// How long a client may take for the TLS handshake.
+const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `answer(path)` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, answer: Arc<dyn Fn(&str) -> Answer + Send + Sync>) {
+pub async fn serve(
+    listener: TcpListener,
+    answer: Arc<dyn Fn(&str) -> Answer + Send + Sync>,
+    tls: Option<torus_proto::tls::ServerTls>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -24,6 +31,7 @@ pub async fn serve(listener: TcpListener, answer: Arc<dyn Fn(&str) -> Answer + S
             }
         };
         let answer = answer.clone();
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (status, ctype, body) = answer(req.uri().path());
@@ -32,7 +40,19 @@ pub async fn serve(listener: TcpListener, answer: Arc<dyn Fn(&str) -> Answer + S
                 resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let http = hyper::server::conn::http1::Builder::new();
+            match acceptor {
+                None => {
+                    let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                }
+                Some(a) => match tokio::time::timeout(TLS_HANDSHAKE, a.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = http.serve_connection(TokioIo::new(tls), svc).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "HTTPS handshake refused"),
+                    Err(_) => tracing::debug!("HTTPS handshake timed out"),
+                },
+            }
         });
     }
 }

@@ -14,7 +14,8 @@ use tokio::net::TcpListener;
 /// TLS for NBD clients: the server's certificate and the clients' CA.
 #[derive(Clone)]
 pub struct NbdTls {
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Read at each STARTTLS (certificates may have been reloaded).
+    pub config: torus_proto::tls::ServerTls,
     /// Every option but STARTTLS is refused until TLS is on.
     pub required: bool,
 }
@@ -71,7 +72,7 @@ async fn connection<E: Exports>(
         }
         Step::StartTls => {
             let Some(tls) = tls else { return Ok(()) };
-            let mut stream = tls.acceptor.accept(stream).await.map_err(HandshakeError::Io)?;
+            let mut stream = tls.config.acceptor().accept(stream).await.map_err(HandshakeError::Io)?;
             let encrypted = Tls { offered: true, required: true, active: true };
             match haggle(&mut stream, exports, no_zeroes, encrypted).await? {
                 Step::Done(Some(n)) => {

@@ -53,6 +53,6 @@ fn respond(ctx: &StatusContext, path: &str) -> torus_metrics::http::Answer {
 }
 
 /// Serves HTTP on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, ctx: StatusContext) {
-    torus_metrics::http::serve(listener, Arc::new(move |path: &str| respond(&ctx, path))).await
+pub async fn serve(listener: TcpListener, ctx: StatusContext, tls: Option<torus_proto::tls::ServerTls>) {
+    torus_metrics::http::serve(listener, Arc::new(move |path: &str| respond(&ctx, path)), tls).await
 }

@@ -45,16 +45,16 @@ pub async fn serve(
     listener: TcpListener,
     handler: Arc<Handler>,
     liveness: Arc<Liveness>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<torus_proto::tls::ServerTls>,
 ) {
     let budget = Arc::new(Semaphore::new(PROCESS_BYTES));
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let (handler, liveness, budget) = (handler.clone(), liveness.clone(), budget.clone());
-                let acceptor = acceptor.clone();
+                // The certificates of now (they may have been reloaded).
+                let acceptor = tls.as_ref().map(|t| t.acceptor());
                 tokio::spawn(async move {
                     let result = match acceptor {
                         None => {

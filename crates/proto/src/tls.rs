@@ -8,6 +8,10 @@
 //!
 //! Clients use the configuration installed for the whole process
 //! ([`use_client`]), so every `PeerClient::connect` goes over TLS once it is set.
+//!
+//! Certificates rotate without downtime: [`reload`] reads the directory
+//! again (on SIGHUP); connections made or accepted from then on use the new
+//! files, open ones carry on. A directory that fails to load changes nothing.
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -110,4 +114,76 @@ pub fn client() -> Option<Arc<ClientConfig>> {
 pub fn server_name(addr: &str) -> Option<ServerName<'static>> {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(host.to_string()).ok()
+}
+
+/// What a served TLS endpoint asks of its clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerKind {
+    /// Peers and NBD clients: a certificate the cluster CA signed.
+    Mutual,
+    /// HTTP (metrics, status): no client certificate asked.
+    Http,
+}
+
+/// The server side of HTTP endpoints: the server certificate only.
+pub fn http_server_config(dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let bad = |reason: String| TlsError::Config { dir: dir.to_path_buf(), reason };
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs(dir, SERVER_CERT)?, key(dir, SERVER_KEY)?)
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+/// A served TLS configuration that [`reload`] can replace while serving:
+/// each connection is accepted with the one current when it arrives.
+#[derive(Clone)]
+pub struct ServerTls {
+    kind: ServerKind,
+    current: Arc<RwLock<Arc<ServerConfig>>>,
+}
+
+impl ServerTls {
+    /// Loads `kind`'s configuration from `dir`, and registers it for [`reload`].
+    pub fn load(dir: &Path, kind: ServerKind) -> Result<ServerTls, TlsError> {
+        let tls = ServerTls { kind, current: Arc::new(RwLock::new(Self::build(dir, kind)?)) };
+        SERVED.lock().expect("TLS registry poisoned").push(tls.clone());
+        Ok(tls)
+    }
+
+    fn build(dir: &Path, kind: ServerKind) -> Result<Arc<ServerConfig>, TlsError> {
+        match kind {
+            ServerKind::Mutual => server_config(dir),
+            ServerKind::Http => http_server_config(dir),
+        }
+    }
+
+    /// An acceptor with the configuration of now.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.current.read().expect("TLS config lock poisoned").clone())
+    }
+}
+
+/// Every served configuration of this process (replaced together on reload).
+static SERVED: std::sync::Mutex<Vec<ServerTls>> = std::sync::Mutex::new(Vec::new());
+
+/// Reads `dir` again: the client configuration (if this process uses one)
+/// and every served one are replaced, all or none.
+pub fn reload(dir: &Path) -> Result<(), TlsError> {
+    let served = SERVED.lock().expect("TLS registry poisoned").clone();
+    let built: Vec<Arc<ServerConfig>> =
+        served.iter().map(|s| ServerTls::build(dir, s.kind)).collect::<Result<_, _>>()?;
+    let client = match client() {
+        Some(_) => Some(client_config(dir)?),
+        None => None,
+    };
+    for (s, config) in served.iter().zip(built) {
+        *s.current.write().expect("TLS config lock poisoned") = config;
+    }
+    if let Some(c) = client {
+        use_client(c);
+    }
+    Ok(())
 }

@@ -240,3 +240,81 @@ fn with_tls_everywhere_including_etcd_a_node_killed_under_verified_writes_loses_
     );
     assert_eq!(lost, 0, "data written before the fault changed");
 }
+
+/// The serial number of the certificate served at `addr` (HTTPS, or mutual TLS with `client` from `dir`).
+fn served_serial(addr: &str, dir: &str, client: bool) -> String {
+    let mut s = Command::new("openssl");
+    s.args(["s_client", "-connect", addr, "-CAfile", &format!("{dir}/ca-cert.pem")]);
+    if client {
+        s.args(["-cert", &format!("{dir}/client-cert.pem"), "-key", &format!("{dir}/client-key.pem")]);
+    }
+    let out = torus_testkit::run(s.stdin(std::process::Stdio::null()), Duration::from_secs(30));
+    let pem = String::from_utf8_lossy(&out.stdout);
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-serial"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl x509");
+    x509.stdin.take().expect("stdin").write_all(pem.as_bytes()).expect("write the certificate");
+    let serial = String::from_utf8_lossy(&x509.wait_with_output().expect("openssl x509").stdout).trim().to_string();
+    assert!(serial.starts_with("serial="), "no certificate served at {addr}: {pem}");
+    serial
+}
+
+#[test]
+fn certificates_rotate_on_sighup_under_load_without_an_io_error() {
+    use crate::node_loss::{finish_fio, start_fio};
+    torus_testkit::require("openssl");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let p = |name: &str| tmp.path().join(name).display().to_string();
+    certs(&["init", &p("ca")]);
+    certs(&["issue", &p("ca"), &p("tls"), "--name", "torus", "--san", "127.0.0.1"]);
+    let mut c = Cluster::init(Etcd::start(), 2);
+    c.env.push(("TORUS_TLS_DIR".into(), p("tls")));
+    for _ in 0..2 {
+        c.add_node("1GiB");
+    }
+    c.start_all_in_ring();
+    c.ctl_ok(&["volume", "create-block", "v", "128MiB"]);
+    let http = format!("127.0.0.1:{}", torus_testkit::free_port());
+    let blk = c.start_blk(&["--http", &http, "--http-tls"]);
+    // HTTPS with the server certificate; plain HTTP gets nothing.
+    let metrics = ok(Command::new("curl")
+        .args(["-sf", "--cacert", &p("tls/ca-cert.pem")])
+        .arg(format!("https://{http}/metrics")));
+    assert!(metrics.contains("torus_process"), "{metrics}");
+    assert!(!crate::run(Command::new("curl").args(["-sf", &format!("http://{http}/metrics")])).status.success());
+
+    let node0 = c.nodes[0].peer_addr.clone();
+    let before = (served_serial(&node0, &p("tls"), true), served_serial(&http, &p("tls"), false));
+    let fio = start_fio(&blk.uri("v"), "0", "128m", 20);
+    std::thread::sleep(Duration::from_secs(4));
+    // New certificates from the same CA replace the files; every process is told with SIGHUP.
+    certs(&["issue", &p("ca"), &p("tls2"), "--name", "torus", "--san", "127.0.0.1"]);
+    for f in ["server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"] {
+        let tmp_file = tmp.path().join("tls").join(format!(".{f}.new"));
+        std::fs::copy(tmp.path().join("tls2").join(f), &tmp_file).unwrap();
+        std::fs::rename(&tmp_file, tmp.path().join("tls").join(f)).unwrap();
+    }
+    let pids: Vec<u32> =
+        c.nodes.iter().filter_map(|n| n.proc.as_ref().and_then(|p| p.pid())).chain(blk.proc.pid()).collect();
+    for pid in &pids {
+        ok(Command::new("kill").args(["-HUP", &pid.to_string()]));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let after = (served_serial(&node0, &p("tls"), true), served_serial(&http, &p("tls"), false));
+    assert_ne!(before.0, after.0, "the node serves its new certificate");
+    assert_ne!(before.1, after.1, "torusblk's HTTPS serves its new certificate");
+    // New connections from torusblk to a node use the new client certificate: a node restarts.
+    c.node(1).kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    c.start_node(1);
+    let (ops, verified) = finish_fio(fio, "certificate rotation under load");
+    for (i, n) in c.nodes.iter().enumerate() {
+        let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+        assert!(log.contains("TLS certificates reloaded"), "node {i}: {log}");
+    }
+    assert!(blk.proc.log_text().contains("TLS certificates reloaded"));
+    eprintln!("certificates rotated under fio: {ops} writes, {verified} bytes verified, no I/O error; serials {before:?} -> {after:?}");
+}
