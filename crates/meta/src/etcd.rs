@@ -114,7 +114,8 @@ impl EtcdStore {
             opts = opts.with_tls(t);
         }
         if let Some((user, password)) = &security.user {
-            opts = opts.with_user(user.clone(), password.clone());
+            // Simple tokens lapse (etcd's --auth-token-ttl): long-running processes get new ones.
+            opts = opts.with_user(user.clone(), password.clone()).with_auto_token_refresh(true);
         }
         let unavailable = |reason: String| MetaError::Unavailable { endpoint: shown.clone(), reason };
         // The client balances requests over its endpoints and, at first, sends

@@ -245,6 +245,8 @@ pub struct Etcd {
     /// directory (`torusctl certs issue` layout; clients must present one
     /// of the same CA), and the plain port of its /health.
     tls: Option<(PathBuf, u16)>,
+    /// More etcd flags (private etcd only).
+    extra: Vec<String>,
 }
 
 impl Etcd {
@@ -252,7 +254,7 @@ impl Etcd {
     pub fn start() -> Etcd {
         if let Ok(ep) = std::env::var("TORUS_TEST_ETCD") {
             if !ep.is_empty() {
-                return Etcd { endpoint: ep, proc: None, _dir: None, restart: None, tls: None };
+                return Etcd { endpoint: ep, proc: None, _dir: None, restart: None, tls: None, extra: Vec::new() };
             }
         }
         Self::start_private()
@@ -265,17 +267,22 @@ impl Etcd {
 
     /// A private etcd listening on `host` (an address of this machine).
     pub fn start_private_on(host: &str) -> Etcd {
-        Self::start_private_with(host, None)
+        Self::start_private_with(host, None, &[])
     }
 
     /// A private etcd on loopback that speaks TLS only and requires client
     /// certificates: server certificate, key and CA from `dir`
     /// (`server-cert.pem`, `server-key.pem`, `ca-cert.pem`). Its endpoint is `https://…`.
     pub fn start_private_tls(dir: &std::path::Path) -> Etcd {
-        Self::start_private_with("127.0.0.1", Some(dir))
+        Self::start_private_with("127.0.0.1", Some(dir), &[])
     }
 
-    fn start_private_with(host: &str, tls: Option<&std::path::Path>) -> Etcd {
+    /// A private etcd on loopback started with more flags.
+    pub fn start_private_args(extra: &[&str]) -> Etcd {
+        Self::start_private_with("127.0.0.1", None, extra)
+    }
+
+    fn start_private_with(host: &str, tls: Option<&std::path::Path>, extra: &[&str]) -> Etcd {
         crate::require("etcd");
         let dir = tempfile::tempdir().expect("temp dir");
         // A port found free can be taken by another test before etcd binds it:
@@ -290,6 +297,7 @@ impl Etcd {
                 _dir: None,
                 restart: Some((data, host.to_string(), cp, pp)),
                 tls: tls.map(|d| (d.to_path_buf(), free_port())),
+                extra: extra.iter().map(|a| a.to_string()).collect(),
             };
             if e.try_launch() {
                 e._dir = Some(dir);
@@ -308,6 +316,7 @@ impl Etcd {
         let (data, host, cp, pp) = self.restart.clone().expect("a private etcd");
         std::fs::create_dir_all(&data).expect("etcd dir");
         let mut cmd = etcd_member("test", &data.join("data"), &host, cp, pp, &format!("test=http://{host}:{pp}"));
+        cmd.args(&self.extra);
         let mut endpoint = self.endpoint.clone();
         if let Some((dir, health)) = &self.tls {
             // Later flags win: clients over TLS with certificates; /health stays plain on its own port.
@@ -415,7 +424,7 @@ impl Etcd3 {
 
     /// An `Etcd` naming all three members, for `Cluster::init`.
     pub fn as_etcd(&self) -> Etcd {
-        Etcd { endpoint: self.endpoint.clone(), proc: None, _dir: None, restart: None, tls: None }
+        Etcd { endpoint: self.endpoint.clone(), proc: None, _dir: None, restart: None, tls: None, extra: Vec::new() }
     }
 }
 
