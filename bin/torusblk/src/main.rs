@@ -178,7 +178,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                         _ => (hyper::StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics\n".to_string()),
                     };
-                    Some(tokio::spawn(torus_metrics::http::serve(l, Arc::new(answer), cli.tls.http()?)))
+                    Some(tokio::spawn(torus_metrics::http::serve(
+                        l,
+                        torus_metrics::http::at_once(answer),
+                        cli.tls.http()?,
+                    )))
                 }
                 None => None,
             };

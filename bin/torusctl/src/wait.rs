@@ -1,11 +1,11 @@
 //! `torusctl wait healthy|rebalanced|caught-up [--timeout 5m]`: for scripts.
 //! Exits 0 once the condition holds; on timeout, non-zero with the reason.
 
-use crate::status::Health;
 use anyhow::bail;
 use clap::ValueEnum;
 use std::time::{Duration, Instant};
 use torus_meta::cluster::Cluster;
+use torus_meta::cluster::Health;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Condition {

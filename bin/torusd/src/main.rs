@@ -128,6 +128,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             store: store.clone(),
             metrics: metrics.clone(),
             liveness: liveness.clone(),
+            cluster: cluster.clone(),
         };
         tokio::spawn(http::serve(l, ctx, http_tls));
     }

@@ -12,15 +12,23 @@ use tokio::net::TcpListener;
 /// An answer: status, content type, body.
 pub type Answer = (StatusCode, &'static str, String);
 
+/// What answers a GET of a path (the path and query).
+pub type Handler =
+    Arc<dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>> + Send + Sync>;
+
+/// A handler that answers at once.
+pub fn at_once(answer: impl Fn(&str) -> Answer + Send + Sync + 'static) -> Handler {
+    Arc::new(move |path: String| {
+        let a = answer(&path);
+        Box::pin(async move { a })
+    })
+}
+
 /// How long a client may take for the TLS handshake.
 const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves `answer(path)` on `listener` until the task is dropped.
-pub async fn serve(
-    listener: TcpListener,
-    answer: Arc<dyn Fn(&str) -> Answer + Send + Sync>,
-    tls: Option<torus_proto::tls::ServerTls>,
-) {
+pub async fn serve(listener: TcpListener, answer: Handler, tls: Option<torus_proto::tls::ServerTls>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -34,11 +42,15 @@ pub async fn serve(
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (status, ctype, body) = answer(req.uri().path());
-                let mut resp = Response::new(Full::new(Bytes::from(body)));
-                *resp.status_mut() = status;
-                resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
-                async move { Ok::<_, std::convert::Infallible>(resp) }
+                let answering = answer(req.uri().path().to_string());
+                async move {
+                    let (status, ctype, body) = answering.await;
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
+                    *resp.status_mut() = status;
+                    let ctype = hyper::header::HeaderValue::from_static(ctype);
+                    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, ctype);
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let http = hyper::server::conn::http1::Builder::new();
             match acceptor {

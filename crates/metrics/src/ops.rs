@@ -66,6 +66,11 @@ pub struct OpHandles {
 }
 
 impl OpHandles {
+    /// Requests and bytes counted so far.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.requests.get(), self.bytes.get())
+    }
+
     /// Records one request: its bytes, how long it took, whether it failed.
     pub fn record(&self, bytes: u64, took: Duration, ok: bool) {
         self.requests.inc();

@@ -1,7 +1,8 @@
 //! The node's HTTP endpoint: `/status` (JSON), `/metrics` (Prometheus text),
-//! `/healthz` (the process answers) and `/readyz` (it may take writes: its
-//! registration lease is provably alive and its store has not failed).
-//! Read-only; nothing here changes the node.
+//! `/healthz` (the process answers), `/readyz` (it may take writes: its
+//! registration lease is provably alive and its store has not failed), and
+//! the web console: `/ui` and `/api/v1/...` (see `console`).
+//! Read-only; nothing here changes the node or the cluster.
 
 use crate::liveness::Liveness;
 use crate::metrics::NodeMetrics;
@@ -18,13 +19,24 @@ pub struct StatusContext {
     pub store: Arc<Store>,
     pub metrics: Arc<NodeMetrics>,
     pub liveness: Arc<Liveness>,
+    /// The console's API reads the whole cluster from here.
+    pub cluster: torus_meta::cluster::Cluster,
 }
 
-fn respond(ctx: &StatusContext, path: &str) -> torus_metrics::http::Answer {
+async fn respond(ctx: &StatusContext, path: &str) -> torus_metrics::http::Answer {
+    if let Some(what) = path.strip_prefix("/api/v1/") {
+        return match what {
+            "local" => crate::console::local(&ctx.metrics),
+            _ => crate::console::api(&ctx.cluster, what).await,
+        };
+    }
     match path {
-        "/metrics" => {
-            (StatusCode::OK, torus_metrics::CONTENT_TYPE, ctx.metrics.render(ctx.store.used(), ctx.store.capacity()))
-        }
+        "/ui" | "/ui/" | "/" => (StatusCode::OK, "text/html; charset=utf-8", crate::console::PAGE.to_string()),
+        "/metrics" => (
+            StatusCode::OK,
+            torus_metrics::CONTENT_TYPE,
+            ctx.metrics.render(ctx.store.used(), ctx.store.capacity(), ctx.liveness.time_left()),
+        ),
         "/status" => {
             let v = serde_json::json!({
                 "id": ctx.id,
@@ -46,13 +58,20 @@ fn respond(ctx: &StatusContext, path: &str) -> torus_metrics::http::Answer {
                 (StatusCode::OK, "text/plain", "ready\n".to_string())
             }
         }
-        _ => {
-            (StatusCode::NOT_FOUND, "text/plain", "not found: try /status, /metrics, /healthz or /readyz\n".to_string())
-        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /ui, /api/v1/status, /status, /metrics, /healthz or /readyz\n".to_string(),
+        ),
     }
 }
 
 /// Serves HTTP on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, ctx: StatusContext, tls: Option<torus_proto::tls::ServerTls>) {
-    torus_metrics::http::serve(listener, Arc::new(move |path: &str| respond(&ctx, path)), tls).await
+    let ctx = Arc::new(ctx);
+    let handler: torus_metrics::http::Handler = Arc::new(move |path: String| {
+        let ctx = ctx.clone();
+        Box::pin(async move { respond(&ctx, &path).await })
+    });
+    torus_metrics::http::serve(listener, handler, tls).await
 }

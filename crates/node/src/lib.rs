@@ -11,12 +11,14 @@
 //! - [`collector`]: deletes the layers no volume or snapshot uses any more.
 //! - [`scrub`]: the background verification of every stored block, with repair from replicas.
 //! - [`http`] and [`metrics`]: `/status` (JSON) and `/metrics` (Prometheus text).
+//! - [`console`]: the web console, `/ui` over the cluster-wide JSON API `/api/v1/...`.
 //!
 //! Depends on types, meta, store and proto. Never on volume or nbd: a node
 //! serves extents and knows nothing of volumes' layout or of clients' protocols.
 
 pub mod capacity;
 pub mod collector;
+pub mod console;
 pub mod error;
 pub mod http;
 pub mod identity;

@@ -25,6 +25,12 @@ impl Liveness {
         self.valid_until_ms.fetch_max(until, Ordering::SeqCst);
     }
 
+    /// How long the lease is known to last from now (zero: isolated).
+    pub fn time_left(&self) -> Duration {
+        let now = self.base.elapsed().as_millis() as u64;
+        Duration::from_millis(self.valid_until_ms.load(Ordering::SeqCst).saturating_sub(now))
+    }
+
     pub fn is_isolated(&self) -> bool {
         (self.base.elapsed().as_millis() as u64) >= self.valid_until_ms.load(Ordering::SeqCst)
     }

@@ -76,6 +76,12 @@ pub struct NodeMetrics {
     pub rebalance_bytes: Counter,
     /// 1 while the ring marks this node full.
     pub full: Gauge,
+    /// Peer connections open now (clients and other nodes).
+    pub connections: Gauge,
+    /// Requests received and not yet answered.
+    pub in_flight: Gauge,
+    lease_valid: Gauge,
+    lease_left: Gauge<f64, std::sync::atomic::AtomicU64>,
     used: Gauge,
     capacity: Gauge,
 }
@@ -124,6 +130,22 @@ impl Default for NodeMetrics {
                 "Extents this node has copied in the current rebalance",
             ),
             full: gauge(r, "torus_node_full", "1 while the ring marks this node full (it takes no new extents)"),
+            connections: gauge(r, "torus_node_peer_connections", "Peer connections open now (clients and nodes)"),
+            in_flight: gauge(r, "torus_node_requests_in_flight", "Peer requests received and not yet answered"),
+            lease_valid: gauge(
+                r,
+                "torus_node_lease_valid",
+                "1 while this node's registration lease is provably alive (it accepts writes)",
+            ),
+            lease_left: {
+                let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+                r.register(
+                    "torus_node_lease_remaining_seconds",
+                    "How long this node's lease is known to last without another keep-alive",
+                    g.clone(),
+                );
+                g
+            },
             used: gauge(r, "torus_store_used_bytes", "Bytes of data stored"),
             capacity: gauge(r, "torus_store_capacity_bytes", "Bytes offered"),
             by_op,
@@ -145,7 +167,9 @@ impl NodeMetrics {
     }
 
     /// Everything, in the OpenMetrics text format (`torus_metrics::CONTENT_TYPE`).
-    pub fn render(&self, used: u64, capacity: u64) -> String {
+    pub fn render(&self, used: u64, capacity: u64, lease_left: std::time::Duration) -> String {
+        self.lease_valid.set(i64::from(!lease_left.is_zero()));
+        self.lease_left.set(lease_left.as_secs_f64());
         self.used.set(used.min(i64::MAX as u64) as i64);
         self.capacity.set(capacity.min(i64::MAX as u64) as i64);
         self.process.refresh();

@@ -56,6 +56,8 @@ pub async fn serve(
                 // The certificates of now (they may have been reloaded).
                 let acceptor = tls.as_ref().map(|t| t.acceptor());
                 tokio::spawn(async move {
+                    let connections = handler.metrics.connections.clone();
+                    connections.inc();
                     let result = match acceptor {
                         None => {
                             let (rd, wr) = stream.into_split();
@@ -73,6 +75,7 @@ pub async fn serve(
                             }
                         }
                     };
+                    connections.dec();
                     if let Err(reason) = result {
                         tracing::debug!(%peer, %reason, "peer connection closed");
                     }
@@ -156,7 +159,9 @@ impl Handler {
         let (started, metrics) = (std::time::Instant::now(), self.metrics.clone());
         let bytes = if matches!(h.op, Op::Read | Op::Write | Op::Fill | Op::Repair) { h.len as u64 } else { 0 };
         let op = h.op;
+        metrics.in_flight.inc();
         let done: Done = Box::new(move |status, body| {
+            metrics.in_flight.dec();
             metrics.op(op).record(bytes, started.elapsed(), status == Status::Ok);
             done(status, body)
         });

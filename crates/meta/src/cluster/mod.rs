@@ -22,6 +22,7 @@
 
 mod attachments;
 mod error;
+mod health;
 mod keys;
 mod peers;
 mod replicas;
@@ -31,6 +32,7 @@ mod volumes;
 
 pub use attachments::{AttachMode, Attachments, HostInfo};
 pub use error::ClusterError;
+pub use health::{Health, Rebalance, Repairing, StatusReport};
 pub use peers::{PeerInfo, RebalanceProgress, RingDoc, RingMember};
 pub use replicas::{ExtentSet, ReplicaState};
 pub use ring_watch::RingWatch;

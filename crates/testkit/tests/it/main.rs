@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod cluster;
+mod console;
 mod csi;
 mod deploy;
 mod durability;

@@ -242,11 +242,20 @@ fn every_process_exports_parseable_metrics_that_count_the_io_done() {
             .map(|s| s.2)
             .sum::<f64>();
         assert_eq!(w, timed, "node {i}: one latency per write");
-        for name in
-            ["torus_store_used_bytes", "torus_store_capacity_bytes", "torus_process_cpu_seconds", "torus_node_full"]
-        {
+        for name in [
+            "torus_store_used_bytes",
+            "torus_store_capacity_bytes",
+            "torus_process_cpu_seconds",
+            "torus_node_full",
+            "torus_node_peer_connections",
+            "torus_node_requests_in_flight",
+        ] {
             assert!(fams.contains_key(name), "node {i} exports {name}");
         }
+        // Its lease is alive (it answers), with time left; torusblk's connections are open.
+        assert_eq!(value(&fams, "torus_node_lease_valid", "torus_node_lease_valid", &[]), 1.0, "node {i}");
+        assert!(value(&fams, "torus_node_lease_remaining_seconds", "torus_node_lease_remaining_seconds", &[]) > 0.0);
+        assert!(value(&fams, "torus_node_peer_connections", "torus_node_peer_connections", &[]) >= 1.0, "node {i}");
         node_histograms += check_histograms(&fams, &format!("node {i}"));
     }
     assert!(node_written >= 2.0 * 8.0 * 1048576.0, "both replicas of 8 MiB written: {node_written}");
