@@ -60,6 +60,9 @@ pub struct CsiArgs {
     /// Seconds a storage node may take to answer one request (passed to each keeper).
     #[arg(long = "node-timeout", default_value_t = 10)]
     node_timeout: u64,
+    /// Serve /metrics (process and etcd figures), /healthz and /readyz (etcd answers) over HTTP on this address.
+    #[arg(long)]
+    http: Option<String>,
 }
 
 fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
@@ -171,6 +174,14 @@ pub async fn run(
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping (attached volumes stay attached)"),
         }
     };
+    let endpoint = match &args.http {
+        Some(addr) => {
+            let registry = torus_metrics::prometheus_client::registry::Registry::default();
+            Some(crate::http::serve(addr, registry, cluster.clone(), tls.http()?).await?)
+        }
+        None => None,
+    };
     torus_csi::serve(cluster, opts, shutdown).await?;
+    drop(endpoint);
     Ok(())
 }

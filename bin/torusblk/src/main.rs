@@ -4,6 +4,7 @@
 
 mod csi;
 mod exports;
+mod http;
 mod keeper;
 
 use anyhow::{bail, Context};
@@ -81,19 +82,6 @@ enum NbdTlsMode {
     Require,
 }
 
-/// Seconds without an answer from etcd after which torusblk is not ready.
-const ETCD_SILENCE: u64 = 15;
-
-/// Asks etcd for the cluster's config every few seconds; records when it answered.
-async fn probe_etcd(cluster: torus_meta::cluster::Cluster, seen: Arc<std::sync::atomic::AtomicU64>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(3), cluster.config()).await {
-            seen.store(torus_types::unix_now(), std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     cli.tls.install_client()?;
     cli.tls.reload_on_sighup();
@@ -148,44 +136,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 key: cli.key.load()?,
                 ..Default::default()
             };
-            // When etcd last answered (Unix seconds), for /readyz.
-            let etcd_seen = Arc::new(std::sync::atomic::AtomicU64::new(torus_types::unix_now()));
-            let probe = tokio::spawn(probe_etcd(cluster.clone(), etcd_seen.clone()));
-            let manager = Arc::new(VolumeManager::new(cluster, opts));
             let mut registry = torus_metrics::prometheus_client::registry::Registry::default();
             let stats = torus_volume::measured::VolumeStats::register(&mut registry);
-            let process = torus_metrics::process::ProcessStats::register(&mut registry);
-            let http_task = match http {
-                Some(http) => {
-                    let l =
-                        tokio::net::TcpListener::bind(&http).await.with_context(|| format!("listening on {http}"))?;
-                    tracing::info!(addr = %l.local_addr().context("reading the HTTP address")?, "serving /metrics, /healthz and /readyz");
-                    let answer = move |path: &str| match path {
-                        "/metrics" => {
-                            process.refresh();
-                            (hyper::StatusCode::OK, torus_metrics::CONTENT_TYPE, torus_metrics::encode(&registry))
-                        }
-                        "/healthz" => (hyper::StatusCode::OK, "text/plain", "ok\n".to_string()),
-                        "/readyz" => {
-                            let silent = torus_types::unix_now()
-                                .saturating_sub(etcd_seen.load(std::sync::atomic::Ordering::Relaxed));
-                            if silent <= ETCD_SILENCE {
-                                (hyper::StatusCode::OK, "text/plain", "ready\n".to_string())
-                            } else {
-                                let why = format!("not ready: etcd has not answered for {silent} s\n");
-                                (hyper::StatusCode::SERVICE_UNAVAILABLE, "text/plain", why)
-                            }
-                        }
-                        _ => (hyper::StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics\n".to_string()),
-                    };
-                    Some(tokio::spawn(torus_metrics::http::serve(
-                        l,
-                        torus_metrics::http::at_once(answer),
-                        cli.tls.http()?,
-                    )))
-                }
+            let endpoint = match http {
+                Some(addr) => Some(http::serve(&addr, registry, cluster.clone(), cli.tls.http()?).await?),
                 None => None,
             };
+            let manager = Arc::new(VolumeManager::new(cluster, opts));
             let exports = Arc::new(exports::VolumeExports { manager: manager.clone(), read_only, stats });
             tracing::info!(%addr, read_only, tls = ?mode, "serving volumes over NBD (export name = volume name)");
             let server =
@@ -199,10 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r = server => r.context("NBD server task")?,
             }
             follower.abort();
-            probe.abort();
-            if let Some(t) = http_task {
-                t.abort();
-            }
+            drop(endpoint);
             manager.close_all().await;
             Ok(())
         }

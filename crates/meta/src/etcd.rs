@@ -13,6 +13,22 @@ use etcd_client::{Client, CompareOp, ConnectOptions, DeleteOptions, EventType, G
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// Every etcd request of this process, by op (exported by every registry that asks).
+static STATS: std::sync::LazyLock<torus_metrics::ops::OpStats<EtcdOp>> =
+    std::sync::LazyLock::new(torus_metrics::ops::OpStats::new);
+
+/// The label of etcd request figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct EtcdOp {
+    op: &'static str,
+}
+
+/// Exports `torus_etcd_requests_total{op}`, `torus_etcd_errors_total{op}` and
+/// `torus_etcd_request_seconds{op}` (retries included) in `registry`.
+pub fn register_metrics(registry: &mut prometheus_client::registry::Registry) {
+    STATS.register_in(registry, "torus_etcd", "etcd requests");
+}
+
 /// How long one etcd request may take before it counts as unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -160,11 +176,13 @@ impl EtcdStore {
     /// Runs one request, again (up to 4 times) while it fails to connect: the
     /// client's balancer may pick a member that is down (it does not drop it at
     /// once), and a request that never reached a server is safe to send again.
-    async fn retrying<T, F, Fut>(&self, mut call: F) -> std::result::Result<T, etcd_client::Error>
+    /// Each call is counted and timed as `op` (`torus_etcd_*`, see [`register_metrics`]).
+    async fn retrying<T, F, Fut>(&self, op: &'static str, mut call: F) -> std::result::Result<T, etcd_client::Error>
     where
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
+        let started = std::time::Instant::now();
         let mut tries = 0;
         loop {
             match call(self.client.clone()).await {
@@ -174,7 +192,10 @@ impl EtcdStore {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(20 * tries)).await;
                 }
-                r => return r,
+                r => {
+                    STATS.handles(&EtcdOp { op }).record(0, started.elapsed(), r.is_ok());
+                    return r;
+                }
             }
         }
     }
@@ -220,7 +241,7 @@ impl MetadataStore for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         let k = self.full(key);
         let resp = self
-            .retrying(|mut c| {
+            .retrying("get", |mut c| {
                 let k = k.clone();
                 async move { c.get(k, None).await }
             })
@@ -232,7 +253,7 @@ impl MetadataStore for EtcdStore {
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>> {
         let k = self.full(prefix);
         let resp = self
-            .retrying(|mut c| {
+            .retrying("list", |mut c| {
                 let k = k.clone();
                 async move { c.get(k, Some(GetOptions::new().with_prefix())).await }
             })
@@ -248,7 +269,7 @@ impl MetadataStore for EtcdStore {
             let (k, value, opts) = (k.clone(), value.clone(), opts.clone());
             async move { c.put(k, value, opts).await }
         };
-        let resp = self.retrying(put).await.map_err(|e| match self.err(e) {
+        let resp = self.retrying("put", put).await.map_err(|e| match self.err(e) {
             MetaError::LeaseNotFound { .. } => MetaError::LeaseNotFound { lease: lease.unwrap_or(0) },
             other => other,
         })?;
@@ -258,7 +279,7 @@ impl MetadataStore for EtcdStore {
     async fn delete(&self, key: &str) -> Result<bool> {
         let k = self.full(key);
         let resp = self
-            .retrying(|mut c| {
+            .retrying("delete", |mut c| {
                 let k = k.clone();
                 async move { c.delete(k, None).await }
             })
@@ -299,7 +320,7 @@ impl MetadataStore for EtcdStore {
             .and_then(txn.success.iter().map(|o| self.op(o)).collect::<Vec<_>>())
             .or_else(txn.failure.iter().map(|o| self.op(o)).collect::<Vec<_>>());
         let resp = self
-            .retrying(|mut c| {
+            .retrying("txn", |mut c| {
                 let t = t.clone();
                 async move { c.txn(t).await }
             })
@@ -313,16 +334,20 @@ impl MetadataStore for EtcdStore {
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
         let secs = ttl.as_secs().max(1) as i64;
-        let resp =
-            self.retrying(|mut c| async move { c.lease_grant(secs, None).await }).await.map_err(|e| self.err(e))?;
+        let resp = self
+            .retrying("lease_grant", |mut c| async move { c.lease_grant(secs, None).await })
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(Lease { id: resp.id(), ttl: Duration::from_secs(resp.ttl().max(0) as u64) })
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
         let not_found = MetaError::LeaseNotFound { lease };
         let call = async {
-            let (mut keeper, mut stream) =
-                self.retrying(|mut c| async move { c.lease_keep_alive(lease).await }).await.map_err(|e| self.err(e))?;
+            let (mut keeper, mut stream) = self
+                .retrying("lease_keep_alive", |mut c| async move { c.lease_keep_alive(lease).await })
+                .await
+                .map_err(|e| self.err(e))?;
             keeper.keep_alive().await.map_err(|e| self.err(e))?;
             match stream.message().await.map_err(|e| self.err(e))? {
                 Some(resp) if resp.ttl() > 0 => Ok(Duration::from_secs(resp.ttl() as u64)),
@@ -337,7 +362,7 @@ impl MetadataStore for EtcdStore {
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
-        match self.retrying(|mut c| async move { c.lease_revoke(lease).await }).await {
+        match self.retrying("lease_revoke", |mut c| async move { c.lease_revoke(lease).await }).await {
             Ok(_) => Ok(()),
             Err(e) => match self.err(e) {
                 MetaError::LeaseNotFound { .. } => Ok(()),

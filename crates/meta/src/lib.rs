@@ -19,7 +19,7 @@ mod mem;
 mod store;
 
 pub use error::MetaError;
-pub use etcd::{EtcdSecurity, EtcdStore};
+pub use etcd::{register_metrics as register_etcd_metrics, EtcdSecurity, EtcdStore};
 pub use mem::MemStore;
 pub use store::{
     Compare, CompareTarget, KeyValue, Lease, LeaseId, MetadataStore, Revision, Txn, TxnOp, TxnOutcome, Watch,

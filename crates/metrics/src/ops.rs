@@ -27,21 +27,32 @@ impl<L: Clone + Debug + Hash + Eq + EncodeLabelSet + Send + Sync + 'static> OpSt
     /// `<prefix>_errors_total` and `<prefix>_request_seconds` (a histogram);
     /// `what` says what a request is, for the help texts.
     pub fn register(registry: &mut Registry, prefix: &str, what: &str) -> Self {
-        let stats = OpStats {
+        let stats = Self::new();
+        stats.register_in(registry, prefix, what);
+        stats
+    }
+
+    /// Figures not yet in any registry.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        OpStats {
             requests: Family::default(),
             bytes: Family::default(),
             errors: Family::default(),
             seconds: Family::new_with_constructor(buckets as fn() -> Histogram),
-        };
-        registry.register(format!("{prefix}_requests"), format!("{what} completed, by op"), stats.requests.clone());
-        registry.register(format!("{prefix}_bytes"), format!("Bytes moved by {what}, by op"), stats.bytes.clone());
-        registry.register(format!("{prefix}_errors"), format!("{what} that failed, by op"), stats.errors.clone());
+        }
+    }
+
+    /// Exports these figures (the same series) in one more registry.
+    pub fn register_in(&self, registry: &mut Registry, prefix: &str, what: &str) {
+        registry.register(format!("{prefix}_requests"), format!("{what} completed, by op"), self.requests.clone());
+        registry.register(format!("{prefix}_bytes"), format!("Bytes moved by {what}, by op"), self.bytes.clone());
+        registry.register(format!("{prefix}_errors"), format!("{what} that failed, by op"), self.errors.clone());
         registry.register(
             format!("{prefix}_request_seconds"),
             format!("Time from receiving to answering one of the {what}, by op"),
-            stats.seconds.clone(),
+            self.seconds.clone(),
         );
-        stats
     }
 
     /// The series of one label set, to record into without looking them up

@@ -92,6 +92,7 @@ impl Default for NodeMetrics {
         let ops: OpStats<NodeOp> = OpStats::register(&mut registry, "torus_node", "peer requests");
         let by_op = OPS.map(|op| ops.handles(&NodeOp::of(op)));
         let process = ProcessStats::register(&mut registry);
+        torus_meta::register_etcd_metrics(&mut registry);
         let counter = |r: &mut Registry, name: &str, help: &str| {
             let c = Counter::default();
             r.register(name, help, c.clone());

@@ -1,7 +1,7 @@
 //! JSON logs (`--log-format json`, here through `TORUS_LOG_FORMAT`): every
 //! line every process writes parses as one JSON object with a level and a
-//! message; and the readiness endpoints (`/readyz`) of torusd and torusblk
-//! follow etcd: ready while it answers, not ready once it is gone.
+//! message; and the readiness endpoints (`/readyz`) of torusd, torusblk and
+//! the CSI plugin follow etcd: ready while it answers, not ready once it is gone.
 
 use crate::{http_get, qemu_io};
 use std::time::Duration;
@@ -38,12 +38,18 @@ fn json_logs_parse_line_by_line_and_readiness_follows_etcd() {
     let blk = c.start_blk(&["--http", &format!("127.0.0.1:{http}")]);
     qemu_io(&blk.uri("v"), &["write -P 0x42 0 1M", "flush", "read -P 0x42 0 1M"]);
     c.ctl_ok(&["volume", "snapshot", "create", "v@s"]);
+    let csi_http = free_port();
+    let plugin = c.start_csi("host-l", "controller", &["--http", &format!("127.0.0.1:{csi_http}")]);
 
     for n in &c.nodes {
         wait_until(Duration::from_secs(15), "a node to be ready", || status_of(n.http_port, "/readyz") == 200);
         assert_eq!(status_of(n.http_port, "/healthz"), 200);
     }
     assert_eq!(status_of(http, "/readyz"), 200, "torusblk is ready while etcd answers");
+    assert_eq!(status_of(csi_http, "/readyz"), 200, "the CSI plugin is ready while etcd answers");
+    let metrics = http_get(csi_http, "/metrics");
+    assert!(metrics.contains("torus_etcd_requests_total{op=\"get\"}"), "the plugin's etcd figures: {metrics}");
+    assert!(metrics.contains("torus_process_resident_memory_bytes"), "{metrics}");
 
     // etcd goes: the nodes' leases cannot be confirmed, torusblk's probe gets no answer.
     c.etcd.stop();
@@ -54,6 +60,9 @@ fn json_logs_parse_line_by_line_and_readiness_follows_etcd() {
         assert_eq!(status_of(n.http_port, "/healthz"), 200, "alive all the same");
     }
     wait_until(Duration::from_secs(30), "torusblk to be not ready without etcd", || status_of(http, "/readyz") == 503);
+    wait_until(Duration::from_secs(30), "the CSI plugin to be not ready without etcd", || {
+        status_of(csi_http, "/readyz") == 503
+    });
     c.etcd.restart();
     for n in &c.nodes {
         wait_until(Duration::from_secs(30), "a node to be ready again", || status_of(n.http_port, "/readyz") == 200);
@@ -64,6 +73,7 @@ fn json_logs_parse_line_by_line_and_readiness_follows_etcd() {
         lines += json_lines(&format!("torusd {i}"), &std::fs::read_to_string(&n.log).expect("the node's log"));
     }
     lines += json_lines("torusblk", &blk.proc.log_text());
+    lines += json_lines("the CSI plugin", &plugin.log_text());
     let ctl = c.cmd("torusctl").args(["--log-format", "json", "-C", "127.0.0.1:1", "status"]).output().expect("run");
     assert!(!ctl.status.success());
     lines += json_lines("torusctl", &String::from_utf8_lossy(&ctl.stderr));

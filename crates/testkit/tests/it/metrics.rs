@@ -222,6 +222,10 @@ fn every_process_exports_parseable_metrics_that_count_the_io_done() {
     assert_eq!(count, writes, "one latency per write");
     assert!(value(&fams, "torus_process_resident_memory_bytes", "torus_process_resident_memory_bytes", &[]) > 1e6);
     let blk_histograms = check_histograms(&fams, "torusblk");
+    // The writer's lock is a transaction, the volume's record a get: etcd requests are counted and timed.
+    let txns = value(&fams, "torus_etcd_requests", "torus_etcd_requests_total", &[("op", "txn")]);
+    assert!(txns >= 1.0, "torusblk's etcd transactions: {txns}");
+    assert_eq!(value(&fams, "torus_etcd_request_seconds", "torus_etcd_request_seconds_count", &[("op", "txn")]), txns);
 
     let mut node_written = 0.0;
     let mut node_histograms = 0;
@@ -252,6 +256,8 @@ fn every_process_exports_parseable_metrics_that_count_the_io_done() {
         ] {
             assert!(fams.contains_key(name), "node {i} exports {name}");
         }
+        let gets = value(&fams, "torus_etcd_requests", "torus_etcd_requests_total", &[("op", "get")]);
+        assert!(gets >= 1.0, "node {i} counts its etcd reads: {gets}");
         // Its lease is alive (it answers), with time left; torusblk's connections are open.
         assert_eq!(value(&fams, "torus_node_lease_valid", "torus_node_lease_valid", &[]), 1.0, "node {i}");
         assert!(value(&fams, "torus_node_lease_remaining_seconds", "torus_node_lease_remaining_seconds", &[]) > 0.0);
