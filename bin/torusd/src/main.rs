@@ -106,7 +106,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on peer address {}", args.peer_address))?;
     let address = listener.local_addr().context("reading the peer address")?.to_string();
-    let metrics = Arc::new(NodeMetrics::default());
+    let repair_stats = torus_volume::repair::RepairStats::default();
+    let metrics = Arc::new(NodeMetrics::new_with(|r| repair_stats.register_in(r)));
     if let Some(other) = cluster.peers().await?.into_iter().find(|p| p.address == address && p.id != id) {
         bail!(
             "peer address {address} is already registered by node {} (alive, or dead less than a lease TTL ago); \
@@ -188,7 +189,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         };
         let repairer =
-            torus_volume::repair::Repairer::new(cluster.clone(), id, opts, Duration::from_secs(args.repair_interval));
+            torus_volume::repair::Repairer::new(cluster.clone(), id, opts, Duration::from_secs(args.repair_interval))
+                .with_stats(repair_stats);
         (repairer.manager(), tokio::spawn(repairer.run()))
     });
     let reg = Registration {

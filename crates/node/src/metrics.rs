@@ -88,7 +88,15 @@ pub struct NodeMetrics {
 
 impl Default for NodeMetrics {
     fn default() -> Self {
+        Self::new_with(|_| {})
+    }
+}
+
+impl NodeMetrics {
+    /// The node's figures, and whatever `more` registers (the repairer's, from the volume layer).
+    pub fn new_with(more: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::default();
+        more(&mut registry);
         let ops: OpStats<NodeOp> = OpStats::register(&mut registry, "torus_node", "peer requests");
         let by_op = OPS.map(|op| ops.handles(&NodeOp::of(op)));
         let process = ProcessStats::register(&mut registry);
@@ -154,9 +162,7 @@ impl Default for NodeMetrics {
             registry,
         }
     }
-}
 
-impl NodeMetrics {
     pub fn inc(c: &Counter, by: u64) {
         c.inc_by(by);
     }

@@ -17,6 +17,8 @@
 //! the client's writer catches up whatever is left.
 
 use crate::{ManagerOptions, Volume, VolumeError, VolumeManager};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use prometheus_client::registry::Registry;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +35,36 @@ pub struct Repairer {
     me: NodeId,
     manager: Arc<VolumeManager>,
     interval: Duration,
+    stats: RepairStats,
+}
+
+/// What a node's repairer exports (`torus_repair_*`, and the cluster's
+/// missing copies it reads on each pass).
+#[derive(Clone, Default)]
+pub struct RepairStats {
+    /// Extent copies that missed writes, over every volume (as of the last pass).
+    missing: Gauge,
+    /// Copies this node's repairs caught up.
+    caught_up: Counter,
+    /// Volumes this node is repairing now.
+    active: Gauge,
+}
+
+impl RepairStats {
+    /// Exports the figures in `registry`.
+    pub fn register_in(&self, registry: &mut Registry) {
+        registry.register(
+            "torus_cluster_extent_copies_missing",
+            "Extent copies that missed writes, over every volume (read by this node's repairer each pass)",
+            self.missing.clone(),
+        );
+        registry.register(
+            "torus_repair_copies_caught_up",
+            "Extent copies this node's repairs caught up",
+            self.caught_up.clone(),
+        );
+        registry.register("torus_repair_volumes_active", "Volumes this node is repairing now", self.active.clone());
+    }
 }
 
 /// How one repair ended.
@@ -53,7 +85,13 @@ impl Repairer {
     pub fn new(cluster: Cluster, me: NodeId, opts: ManagerOptions, interval: Duration) -> Self {
         let opts = ManagerOptions { repair: true, lock_wait: Duration::ZERO, ..opts };
         let manager = Arc::new(VolumeManager::new(cluster.clone(), opts));
-        Repairer { cluster, me, manager, interval }
+        Repairer { cluster, me, manager, interval, stats: RepairStats::default() }
+    }
+
+    /// Records into `stats` (exported by the node).
+    pub fn with_stats(mut self, stats: RepairStats) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// The manager of the repairer's opens: `close_all` it when stopping.
@@ -86,6 +124,8 @@ impl Repairer {
 
     async fn pass(&self, backoff: &mut HashMap<VolumeId, Instant>) -> Result<(), VolumeError> {
         let states = self.cluster.replica_states().await?;
+        let missing: usize = states.values().map(|s| s.missing_count()).sum();
+        self.stats.missing.set(missing.min(i64::MAX as usize) as i64);
         if states.values().all(|s| s.intent.is_empty() && s.missing.values().all(|m| m.is_empty())) {
             return Ok(());
         }
@@ -137,6 +177,7 @@ impl Repairer {
         let copies = |left: &[(NodeId, Vec<u64>)]| left.iter().map(|(_, e)| e.len()).sum::<usize>();
         let before = copies(&Self::left(&v, live));
         tracing::info!(volume = %info.name, epoch = %v.epoch(), copies = before, "repairing a volume nobody has open");
+        self.stats.active.inc();
         let outcome = 'work: loop {
             let left = Self::left(&v, live);
             if left.is_empty() {
@@ -159,6 +200,8 @@ impl Repairer {
             }
         };
         let after = copies(&Self::left(&v, live));
+        self.stats.active.dec();
+        self.stats.caught_up.inc_by(before.saturating_sub(after) as u64);
         if let Err(e) = crate::BlockDevice::flush(&*v).await {
             tracing::warn!(volume = %info.name, error = %e, "flush after repair failed");
         }

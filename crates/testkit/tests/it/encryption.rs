@@ -139,6 +139,16 @@ fn encrypted_volumes_keep_only_ciphertext_on_disk_and_refuse_a_wrong_key() {
     drop(blk);
     c.start_node(0);
     c.ctl_ok(&["wait", "caught-up", "--timeout", "3m"]);
+    // The repair shows in the nodes' figures: copies caught up, none missing any more.
+    let figure = |i: usize, name: &str| -> f64 {
+        let text = crate::http_get(c.nodes[i].http_port, "/metrics");
+        text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
+    };
+    let caught_up: f64 = (0..3).map(|i| figure(i, "torus_repair_copies_caught_up_total")).sum();
+    assert!(caught_up >= 1.0, "the nodes' repairs caught copies up: {caught_up}");
+    wait_until(Duration::from_secs(10), "the missing-copies gauge to read 0", || {
+        (0..3).all(|i| figure(i, "torus_cluster_extent_copies_missing") == 0.0)
+    });
     // Read with another node down: extents it shared with node 0 come from the repaired copy.
     c.node(1).kill9();
     assert!(export(&c, &a, "sec") == want, "the repaired ciphertext decrypts to what was written");
