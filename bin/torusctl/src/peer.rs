@@ -4,7 +4,7 @@ use crate::Output;
 use anyhow::bail;
 use clap::Subcommand;
 use std::collections::HashMap;
-use torus_meta::cluster::{Cluster, RebalanceProgress, RingDoc};
+use torus_meta::cluster::{Cluster, QueuedChange, RebalanceProgress, RingDoc};
 use torus_types::format_size;
 use torus_types::NodeId;
 
@@ -103,7 +103,7 @@ pub async fn list_peers(cluster: &Cluster, output: Output) -> anyhow::Result<()>
             println!("{}", serde_json::to_string_pretty(&rows)?);
         }
         Output::Table => {
-            println!("{:<22} {:<36} {:>10} {:>10} {:<16} {}", "ADDRESS", "UUID", "SIZE", "USED", "STATUS", "LAST SEEN");
+            println!("{:<22} {:<36} {:>10} {:>10} {:<16} {}", "ADDRESS", "UUID", "SIZE", "USED", "STATUS", "UPDATED");
             for p in &peers {
                 let status = peer_status(&ring, &progress, p.id);
                 println!(
@@ -152,7 +152,12 @@ pub async fn run(cluster: &Cluster, cmd: PeerCmd) -> anyhow::Result<()> {
             }
             let (ring, added) = cluster.add_to_ring(&chosen).await?;
             if added.is_empty() {
-                println!("every named node is already in the ring (version {})", ring.version);
+                println!("every named node is already in the ring or queued to join (version {})", ring.version);
+            } else if !ring.queued.is_empty() {
+                for id in &added {
+                    println!("queued: add {id}");
+                }
+                println!("{}", queued_note(&ring));
             } else {
                 for id in &added {
                     println!("added {id}");
@@ -170,14 +175,19 @@ pub async fn run(cluster: &Cluster, cmd: PeerCmd) -> anyhow::Result<()> {
                 None => cluster.find_peer(&peer).await?.id,
             };
             let ring = cluster.remove_from_ring(id, force).await?;
-            println!("removed {id} from the ring (now version {}, {} members)", ring.version, ring.members.len());
-            println!("its data is moving to the other nodes: follow it with `torusctl status`");
+            if ring.queued.contains(&QueuedChange::Remove { id }) {
+                println!("queued: remove {id}");
+                println!("{}", queued_note(&ring));
+            } else {
+                println!("removed {id} from the ring (now version {}, {} members)", ring.version, ring.members.len());
+                println!("its data is moving to the other nodes: follow it with `torusctl status`");
+            }
             Ok(())
         }
         PeerCmd::ClearFull { peer, force } => {
             let p = cluster.find_peer(&peer).await?;
             let (ring, _) = cluster.ring().await?;
-            if !ring.members.iter().any(|m| m.id == p.id && m.full) {
+            if !ring.projected().iter().any(|m| m.id == p.id && m.full) {
                 bail!("node {} is not marked full", p.id);
             }
             // Its share of every volume as if fully written: an upper bound of what it would hold.
@@ -204,6 +214,11 @@ pub async fn run(cluster: &Cluster, cmd: PeerCmd) -> anyhow::Result<()> {
                 );
             }
             let ring = cluster.set_full(p.id, false).await?;
+            if ring.queued.contains(&QueuedChange::SetFull { id: p.id, full: false }) {
+                println!("queued: clear the full mark of {}", p.id);
+                println!("{}", queued_note(&ring));
+                return Ok(());
+            }
             println!("cleared the full mark of {} (ring version {})", p.id, ring.version);
             if ring.moving() {
                 println!(
@@ -213,6 +228,16 @@ pub async fn run(cluster: &Cluster, cmd: PeerCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What an operator is told when a change waits for the one under way.
+fn queued_note(ring: &RingDoc) -> String {
+    format!(
+        "a ring change is under way (version {}): the {} queued change(s) start together, as one move, \
+         when it ends (torusctl status shows the queue; torusctl wait rebalanced waits for all of it)",
+        ring.version,
+        ring.queued.len()
+    )
 }
 
 pub async fn run_ring(cluster: &Cluster, cmd: RingCmd) -> anyhow::Result<()> {

@@ -57,4 +57,10 @@ fn print_table(r: &StatusReport) {
         }
         Rebalance::None => println!("rebalance:   none in progress"),
     }
+    if !r.queued.is_empty() {
+        println!("queued:      {} ring change(s), to start together when this one ends:", r.queued.len());
+        for change in &r.queued {
+            println!("             {change}");
+        }
+    }
 }

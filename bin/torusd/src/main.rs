@@ -144,13 +144,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         labels,
         last_seen: 0,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        auto_join_since: args.auto_join.then(torus_types::unix_now),
     };
     if args.auto_join {
-        match cluster.add_to_ring(std::slice::from_ref(&info)).await {
-            Ok((_, added)) if !added.is_empty() => tracing::info!("joined the ring"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "not joining the ring; serving anyway"),
-        }
+        tokio::spawn(torus_node::join::auto_join(cluster.clone(), info.clone()));
     }
     tracing::info!(node = %id, %address, capacity = args.size, used = store.used(), "torusd serving");
     let rebalancer = torus_node::rebalance::Rebalancer {

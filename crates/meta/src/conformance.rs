@@ -20,6 +20,7 @@ pub const CHECKS: &[&str] = &[
     "keep_alive_extends_and_revoke_deletes",
     "watch_sees_puts_and_deletes",
     "watch_from_revision_replays",
+    "list_at_then_watch_misses_nothing",
 ];
 
 /// Runs one check by name.
@@ -33,6 +34,7 @@ pub async fn run(name: &str, s: &dyn MetadataStore) {
         "keep_alive_extends_and_revoke_deletes" => keep_alive_extends_and_revoke_deletes(s).await,
         "watch_sees_puts_and_deletes" => watch_sees_puts_and_deletes(s).await,
         "watch_from_revision_replays" => watch_from_revision_replays(s).await,
+        "list_at_then_watch_misses_nothing" => list_at_then_watch_misses_nothing(s).await,
         other => panic!("no conformance check named {other}"),
     }
 }
@@ -176,4 +178,18 @@ pub async fn watch_from_revision_replays(s: &dyn MetadataStore) {
     assert_eq!(next(&mut w).await.kv.key, "h/2");
     s.put("h/3", b"c".to_vec(), None).await.expect("put");
     assert_eq!(next(&mut w).await.kv.key, "h/3");
+}
+
+/// A list's revision is the store's at the read: a watch from the next one
+/// starts with the first change after the list, and nothing before it.
+pub async fn list_at_then_watch_misses_nothing(s: &dyn MetadataStore) {
+    s.put("l/1", b"a".to_vec(), None).await.expect("put");
+    let r2 = s.put("l/2", b"b".to_vec(), None).await.expect("put");
+    let (kvs, rev) = s.list_at("l/").await.expect("list_at");
+    assert_eq!(kvs.len(), 2);
+    assert!(rev >= r2, "the list's revision {rev} is at least the last put's {r2}");
+    let mut w = s.watch_prefix("l/", Some(rev + 1)).await.expect("watch");
+    s.delete("l/1").await.expect("delete");
+    let ev = next(&mut w).await;
+    assert_eq!((ev.kind, ev.kv.key.as_str()), (WatchEventKind::Delete, "l/1"), "the first event is the delete");
 }

@@ -251,6 +251,10 @@ impl MetadataStore for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>> {
+        Ok(self.list_at(prefix).await?.0)
+    }
+
+    async fn list_at(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
         let k = self.full(prefix);
         let resp = self
             .retrying("list", |mut c| {
@@ -259,7 +263,11 @@ impl MetadataStore for EtcdStore {
             })
             .await
             .map_err(|e| self.err(e))?;
-        resp.kvs().iter().map(|kv| self.kv(kv)).collect()
+        let revision = resp
+            .header()
+            .map(|h| h.revision().max(0) as u64)
+            .ok_or_else(|| MetaError::Backend { reason: "etcd answered a range request without a header".into() })?;
+        Ok((resp.kvs().iter().map(|kv| self.kv(kv)).collect::<Result<_>>()?, revision))
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision> {

@@ -147,12 +147,18 @@ impl MetadataStore for MemStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>> {
+        Ok(self.list_at(prefix).await?.0)
+    }
+
+    async fn list_at(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
         let g = self.lock();
-        Ok(g.kvs
+        let kvs = g
+            .kvs
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(_, v)| v.clone())
-            .collect())
+            .collect();
+        Ok((kvs, g.revision))
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision> {

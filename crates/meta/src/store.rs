@@ -141,6 +141,9 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
     /// Every key starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>>;
+    /// The same, with the store revision the list was read at (a watch from
+    /// the next revision then misses nothing and repeats nothing).
+    async fn list_at(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)>;
     /// Puts a value, optionally attached to a lease; returns the new revision.
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision>;
     /// Deletes one key; returns whether it existed.

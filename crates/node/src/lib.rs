@@ -6,6 +6,7 @@
 //! - [`registration`]: the node's entry in the metadata store, on a lease,
 //!   refreshed by heartbeats.
 //! - [`liveness`]: writes are accepted only while the node's own lease is provably alive.
+//! - [`join`]: `--auto-join`: nodes starting together join the ring in one change.
 //! - [`capacity`]: the node marks itself full in the ring when nearly full.
 //! - [`rebalance`]: this node's part in moving data when the ring changes.
 //! - [`collector`]: deletes the layers no volume or snapshot uses any more.
@@ -22,6 +23,7 @@ pub mod console;
 pub mod error;
 pub mod http;
 pub mod identity;
+pub mod join;
 pub mod liveness;
 pub mod metrics;
 pub mod rebalance;

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use torus_meta::cluster::{Cluster, RebalanceProgress, RingDoc};
+use torus_meta::cluster::{Cluster, QueuedChange, RebalanceProgress, RingDoc};
 use torus_proto::{PeerClient, Transport};
 use torus_ring::Ring;
 use torus_store::{BlockState, Store};
@@ -55,11 +55,11 @@ fn prev_members(doc: &RingDoc) -> Vec<NodeId> {
     doc.previous.as_deref().unwrap_or_default().iter().map(|m| m.id).collect()
 }
 
-/// How often the ring is read when nothing says it changed.
-const RING_QUIET: Duration = Duration::from_secs(2);
-
 /// How often the live members look for members down past the down-out time.
 const DOWN_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Pause before work that failed is tried again.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
 
 /// Largest piece copied at once.
 const CHUNK_BLOCKS: usize = 256;
@@ -118,28 +118,20 @@ impl Rebalancer {
         let mut clients = HashMap::new();
         let mut down_since = HashMap::new();
         let mut last_down_check = Instant::now() - DOWN_CHECK_EVERY;
-        // The ring is read when the watch says it changed, while a change is
-        // under way, and otherwise every RING_QUIET; the loop itself (the
-        // full mark, down-out) runs every half second.
-        let mut ring_watch = self.cluster.ring_watch();
-        let mut cached: Option<(RingDoc, Instant)> = None;
+        // The ring, peers and progress come from the process's cluster view
+        // (followed by a watch: no etcd reads while nothing changes); the
+        // loop runs on every change and at least every half second (the full
+        // mark, down-out, retries).
+        let mut view = self.cluster.view();
         loop {
-            let changed = ring_watch.wait(Duration::from_millis(500)).await;
-            let fresh = cached.as_ref().filter(|(doc, at)| {
-                !changed && !doc.moving() && doc.collecting.is_empty() && at.elapsed() < RING_QUIET
-            });
-            let doc = match fresh {
-                Some((doc, _)) => doc.clone(),
-                None => match self.cluster.ring().await {
-                    Ok((doc, _)) => {
-                        cached = Some((doc.clone(), Instant::now()));
-                        doc
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "rebalancer cannot read the ring");
-                        continue;
-                    }
-                },
+            view.changed(Duration::from_millis(500)).await;
+            let doc = match view.ring().await {
+                Ok((doc, _)) => doc,
+                Err(e) => {
+                    tracing::debug!(error = %e, "rebalancer cannot read the ring");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
             };
             if Phase::of(&doc, self.me, moved) == Phase::Outside {
                 if let Err(e) = self.forget_stale(&doc).await {
@@ -185,7 +177,11 @@ impl Rebalancer {
                 tracing::info!(version = doc.version, "ring changed: moving data");
                 match self.move_data(&doc, &mut clients).await {
                     Ok(()) => moved = Some(doc.version),
-                    Err(e) => tracing::warn!(error = %e, "moving data failed; will retry"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "moving data failed; will retry");
+                        // Not at once: the attempt itself changed the view (its progress record).
+                        tokio::time::sleep(RETRY_AFTER).await;
+                    }
                 }
             } else if phase == Phase::Collecting {
                 match self.collect(&doc).await {
@@ -197,9 +193,13 @@ impl Rebalancer {
                         );
                         if let Err(e) = self.cluster.collected(self.me).await {
                             tracing::warn!(error = %e, "could not report the clean-up; will retry");
+                            tokio::time::sleep(RETRY_AFTER).await;
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "deleting moved extents failed; will retry"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "deleting moved extents failed; will retry");
+                        tokio::time::sleep(RETRY_AFTER).await;
+                    }
                 }
             }
         }
@@ -236,22 +236,32 @@ impl Rebalancer {
     /// down-out time out of the ring (their extents are then copied back up
     /// to R from the other replicas). The live member with the lowest id acts.
     async fn down_out(&self, doc: &RingDoc, down_since: &mut HashMap<NodeId, Instant>) -> Result<(), NodeError> {
-        let limit = self.cluster.config().await?.down_out_secs;
-        let alive: HashSet<NodeId> = self.cluster.peers().await?.into_iter().map(|p| p.id).collect();
-        down_since.retain(|n, _| doc.contains(*n) && !alive.contains(n));
+        let view = self.cluster.view();
+        let limit = view.config().await?.down_out_secs;
+        let alive: HashSet<NodeId> = view.peers().await?.into_iter().map(|p| p.id).collect();
+        // A member already on its way out (by the move or a queued change) is not taken out twice.
+        down_since.retain(|n, _| doc.contains(*n) && !doc.leaving(*n) && !alive.contains(n));
         for m in &doc.members {
-            if !alive.contains(&m.id) {
+            if !alive.contains(&m.id) && !doc.leaving(m.id) {
                 down_since.entry(m.id).or_insert_with(Instant::now);
             }
         }
         let leader = doc.members.iter().map(|m| m.id).filter(|n| alive.contains(n)).min();
-        if limit == 0 || leader != Some(self.me) || doc.busy().is_some() {
+        // During a move or its clean-up too: the removal is queued, or, for a
+        // node that is down, drops it from the move at once (see `remove_from_ring`).
+        if limit == 0 || leader != Some(self.me) {
             return Ok(());
         }
         let Some((&node, &since)) = down_since.iter().find(|(_, t)| t.elapsed() >= Duration::from_secs(limit)) else {
             return Ok(());
         };
         match self.cluster.remove_from_ring(node, false).await {
+            Ok(ring) if ring.queued.iter().any(|c| *c == QueuedChange::Remove { id: node }) => {
+                tracing::warn!(%node, down_secs = since.elapsed().as_secs(), version = ring.version,
+                    "a node has been down past the down-out time: its removal is queued behind the change under way");
+                down_since.remove(&node);
+                Ok(())
+            }
             Ok(ring) => {
                 tracing::warn!(%node, down_secs = since.elapsed().as_secs(), version = ring.version,
                     "a node has been down past the down-out time: took it out of the ring; its extents are being re-replicated");
@@ -475,10 +485,11 @@ impl Rebalancer {
         Ok(copied)
     }
 
-    /// Every node's progress and which nodes are registered, read once per loop.
+    /// Every node's progress and which nodes are registered, as the cluster view has them.
     async fn view(&self) -> Result<MoveView, NodeError> {
-        let progress = self.cluster.progress().await?.into_iter().collect();
-        let alive = self.cluster.peers().await?.into_iter().map(|p| p.id).collect();
+        let view = self.cluster.view();
+        let progress = view.progress().await?.into_iter().collect();
+        let alive = view.peers().await?.into_iter().map(|p| p.id).collect();
         Ok(MoveView { progress, alive })
     }
 

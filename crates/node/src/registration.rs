@@ -1,7 +1,10 @@
 //! The node's registration in the metadata store: `peers/<uuid>` on a lease,
-//! refreshed (with current usage) by heartbeats.
+//! kept alive by keep-alives alone; the record itself is written again only
+//! when what it says changed enough to matter (usage: see [`worth_writing`]),
+//! so an idle node costs etcd one small request every TTL/3 and its
+//! followers nothing.
 //!
-//! A small state machine: `Granting` a lease -> `Registered` (heartbeat every
+//! A small state machine: `Granting` a lease -> `Registered` (keep-alive every
 //! TTL/3) -> back to `Granting` when the lease is lost; while the store is
 //! unreachable it retries every second and logs each transition once.
 
@@ -21,7 +24,23 @@ pub struct Registration {
 
 enum State {
     Granting,
-    Registered(LeaseId),
+    /// On this lease, with this record written.
+    Registered(LeaseId, PeerInfo),
+}
+
+/// Usage is written again once it moved by this much (or by 1% of the
+/// capacity, if more), or at all after [`USAGE_QUIET`].
+const USAGE_STEP: u64 = 64 << 20;
+/// The longest a changed usage waits to be written.
+const USAGE_QUIET: u64 = 60;
+
+/// Whether `now` differs from the record `written` enough to write it again.
+fn worth_writing(written: &PeerInfo, now: &PeerInfo) -> bool {
+    let step = USAGE_STEP.max(now.capacity / 100);
+    let same_but_usage = PeerInfo { used: now.used, last_seen: now.last_seen, ..written.clone() } == *now;
+    !same_but_usage
+        || written.used.abs_diff(now.used) >= step
+        || (written.used != now.used && now.last_seen.saturating_sub(written.last_seen) >= USAGE_QUIET)
 }
 
 impl Registration {
@@ -35,30 +54,39 @@ impl Registration {
         let mut unreachable = false;
         loop {
             let sent = std::time::Instant::now();
-            let step = match state {
+            let step = match &state {
                 State::Granting => match self.cluster.store().grant_lease(self.ttl).await {
-                    Ok(lease) => match self.cluster.register_peer(&self.current(), lease.id).await {
-                        Ok(()) => {
-                            // Conservative: the grant was sent before the registration that just succeeded.
-                            self.liveness.confirmed(sent, self.ttl);
-                            tracing::info!(node = %self.info.id, address = %self.info.address, "registered in the metadata store");
-                            Ok(State::Registered(lease.id))
+                    Ok(lease) => {
+                        let record = self.current();
+                        match self.cluster.register_peer(&record, lease.id).await {
+                            Ok(()) => {
+                                // Conservative: the grant was sent before the registration that just succeeded.
+                                self.liveness.confirmed(sent, self.ttl);
+                                tracing::info!(node = %self.info.id, address = %self.info.address, "registered in the metadata store");
+                                Ok(State::Registered(lease.id, record))
+                            }
+                            Err(e) => Err(e.to_string()),
                         }
-                        Err(e) => Err(e.to_string()),
-                    },
+                    }
                     Err(e) => Err(e.to_string()),
                 },
-                State::Registered(lease) => {
+                State::Registered(lease, written) => {
+                    let lease = *lease;
                     tokio::time::sleep(self.ttl / 3).await;
                     let sent = std::time::Instant::now();
                     match self.cluster.store().keep_alive(lease).await {
-                        Ok(_) => match self.cluster.register_peer(&self.current(), lease).await {
-                            Ok(()) => {
-                                self.liveness.confirmed(sent, self.ttl);
-                                Ok(State::Registered(lease))
+                        Ok(_) => {
+                            self.liveness.confirmed(sent, self.ttl);
+                            let now = self.current();
+                            if worth_writing(written, &now) {
+                                match self.cluster.register_peer(&now, lease).await {
+                                    Ok(()) => Ok(State::Registered(lease, now)),
+                                    Err(e) => Err(e.to_string()),
+                                }
+                            } else {
+                                Ok(State::Registered(lease, written.clone()))
                             }
-                            Err(e) => Err(e.to_string()),
-                        },
+                        }
                         Err(MetaError::LeaseNotFound { .. }) => {
                             tracing::warn!("registration lease expired; registering again");
                             Ok(State::Granting)
@@ -84,5 +112,34 @@ impl Registration {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_changes_that_matter_are_written() {
+        let gib = 1 << 30;
+        let written = PeerInfo {
+            id: torus_types::NodeId::random(),
+            address: "10.0.0.1:4000".into(),
+            http_address: None,
+            capacity: 100 * gib,
+            weight: None,
+            used: gib,
+            labels: Default::default(),
+            last_seen: 1000,
+            version: "test".into(),
+            auto_join_since: None,
+        };
+        let at = |used: u64, secs: u64| PeerInfo { used, last_seen: 1000 + secs, ..written.clone() };
+        assert!(!worth_writing(&written, &at(gib, 3600)), "idle: nothing to write, however long");
+        assert!(!worth_writing(&written, &at(gib + (1 << 20), 10)), "a small change waits");
+        assert!(worth_writing(&written, &at(gib + (1 << 20), USAGE_QUIET)), "but not for ever");
+        assert!(worth_writing(&written, &at(2 * gib, 1)), "1% of the capacity is written at once");
+        let moved = PeerInfo { address: "10.0.0.9:4000".into(), ..written.clone() };
+        assert!(worth_writing(&written, &moved), "any other change is written at once");
     }
 }

@@ -450,26 +450,19 @@ impl VolumeManager {
     /// (after its in-flight requests finish), then its writer records the new
     /// ring version in its lock, which tells nodes they may move data.
     pub async fn follow_ring(self: Arc<Self>) {
-        // Without a change, the ring is read again this often (a watch wakes us on changes).
+        // Without a change, the loop runs this often (the cluster view wakes it on every change).
         const QUIET: Duration = Duration::from_secs(2);
-        // How often read-only opens follow the writer's replica state, and failed steps are retried.
+        // How soon failed steps are retried.
         const SOON: Duration = Duration::from_millis(300);
         let mut seen = 0;
-        let mut peers_read = Instant::now();
-        let mut ring_watch = self.cluster.ring_watch();
+        let mut view = self.cluster.view();
         let mut soon = true;
         loop {
-            let following = self
-                .open
-                .lock()
-                .await
-                .values()
-                .filter_map(Weak::upgrade)
-                .any(|v| v.lease().is_none() && !v.is_snapshot());
-            ring_watch.wait(if soon || following { SOON } else { QUIET }).await;
+            view.changed(if soon { SOON } else { QUIET }).await;
             soon = true;
-            let doc = match self.cluster.ring().await {
-                Ok((doc, _)) => doc,
+            // Everything below comes from the view: no etcd reads while nothing changes.
+            let (doc, peers) = match view.read(|s| (s.ring.clone(), s.peers.clone())).await {
+                Ok(x) => x,
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read the ring");
                     continue;
@@ -478,27 +471,21 @@ impl VolumeManager {
             let open: Vec<Arc<Volume>> = self.open.lock().await.values().filter_map(Weak::upgrade).collect();
             // Readers follow the writer's record of copies that missed writes.
             for v in open.iter().filter(|v| v.lease().is_none() && !v.is_snapshot()) {
-                if let Ok(state) = self.cluster.replica_state(v.info().id).await {
-                    v.tracker.follow(state);
-                }
+                let id = v.info().id;
+                let Ok((state, info)) = view
+                    .read(|s| (s.states.get(&id).cloned().unwrap_or_default(), s.volumes.get(&v.info().name).cloned()))
+                    .await
+                else {
+                    continue;
+                };
+                v.tracker.follow(state);
                 // And its layers: a snapshot or a restore puts a new one in front.
-                if let Ok(info) = self.cluster.volume(&v.info().name).await {
-                    if info.id == v.info().id {
-                        v.follow_chain(info.chain()).await;
-                    }
+                if let Some(info) = info.filter(|i| i.id == id) {
+                    v.follow_chain(info.chain()).await;
                 }
             }
-            // Peers come and go (a node whose lease lapsed registers again): refresh
-            // their addresses on every ring change and every few seconds.
-            if doc.version != seen || peers_read.elapsed() >= QUIET {
-                match self.cluster.peers().await {
-                    Ok(peers) => {
-                        self.pool.set_addresses(peers.into_iter().map(|p| (p.id, p.address)).collect());
-                        peers_read = Instant::now();
-                    }
-                    Err(_) => continue,
-                }
-            }
+            // Peers come and go (a node whose lease lapsed registers again).
+            self.pool.set_addresses(peers.into_values().map(|p| (p.id, p.address)).collect());
             if doc.version == seen {
                 soon = false;
                 continue;

@@ -123,13 +123,15 @@ impl Repairer {
     }
 
     async fn pass(&self, backoff: &mut HashMap<VolumeId, Instant>) -> Result<(), VolumeError> {
-        let states = self.cluster.replica_states().await?;
+        // From the process's cluster view: an idle cluster costs a pass no etcd request.
+        let view = self.cluster.view();
+        let states = view.replica_states().await?;
         let missing: usize = states.values().map(|s| s.missing_count()).sum();
         self.stats.missing.set(missing.min(i64::MAX as usize) as i64);
         if states.values().all(|s| s.intent.is_empty() && s.missing.values().all(|m| m.is_empty())) {
             return Ok(());
         }
-        let live: BTreeSet<NodeId> = self.cluster.peers().await?.into_iter().map(|p| p.id).collect();
+        let live: BTreeSet<NodeId> = view.peers().await?.into_iter().map(|p| p.id).collect();
         let mut names: Option<HashMap<VolumeId, VolumeInfo>> = None;
         for (id, state) in states {
             if !self.mine(&state, &live) || backoff.get(&id).is_some_and(|t| t.elapsed() < BACKOFF) {

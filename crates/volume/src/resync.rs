@@ -222,14 +222,18 @@ impl Volume {
             if self.lease.is_lost() {
                 break; // released (handed to a client) or lost: a newer writer takes over
             }
-            let placement = self.placement.read().await.clone();
+            // Held until the copy is done, as a write holds it: the ring does
+            // not switch under it (after a move, the nodes delete the copies
+            // that moved away once every writer uses the new ring; a copy
+            // made from the old placement after that would outlive it).
+            let placement = self.placement.read().await;
             let extent = ExtentId::new(self.top(), *index);
+            let _alone = self.tracker.exclusive(*index).await;
             let order = placement.read_order(extent, self.r());
             if !order.iter().any(|(n, _)| *n == node) {
                 self.tracker.caught_up(node, *index);
                 continue;
             }
-            let _alone = self.tracker.exclusive(*index).await;
             let source =
                 order.iter().find(|(n, filling)| *n != node && !filling && !self.tracker.is_missing(*n, *index));
             let Some(&(source, _)) = source else { continue };

@@ -102,6 +102,9 @@ pub struct StatusReport {
     pub volumes: usize,
     pub provisioned_bytes: u64,
     pub rebalance: Rebalance,
+    /// Ring changes waiting for the one under way, in order ("add <uuid>",
+    /// "remove <uuid>", "mark <uuid> full", "clear the full mark of <uuid>").
+    pub queued: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -195,6 +198,7 @@ impl Cluster {
             volumes: volumes.len(),
             provisioned_bytes: volumes.iter().map(|v| v.size).sum(),
             rebalance,
+            queued: ring.queued.iter().map(|c| c.to_string()).collect(),
         })
     }
 }

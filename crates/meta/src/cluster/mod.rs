@@ -28,15 +28,17 @@ mod peers;
 mod replicas;
 mod ring_watch;
 mod snapshots;
+mod view;
 mod volumes;
 
 pub use attachments::{AttachMode, Attachments, HostInfo};
 pub use error::ClusterError;
 pub use health::{Health, Rebalance, Repairing, StatusReport};
-pub use peers::{PeerInfo, RebalanceProgress, RingDoc, RingMember};
+pub use peers::{PeerInfo, QueuedChange, RebalanceProgress, RingDoc, RingMember};
 pub use replicas::{ExtentSet, ReplicaState};
 pub use ring_watch::RingWatch;
 pub use snapshots::{parse_snapshot_ref, validate_snapshot_name, LayerMap, SnapshotInfo, SnapshotRequest};
+pub use view::{ClusterView, ViewPhase, ViewState};
 pub use volumes::{validate_volume_name, Encryption, ProcessTag, RewrapError, VolumeInfo, VolumeLock, MAX_VOLUME_SIZE};
 
 use crate::{MetaError, MetadataStore};
@@ -89,6 +91,8 @@ impl ClusterConfig {
 #[derive(Clone)]
 pub struct Cluster {
     store: Arc<dyn MetadataStore>,
+    /// This process's followed copy of the shared state, started on first use.
+    view: Arc<std::sync::OnceLock<ClusterView>>,
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T> {
@@ -102,7 +106,14 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 impl Cluster {
     pub fn new(store: Arc<dyn MetadataStore>) -> Self {
-        Cluster { store }
+        Cluster { store, view: Arc::default() }
+    }
+
+    /// The process's live view of the shared state (started by the first
+    /// caller, shared by every clone of this `Cluster`): what background
+    /// loops follow instead of reading the store again and again.
+    pub fn view(&self) -> ClusterView {
+        self.view.get_or_init(|| ClusterView::start(self.store.clone())).clone()
     }
 
     pub fn store(&self) -> &Arc<dyn MetadataStore> {

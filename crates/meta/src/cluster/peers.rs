@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use torus_types::NodeId;
 
-/// What a running `torusd` says about itself; refreshed with every heartbeat.
+/// What a running `torusd` says about itself; written when it registers and
+/// again when it changed (its lease is kept alive without rewriting it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
     pub id: NodeId,
@@ -27,9 +28,33 @@ pub struct PeerInfo {
     /// Failure-domain labels (`zone=a`, `rack=r1`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// Unix seconds of the last heartbeat.
+    /// Unix seconds when the node last wrote this record (at registration,
+    /// and when its usage changed: see torusd's registration).
     pub last_seen: u64,
     pub version: String,
+    /// Started with `--auto-join`: Unix seconds when the process started.
+    /// Nodes that start within a short window of each other join in one ring
+    /// change (see torusd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_join_since: Option<u64>,
+}
+
+impl PeerInfo {
+    /// A record with no HTTP address, weight, usage or labels (tests, simulations).
+    pub fn bare(id: NodeId, address: &str, capacity: u64, version: &str) -> PeerInfo {
+        PeerInfo {
+            id,
+            address: address.into(),
+            http_address: None,
+            capacity,
+            weight: None,
+            used: 0,
+            labels: BTreeMap::new(),
+            last_seen: 0,
+            version: version.into(),
+            auto_join_since: None,
+        }
+    }
 }
 
 /// One node's place in the ring.
@@ -66,6 +91,49 @@ pub struct RingDoc {
     /// again while it still holds an outdated copy.
     #[serde(default)]
     pub collecting: Vec<NodeId>,
+    /// Membership changes asked for while a move (or its clean-up) was under
+    /// way, in order. They start together, as one move, in the same write
+    /// that ends the clean-up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queued: Vec<QueuedChange>,
+}
+
+/// A membership change waiting for the one under way to end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum QueuedChange {
+    Add { member: RingMember },
+    Remove { id: NodeId },
+    SetFull { id: NodeId, full: bool },
+}
+
+impl QueuedChange {
+    fn apply(&self, members: &mut Vec<RingMember>) {
+        match self {
+            QueuedChange::Add { member } => {
+                if !members.iter().any(|m| m.id == member.id) {
+                    members.push(member.clone());
+                }
+            }
+            QueuedChange::Remove { id } => members.retain(|m| m.id != *id),
+            QueuedChange::SetFull { id, full } => {
+                if let Some(m) = members.iter_mut().find(|m| m.id == *id) {
+                    m.full = *full;
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for QueuedChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueuedChange::Add { member } => write!(f, "add {}", member.id),
+            QueuedChange::Remove { id } => write!(f, "remove {id}"),
+            QueuedChange::SetFull { id, full: true } => write!(f, "mark {id} full"),
+            QueuedChange::SetFull { id, full: false } => write!(f, "clear the full mark of {id}"),
+        }
+    }
 }
 
 impl RingDoc {
@@ -91,6 +159,36 @@ impl RingDoc {
             ));
         }
         None
+    }
+
+    /// The members once every queued change has started.
+    pub fn projected(&self) -> Vec<RingMember> {
+        let mut members = self.members.clone();
+        for change in &self.queued {
+            change.apply(&mut members);
+        }
+        members
+    }
+
+    /// Whether `id` is being taken out: by the move under way or by a queued change.
+    pub fn leaving(&self, id: NodeId) -> bool {
+        self.all_members().iter().any(|m| m.id == id) && !self.projected().iter().any(|m| m.id == id)
+    }
+
+    /// Starts the queued changes, all at once as one move, if nothing is under
+    /// way. Data moves only if some volume may already be placed on the old
+    /// members. Returns whether it started anything.
+    fn start_queued(&mut self, has_volumes: bool) -> bool {
+        if self.queued.is_empty() || self.busy().is_some() {
+            return false;
+        }
+        let old = self.members.clone();
+        self.members = self.projected();
+        self.queued.clear();
+        if old != self.members && !old.is_empty() && has_volumes {
+            self.previous = Some(old);
+        }
+        true
     }
 
     /// The placement of `members` at this version (the one place a ring is built from members).
@@ -189,35 +287,39 @@ impl Cluster {
             .ok_or_else(|| ClusterError::UnknownPeer { peer: which.to_string() })
     }
 
+    /// Whether some volume may already have data placed on the ring (if not,
+    /// a membership change moves nothing).
+    async fn has_volumes(&self) -> Result<bool> {
+        Ok(!self.store.list("volumes/by-name/").await?.is_empty())
+    }
+
     /// Puts peers in service: adds them to the ring and starts moving their
-    /// share of the data to them. Returns the new ring and the added peers.
+    /// share of the data to them — or, while another change is under way,
+    /// queues them (`RingDoc::queued`): they start, together with whatever
+    /// else was queued, as one move when it ends. Returns the new ring and
+    /// the peers added or queued.
     pub async fn add_to_ring(&self, peers: &[PeerInfo]) -> Result<(RingDoc, Vec<NodeId>)> {
-        let has_volumes = !self.store.list("volumes/by-name/").await?.is_empty();
+        let has_volumes = self.has_volumes().await?;
         let mut added = Vec::new();
         let ring = self
             .update_ring(|ring| {
                 added.clear();
-                let fresh: Vec<&PeerInfo> = peers.iter().filter(|p| !ring.contains(p.id)).collect();
+                let projected = ring.projected();
+                let fresh: Vec<&PeerInfo> = peers.iter().filter(|p| !projected.iter().any(|m| m.id == p.id)).collect();
                 if fresh.is_empty() {
                     return Ok(false);
                 }
-                if let Some(reason) = ring.busy() {
-                    return Err(ClusterError::Refused { reason });
-                }
-                let old = ring.members.clone();
                 for p in fresh {
-                    ring.members.push(RingMember {
+                    let member = RingMember {
                         id: p.id,
                         weight: p.weight.unwrap_or(p.capacity).max(1),
                         labels: p.labels.clone(),
                         full: false,
-                    });
+                    };
+                    ring.queued.push(QueuedChange::Add { member });
                     added.push(p.id);
                 }
-                // Data moves only if some volume may already be placed on the old ring.
-                if !old.is_empty() && has_volumes {
-                    ring.previous = Some(old);
-                }
+                ring.start_queued(has_volumes);
                 Ok(true)
             })
             .await?;
@@ -227,24 +329,18 @@ impl Cluster {
     /// Marks a ring member full or not full. Like a membership change it is a
     /// new ring version with `previous` set, so that writers and nodes take
     /// it in two steps (extents that spilled past a full node move back when
-    /// it is no longer full). Refused while another change is under way.
+    /// it is no longer full). Queued while another change is under way.
     pub async fn set_full(&self, id: NodeId, full: bool) -> Result<RingDoc> {
-        let has_volumes = !self.store.list("volumes/by-name/").await?.is_empty();
+        let has_volumes = self.has_volumes().await?;
         self.update_ring(|ring| {
-            let Some(i) = ring.members.iter().position(|m| m.id == id) else {
+            let Some(member) = ring.projected().into_iter().find(|m| m.id == id) else {
                 return Err(ClusterError::Refused { reason: format!("node {id} is not in the ring") });
             };
-            if ring.members[i].full == full {
+            if member.full == full {
                 return Ok(false);
             }
-            if let Some(reason) = ring.busy() {
-                return Err(ClusterError::Refused { reason });
-            }
-            let old = ring.members.clone();
-            ring.members[i].full = full;
-            if has_volumes {
-                ring.previous = Some(old);
-            }
+            ring.queued.push(QueuedChange::SetFull { id, full });
+            ring.start_queued(has_volumes);
             Ok(true)
         })
         .await
@@ -252,17 +348,30 @@ impl Cluster {
 
     /// Takes a node out of the ring; its data is copied to the remaining
     /// nodes before its copies are deleted. Refuses to remove the last node,
-    /// or to leave fewer nodes than a volume's replication, unless `force`.
+    /// or to leave fewer nodes than a volume's replication, unless `force`
+    /// (counted on the ring as it will be once the queued changes have run).
+    ///
+    /// While another change is under way the removal is queued, except for a
+    /// node that is down (no lease): a move (or clean-up) could never finish
+    /// waiting for it. A move drops it from its target at once: a new ring
+    /// version with the same `previous`, which every node plans again (the
+    /// down node's share is copied from the other replicas, as for any old
+    /// replica that went down); a clean-up stops waiting for it (it deletes
+    /// its leftover copies when it comes back, being outside the ring). A
+    /// target only ever loses a node that way, so no node becomes a replica
+    /// again, within one move, of an extent it stopped receiving writes for.
     pub async fn remove_from_ring(&self, id: NodeId, force: bool) -> Result<RingDoc> {
         let max_r = self.volumes().await?.iter().map(|v| v.replication).max().unwrap_or(1) as usize;
+        let down = !self.peers().await?.iter().any(|p| p.id == id);
         self.update_ring(|ring| {
-            if !ring.contains(id) {
+            if ring.leaving(id) {
+                return Ok(false);
+            }
+            let projected = ring.projected();
+            if !projected.iter().any(|m| m.id == id) {
                 return Err(ClusterError::Refused { reason: format!("node {id} is not in the ring") });
             }
-            if let Some(reason) = ring.busy() {
-                return Err(ClusterError::Refused { reason });
-            }
-            let left = ring.members.len() - 1;
+            let left = projected.len() - 1;
             if left == 0 {
                 return Err(ClusterError::Refused { reason: "refusing to remove the last node of the ring".into() });
             }
@@ -274,9 +383,16 @@ impl Cluster {
                     ),
                 });
             }
-            let old = ring.members.clone();
-            ring.members.retain(|m| m.id != id);
-            ring.previous = Some(old);
+            if down && ring.moving() && ring.contains(id) {
+                ring.members.retain(|m| m.id != id);
+                return Ok(true);
+            }
+            if down {
+                ring.collecting.retain(|n| *n != id);
+            }
+            ring.queued.push(QueuedChange::Remove { id });
+            // A removal moves the node's data even if no volume exists yet (as it always has).
+            ring.start_queued(true);
             Ok(true)
         })
         .await
@@ -286,6 +402,7 @@ impl Cluster {
     /// clears `previous`. `gone` are removed nodes that are down for good:
     /// they have nothing to clean up. Returns false if the ring moved on meanwhile.
     pub async fn finish_rebalance(&self, version: u64, gone: &[NodeId]) -> Result<bool> {
+        let has_volumes = self.has_volumes().await?;
         let mut finished = false;
         self.update_ring(|ring| {
             finished = false;
@@ -294,6 +411,7 @@ impl Cluster {
             }
             ring.collecting = ring.all_members().iter().map(|m| m.id).filter(|id| !gone.contains(id)).collect();
             ring.previous = None;
+            ring.start_queued(has_volumes);
             finished = true;
             Ok(true)
         })
@@ -301,11 +419,14 @@ impl Cluster {
         Ok(finished)
     }
 
-    /// A node has deleted its moved-away copies after a rebalance.
+    /// A node has deleted its moved-away copies after a rebalance. The last
+    /// one starts the queued changes, if any, in the same write.
     pub async fn collected(&self, node: NodeId) -> Result<()> {
+        let has_volumes = self.has_volumes().await?;
         self.update_ring(|ring| {
             let before = ring.collecting.len();
             ring.collecting.retain(|n| *n != node);
+            ring.start_queued(has_volumes);
             Ok(ring.collecting.len() != before)
         })
         .await?;

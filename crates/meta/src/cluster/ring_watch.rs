@@ -1,13 +1,14 @@
-//! Waking up when the ring (or another prefix's keys) changes: a watch on the ring key with a deadline,
-//! so that whoever follows the ring reads it as soon as it changes, and
-//! otherwise only every so often (which also bounds what a watch that
-//! silently stalls can cost), instead of polling it several times a second.
+//! Waking up when the keys under one prefix change (a writer's snapshot
+//! requests): a watch with a deadline, so that whoever follows them reads
+//! them as soon as they change, and otherwise only every so often (which
+//! also bounds what a watch that silently stalls can cost). The shared
+//! state most loops follow is in the [`super::ClusterView`] instead.
 
 use super::Cluster;
 use crate::Watch;
 use std::time::Duration;
 
-/// Follows the ring document's changes for one owner.
+/// Follows one prefix's changes for one owner.
 pub struct RingWatch {
     cluster: Cluster,
     prefix: String,
@@ -15,18 +16,14 @@ pub struct RingWatch {
 }
 
 impl Cluster {
-    pub fn ring_watch(&self) -> RingWatch {
-        RingWatch { cluster: self.clone(), prefix: "ring".into(), watch: None }
-    }
-
-    /// The same for the keys under another prefix (a writer's snapshot requests).
+    /// Follows the keys under `prefix`.
     pub(super) fn prefix_watch(&self, prefix: String) -> RingWatch {
         RingWatch { cluster: self.clone(), prefix, watch: None }
     }
 }
 
 impl RingWatch {
-    /// Waits until the ring may have changed, or `max_wait`. Returns true if
+    /// Waits until the keys may have changed, or `max_wait`. Returns true if
     /// it may have changed: a change was seen, or the watch was (re)started
     /// (changes from before it started are not in it), or it failed.
     pub async fn wait(&mut self, max_wait: Duration) -> bool {
@@ -70,7 +67,7 @@ mod tests {
     #[tokio::test]
     async fn wakes_on_a_ring_change_and_not_otherwise() {
         let c = Cluster::new(Arc::new(crate::MemStore::new()));
-        let mut w = c.ring_watch();
+        let mut w = c.prefix_watch("ring".into());
         assert!(w.wait(Duration::from_secs(5)).await, "a fresh watch: read the ring");
         assert!(!w.wait(Duration::from_millis(50)).await, "nothing changed");
         c.store().put("rebalance/x", b"{}".to_vec(), None).await.unwrap();

@@ -104,3 +104,81 @@ async fn locks_are_exclusive_and_epochs_grow() {
     c.store().revoke_lease(l4.id).await.unwrap();
     assert!(!c.volume_wanted(v.id).await.unwrap());
 }
+
+/// Ring changes asked for during a move queue up, start together as one move
+/// when the move and its clean-up end, and are checked against the ring as it
+/// will be; a node that is down leaves the move under way at once.
+#[tokio::test]
+async fn ring_changes_during_a_move_queue_and_start_together() {
+    use torus_meta::cluster::{PeerInfo, QueuedChange};
+    use torus_types::NodeId;
+    let c = cluster().await;
+    c.create_volume("v", 1 << 30, Some(2)).await.unwrap();
+    let lease = c.store().grant_lease(Duration::from_secs(60)).await.unwrap();
+    let peers: Vec<PeerInfo> =
+        (0..6).map(|i| PeerInfo::bare(NodeId::random(), &format!("n{i}:1"), 1 << 30, "t")).collect();
+    for p in &peers[..5] {
+        c.register_peer(p, lease.id).await.unwrap();
+    }
+    let ids: Vec<NodeId> = peers.iter().map(|p| p.id).collect();
+    // Three members, then a fourth: a move (previous = the three).
+    let (ring, _) = c.add_to_ring(&peers[..3]).await.unwrap();
+    assert!(!ring.moving() && ring.queued.is_empty(), "the first members move nothing");
+    let (ring, added) = c.add_to_ring(&peers[3..4]).await.unwrap();
+    assert_eq!(added, vec![ids[3]]);
+    assert!(ring.moving() && ring.queued.is_empty());
+    let moving_version = ring.version;
+
+    // During the move: remove a live member, add another node, mark one full: all queued.
+    let ring = c.remove_from_ring(ids[0], false).await.unwrap();
+    assert_eq!(ring.queued, vec![QueuedChange::Remove { id: ids[0] }]);
+    assert!(ring.contains(ids[0]), "a live member stays until the move ends");
+    let (ring, added) = c.add_to_ring(&peers[4..5]).await.unwrap();
+    assert_eq!(added, vec![ids[4]]);
+    assert_eq!(ring.queued.len(), 2);
+    let ring = c.set_full(ids[1], true).await.unwrap();
+    assert_eq!(ring.queued.len(), 3);
+    assert_eq!(ring.queued[2].to_string(), format!("mark {} full", ids[1]));
+    // Asked again: nothing new (idempotent), and checked against the projected ring.
+    assert_eq!(c.remove_from_ring(ids[0], false).await.unwrap().queued.len(), 3);
+    assert_eq!(c.add_to_ring(&peers[4..5]).await.unwrap().1, Vec::<NodeId>::new());
+    assert!(matches!(c.remove_from_ring(ids[5], false).await, Err(ClusterError::Refused { .. })));
+    let projected: Vec<NodeId> = ring.projected().iter().map(|m| m.id).collect();
+    assert_eq!(projected, vec![ids[1], ids[2], ids[3], ids[4]]);
+
+    // A node that is down (no lease) leaves the move under way at once.
+    let dead = &peers[5];
+    let lease2 = c.store().grant_lease(Duration::from_secs(60)).await.unwrap();
+    c.register_peer(dead, lease2.id).await.unwrap();
+    let (ring, _) = c.add_to_ring(std::slice::from_ref(dead)).await.unwrap();
+    assert_eq!(ring.queued.len(), 4, "queued while alive");
+    c.store().revoke_lease(lease2.id).await.unwrap();
+    let ring = c.remove_from_ring(dead.id, false).await.unwrap();
+    assert!(ring.projected().iter().all(|m| m.id != dead.id), "a queued add of a dead node is undone");
+
+    // The move ends: every member collects; the last one starts the queue as one move.
+    assert!(c.finish_rebalance(ring.version, &[]).await.unwrap());
+    let (ring, _) = c.ring().await.unwrap();
+    assert!(!ring.moving() && ring.collecting.len() == 4 && ring.queued.len() == 5);
+    for id in &ids[..4] {
+        c.collected(*id).await.unwrap();
+    }
+    let (ring, _) = c.ring().await.unwrap();
+    assert!(ring.moving() && ring.queued.is_empty() && ring.version > moving_version);
+    let prev: Vec<NodeId> = ring.previous.as_ref().unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(prev, vec![ids[0], ids[1], ids[2], ids[3]]);
+    let now: Vec<(NodeId, bool)> = ring.members.iter().map(|m| (m.id, m.full)).collect();
+    assert_eq!(now, vec![(ids[1], true), (ids[2], false), (ids[3], false), (ids[4], false)]);
+
+    // A member dies during this move: taken out of the move's target at once
+    // (same previous, new version), not queued behind a move that could not end.
+    c.store().revoke_lease(lease.id).await.unwrap();
+    let before = ring.version;
+    let ring = c.remove_from_ring(ids[4], false).await.unwrap();
+    assert!(ring.queued.is_empty() && !ring.contains(ids[4]) && ring.version == before + 1);
+    assert_eq!(ring.previous.as_ref().unwrap().len(), 4, "the move still starts from the same members");
+    // Fewer members than the volumes' replication is refused without --force.
+    let ring = c.remove_from_ring(ids[2], false).await.unwrap();
+    assert!(ring.queued.is_empty() && ring.members.len() == 2, "ids[2] is down too: taken out at once");
+    assert!(matches!(c.remove_from_ring(ids[3], false).await, Err(ClusterError::Refused { .. })));
+}

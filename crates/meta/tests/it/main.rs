@@ -34,6 +34,7 @@ conformance_tests!(
     keep_alive_extends_and_revoke_deletes,
     watch_sees_puts_and_deletes,
     watch_from_revision_replays,
+    list_at_then_watch_misses_nothing,
 );
 
 #[test]

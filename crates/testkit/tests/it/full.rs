@@ -12,7 +12,7 @@ use torus_types::{ExtentId, VolumeId};
 
 /// fio writing `size` sequentially at `rate` through NBD, then reading it
 /// back and checking every block (or, with `verify_only`, just checking).
-fn fio(uri: &str, size: &str, rate: &str, verify_only: bool) -> Command {
+pub(crate) fn fio(uri: &str, size: &str, rate: &str, verify_only: bool) -> Command {
     let mut cmd = Command::new("fio");
     cmd.args(["--name=fill", "--ioengine=nbd", "--rw=write", "--bs=1m", "--iodepth=4", "--verify=crc32c"])
         .args([format!("--size={size}"), format!("--rate={rate}"), format!("--uri={uri}")])
@@ -23,7 +23,7 @@ fn fio(uri: &str, size: &str, rate: &str, verify_only: bool) -> Command {
     cmd
 }
 
-fn volume_ids(c: &Cluster) -> std::collections::BTreeMap<String, u64> {
+pub(crate) fn volume_ids(c: &Cluster) -> std::collections::BTreeMap<String, u64> {
     let v: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["volume", "list", "-o", "json"])).unwrap();
     v.as_array().unwrap().iter().map(|v| (v["name"].as_str().unwrap().to_string(), v["id"].as_u64().unwrap())).collect()
 }

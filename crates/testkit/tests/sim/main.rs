@@ -200,17 +200,7 @@ async fn setup(seed: u64, r: usize) -> Result<Setup, String> {
     for i in 0..NODES {
         let addr = format!("sim-{i}");
         net.add_node(&addr, tmp.path().join(&addr));
-        let info = PeerInfo {
-            id: NodeId(uuid::Uuid::from_u64_pair(seed, i as u64)),
-            address: addr.clone(),
-            http_address: None,
-            capacity: 1 << 30,
-            weight: None,
-            used: 0,
-            labels: Default::default(),
-            last_seen: 0,
-            version: "sim".into(),
-        };
+        let info = PeerInfo::bare(NodeId(uuid::Uuid::from_u64_pair(seed, i as u64)), &addr, 1 << 30, "sim");
         cluster.register_peer(&info, lease.id).await.map_err(|e| e.to_string())?;
         peers.push(info);
         addrs.push(addr);
