@@ -154,7 +154,11 @@ pub async fn run(
         backend,
     ));
     tracing::info!(backend = backend.name(), state_dir = %args.state_dir.display(), "attach path chosen");
+    // Per-RPC figures are kept whether or not --http serves them.
+    let mut registry = torus_metrics::prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(torus_csi::metrics::CsiMetrics::register(&mut registry));
     let opts = torus_csi::Options {
+        metrics,
         socket,
         mode,
         node_id: args.node_id.clone(),
@@ -175,10 +179,7 @@ pub async fn run(
         }
     };
     let endpoint = match &args.http {
-        Some(addr) => {
-            let registry = torus_metrics::prometheus_client::registry::Registry::default();
-            Some(crate::http::serve(addr, registry, cluster.clone(), tls.http()?).await?)
-        }
+        Some(addr) => Some(crate::http::serve(addr, registry, cluster.clone(), tls.http()?).await?),
         None => None,
     };
     torus_csi::serve(cluster, opts, shutdown).await?;

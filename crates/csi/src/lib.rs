@@ -6,7 +6,8 @@
 //! - [`caps`]: which access modes and types are served; [`status`]: our
 //!   errors as gRPC codes, in one place; [`mount`]: mounts, probing,
 //!   formatting and growing file systems on the host.
-//! - [`server`]: the unix socket, and the host's registration in etcd.
+//! - [`server`]: the unix socket, and the host's registration in etcd;
+//!   [`metrics`]: every call counted by method and gRPC code, and timed.
 //! - `snapshots`: CreateSnapshot, DeleteSnapshot, ListSnapshots, volumes
 //!   from a snapshot or a volume.
 //!
@@ -18,6 +19,7 @@
 pub mod caps;
 pub mod controller;
 pub mod identity;
+pub mod metrics;
 pub mod mount;
 pub mod node;
 pub mod server;

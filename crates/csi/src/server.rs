@@ -40,6 +40,8 @@ impl Mode {
 }
 
 pub struct Options<A: Attacher> {
+    /// Where every call is counted (`torus_csi_*`).
+    pub metrics: Arc<crate::metrics::CsiMetrics>,
     pub socket: PathBuf,
     pub mode: Mode,
     pub node_id: String,
@@ -79,7 +81,7 @@ pub async fn serve<A: Attacher>(
     };
     let identity =
         IdentityServer::new(IdentityService { cluster: cluster.clone(), controller: opts.mode.controller() });
-    let mut router = tonic::transport::Server::builder().add_service(identity);
+    let mut router = tonic::transport::Server::builder().layer(opts.metrics.layer()).add_service(identity);
     if opts.mode.controller() {
         router = router.add_service(ControllerServer::new(ControllerService::new(cluster.clone(), opts.key.clone())));
     }

@@ -50,6 +50,25 @@ fn json_logs_parse_line_by_line_and_readiness_follows_etcd() {
     let metrics = http_get(csi_http, "/metrics");
     assert!(metrics.contains("torus_etcd_requests_total{op=\"get\"}"), "the plugin's etcd figures: {metrics}");
     assert!(metrics.contains("torus_process_resident_memory_bytes"), "{metrics}");
+    // Every CSI call is counted by method and gRPC code, and timed.
+    crate::csi::runtime().block_on(async {
+        use torus_csi::pb::volume_capability::access_mode::Mode;
+        let mut csi = crate::csi::connect(&plugin.socket).await;
+        let cap = crate::csi::block_cap(Mode::SingleNodeWriter);
+        crate::csi::ok(csi.identity.probe(torus_csi::pb::ProbeRequest {}).await, "Probe");
+        crate::csi::ok(csi.controller.create_volume(crate::csi::create_req("m", 8 << 20, cap.clone())).await, "create");
+        let unnamed = csi.controller.create_volume(crate::csi::create_req("", 8 << 20, cap)).await;
+        assert_eq!(crate::csi::code(unnamed), tonic::Code::InvalidArgument);
+    });
+    let metrics = http_get(csi_http, "/metrics");
+    for series in [
+        r#"torus_csi_requests_total{method="Probe",code="OK"} 1"#,
+        r#"torus_csi_requests_total{method="CreateVolume",code="OK"} 1"#,
+        r#"torus_csi_requests_total{method="CreateVolume",code="INVALID_ARGUMENT"} 1"#,
+        r#"torus_csi_request_seconds_count{method="CreateVolume"} 2"#,
+    ] {
+        assert!(metrics.contains(series), "{series} in the plugin's figures: {metrics}");
+    }
 
     // etcd goes: the nodes' leases cannot be confirmed, torusblk's probe gets no answer.
     c.etcd.stop();

@@ -101,20 +101,11 @@ pub fn node_id(c: &torus_testkit::Cluster, i: usize) -> torus_types::NodeId {
     torus_types::NodeId::parse(v["id"].as_str().unwrap()).unwrap()
 }
 
-/// The ring as `torusctl ring get` reports it (labels do not matter here).
+/// The ring's placement as `torusctl ring get` reports it (weights, failure-domain labels, full marks).
 pub fn ring_of(c: &torus_testkit::Cluster) -> torus_ring::Ring {
     let ring_json: serde_json::Value = serde_json::from_str(&c.ctl_ok(&["ring", "get", "-o", "json"])).unwrap();
-    let empty = std::collections::BTreeMap::new();
-    let members: Vec<(torus_types::NodeId, u64, bool)> = ring_json["ring"]["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            let id = torus_types::NodeId::parse(m["id"].as_str().unwrap()).unwrap();
-            (id, m["weight"].as_u64().unwrap(), m["full"].as_bool().unwrap_or(false))
-        })
-        .collect();
-    torus_ring::Ring::from_labeled(0, members.iter().map(|(id, w, full)| (*id, *w, &empty, *full)))
+    let doc: torus_meta::cluster::RingDoc = serde_json::from_value(ring_json["ring"].clone()).expect("a ring document");
+    doc.placement()
 }
 
 /// The id of the cluster's only volume.

@@ -265,10 +265,28 @@ fn every_process_exports_parseable_metrics_that_count_the_io_done() {
         node_histograms += check_histograms(&fams, &format!("node {i}"));
     }
     assert!(node_written >= 2.0 * 8.0 * 1048576.0, "both replicas of 8 MiB written: {node_written}");
+    // The CSI plugin: every call counted by method and code, and timed.
+    let csi_port = free_port();
+    let plugin = c.start_csi("host-m", "controller", &["--http", &format!("127.0.0.1:{csi_port}")]);
+    crate::csi::runtime().block_on(async {
+        use torus_csi::pb::volume_capability::access_mode::Mode;
+        let mut csi = crate::csi::connect(&plugin.socket).await;
+        let cap = crate::csi::mount_cap(Mode::SingleNodeWriter, "ext4");
+        crate::csi::ok(csi.controller.create_volume(crate::csi::create_req("csi-m", 8 << 20, cap)).await, "create");
+        let missing = torus_csi::pb::DeleteVolumeRequest { volume_id: String::new(), ..Default::default() };
+        assert_eq!(crate::csi::code(csi.controller.delete_volume(missing).await), tonic::Code::InvalidArgument);
+    });
+    let fams = parse(&get(csi_port, "/metrics"));
+    exported.extend(sample_names(&fams));
+    let created = [("method", "CreateVolume"), ("code", "OK")];
+    assert_eq!(value(&fams, "torus_csi_requests", "torus_csi_requests_total", &created), 1.0);
+    let refused = [("method", "DeleteVolume"), ("code", "INVALID_ARGUMENT")];
+    assert_eq!(value(&fams, "torus_csi_requests", "torus_csi_requests_total", &refused), 1.0);
+    let csi_histograms = check_histograms(&fams, "the CSI plugin");
     let dashboard = check_dashboard(&exported);
     eprintln!(
         "metrics: torusblk counted {writes} writes and {reads} reads (8 MiB each way), {blk_histograms} latency histograms; \
-         3 nodes wrote {} MiB, {node_histograms} histograms, all parsed by the OpenMetrics parser; \
+         3 nodes wrote {} MiB, {node_histograms} histograms, the CSI plugin {csi_histograms}, all parsed by the OpenMetrics parser; \
          the Grafana dashboard's {dashboard} torus_ metrics all exported",
         node_written as u64 >> 20
     );

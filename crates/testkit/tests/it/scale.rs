@@ -104,3 +104,100 @@ fn an_idle_nodes_etcd_requests_do_not_grow_with_the_node_count() {
     }
     assert!(etcd30["reads"] < 0.05, "idle nodes read nothing from etcd: {:.3} ranges/s each", etcd30["reads"]);
 }
+
+/// Resident memory of a process, in MiB (from /proc).
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// The 100-node scenario (issue 16): `TORUS_SCALE_NODES` torusd (default
+/// 100) on this machine in three zones, R=3; 1 GiB written and verified
+/// through NBD; 10 nodes added and 10 removed back to back (queued behind
+/// each other); every extent's copies on the nodes placement names; 3 nodes
+/// of one zone killed; everything read back. Prints what it measured; run by
+/// `bench/scale`, which keeps the figures in bench/results/SCALE.md (too long
+/// for CI, whose short form is the 30-node test above).
+#[test]
+#[ignore = "long: run by bench/scale"]
+fn a_hundred_nodes_take_data_moves_and_deaths() {
+    let n: usize = std::env::var("TORUS_SCALE_NODES").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let gib = std::env::var("TORUS_SCALE_DATA").unwrap_or_else(|_| "1024m".into());
+    let mut c = Cluster::init(Etcd::start_private(), 3);
+    let zone = |i: usize| format!("zone={}", ["a", "b", "c"][i % 3]);
+    let started = Instant::now();
+    for i in 0..n {
+        let label = zone(i);
+        let k = c.add_node_with("2GiB", &["--label", &label]);
+        c.start_node(k);
+    }
+    c.wait_peers(n);
+    let start_secs = started.elapsed().as_secs_f64();
+    c.ctl_ok(&["peer", "add", "--all-peers"]);
+    c.ctl_ok(&["volume", "create-block", "v", "1GiB"]);
+    let (idle_torus, idle_etcd) = idle_rates(&c, 30);
+    let rss: Vec<f64> = (0..n).filter_map(|i| c.nodes[i].proc.as_ref()?.pid()).map(rss_mib).collect();
+    let blk = c.start_blk(&[]);
+    let t = Instant::now();
+    crate::ok(&mut crate::full::fio(&blk.uri("v"), &gib, "0", false));
+    let write_secs = t.elapsed().as_secs_f64();
+
+    // 10 nodes join, one `peer add` each, then 10 of the first leave: the
+    // first add starts a move, everything after it queues.
+    let t = Instant::now();
+    let fresh: Vec<usize> = (0..10)
+        .map(|j| {
+            let label = zone(j);
+            c.add_node_with("2GiB", &["--label", &label])
+        })
+        .collect();
+    for &k in &fresh {
+        c.start_node(k);
+    }
+    c.wait_peers(n + 10);
+    let before = sample(&c);
+    let mut queued = 0;
+    for &k in &fresh {
+        queued += c.ctl_ok(&["peer", "add", &c.nodes[k].peer_addr]).contains("queued") as usize;
+    }
+    for k in 0..10 {
+        queued += c.ctl_ok(&["peer", "remove", &c.nodes[k].peer_addr]).contains("queued") as usize;
+    }
+    c.ctl_ok(&["wait", "rebalanced", "--timeout", "20m"]);
+    let after = sample(&c);
+    let move_secs = t.elapsed().as_secs_f64();
+    let (move_torus, move_etcd) = rates(&before, &after, c.nodes.len());
+    let vol = crate::full::volume_ids(&c)["v"];
+    let extents = crate::node_loss::assert_replicas_agree(&c, vol, 3);
+    for k in 0..10 {
+        assert!(c.extents_on_disk(k).is_empty(), "removed node {k} still holds extents");
+        c.node(k).terminate();
+    }
+
+    // Three nodes of one zone die: every extent keeps two copies.
+    for k in [12, 15, 18] {
+        c.node(k).kill9();
+    }
+    let t = Instant::now();
+    let out = crate::run(&mut crate::full::fio(&blk.uri("v"), &gib, "0", true));
+    assert!(out.status.success(), "the volume did not read back whole: {}", crate::text(&out));
+    let read_secs = t.elapsed().as_secs_f64();
+    let max = rss.iter().cloned().fold(0.0, f64::max);
+    let mean = rss.iter().sum::<f64>() / rss.len().max(1) as f64;
+    eprintln!(
+        "SCALE nodes={n} data={gib} R=3 zones=3\n\
+         start: {n} torusd registered in {start_secs:.1} s\n\
+         idle: {idle_torus:.3} torus etcd requests/s per node; etcd per node/s {idle_etcd:?}\n\
+         rss per idle node: mean {mean:.1} MiB, max {max:.1} MiB\n\
+         write {gib} through NBD with fio verify: {write_secs:.1} s\n\
+         10 added + 10 removed ({queued} of 20 queued): {move_secs:.1} s until rebalanced; \
+         {move_torus:.3} torus etcd requests/s per node; etcd per node/s {move_etcd:?}\n\
+         placement: {extents} extents, each on exactly the 3 nodes the ring names, copies equal\n\
+         3 nodes of zone a killed: {gib} read back and verified in {read_secs:.1} s"
+    );
+}
