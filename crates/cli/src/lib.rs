@@ -191,7 +191,7 @@ pub fn init_logging(default: &str, format: LogFormat) {
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     match format {
         LogFormat::Text => fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
-        LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).init(),
+        LogFormat::Json => fmt.json().with_current_span(false).with_span_list(true).init(),
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 /// TLS for NBD clients: the server's certificate and the clients' CA.
 #[derive(Clone)]
@@ -97,7 +98,8 @@ async fn transmit<S, D>(
     D: torus_volume::BlockDevice,
 {
     tracing::info!(%peer, export = %n.name, tls, "client connected");
-    match transmission::serve(stream, n.device, budget, n.features).await {
+    let span = tracing::debug_span!("nbd", export = %n.name, %peer);
+    match transmission::serve(stream, n.device, budget, n.features).instrument(span).await {
         Ok(()) => tracing::info!(%peer, export = %n.name, "client disconnected"),
         Err(e) => tracing::warn!(%peer, export = %n.name, error = %e, "connection ended with an error"),
     }

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use torus_volume::{BlockDevice, VolumeError};
+use tracing::Instrument;
 
 /// How many requests of one connection may run at once.
 const MAX_IN_FLIGHT: usize = 256;
@@ -282,11 +283,17 @@ where
             continue;
         }
         let (device, tx) = (device.clone(), tx.clone());
-        tokio::spawn(async move {
-            let mut reply = run(&*device, &r, payload, form).await;
-            reply.held = Some(held);
-            let _ = tx.send(reply);
-        });
+        // One span per request (DEBUG), inside the connection's span (export and peer).
+        let span = tracing::debug_span!("request", op = cmd_name(r.kind), offset = r.offset, len = r.len);
+        tokio::spawn(
+            async move {
+                let mut reply = run(&*device, &r, payload, form).await;
+                tracing::debug!(error = reply.error, "answered");
+                reply.held = Some(held);
+                let _ = tx.send(reply);
+            }
+            .instrument(span),
+        );
     };
     drop(tx);
     // In-flight requests hold senders: the writer ends after their replies are out.
@@ -294,6 +301,19 @@ where
         Ok(Ok(())) => result,
         Ok(Err(e)) => Err(e),
         Err(e) => Err(std::io::Error::other(e.to_string())),
+    }
+}
+
+/// The spec's name of a command, for logs.
+fn cmd_name(kind: u16) -> &'static str {
+    match kind {
+        CMD_READ => "read",
+        CMD_WRITE => "write",
+        CMD_FLUSH => "flush",
+        CMD_TRIM => "trim",
+        CMD_WRITE_ZEROES => "write_zeroes",
+        CMD_BLOCK_STATUS => "block_status",
+        _ => "other",
     }
 }
 

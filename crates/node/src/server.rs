@@ -200,7 +200,11 @@ impl Handler {
                     }
                 }
             };
+            // One span per request (DEBUG): op, extent (volume/index), range.
+            let span = tracing::debug_span!("request", op = ?h.op, extent = %h.extent, offset = h.offset, len = h.len);
+            let _entered = span.enter();
             let res = self.run(h, payload);
+            tracing::debug!(ok = res.is_ok(), "answered");
             if h.flags & FLAG_FUA != 0 && res.is_ok() && matches!(h.op, Op::Write | Op::Zero) {
                 let me = self.clone();
                 tokio::runtime::Handle::current().spawn(async move {

@@ -22,6 +22,7 @@ use torus_meta::cluster::{Cluster, SnapshotInfo, VolumeInfo};
 use torus_proto::PeerError;
 use torus_ring::Ring;
 use torus_types::{Epoch, ExtentId, NodeId, VolumeId};
+use tracing::Instrument;
 
 /// Where a volume's extents live: the ring, and while data moves, the ring it moves from.
 pub struct Placement {
@@ -472,44 +473,51 @@ impl Volume {
         len: u32,
         tracked: bool,
     ) -> Result<Vec<u8>, VolumeError> {
-        // A full node that cannot be asked is taken to hold the extent; the read falls through to another copy.
-        let _ = placement.learn(extent, self.r(), &self.pool, self.read_only).await;
-        let mut nodes = placement.read_order(extent, self.r());
-        if nodes.is_empty() {
-            return Err(VolumeError::NoNodes);
-        }
-        // A copy that missed writes is never read before it caught up.
-        if tracked {
-            nodes.retain(|(n, _)| !self.tracker.is_missing(*n, extent.index));
-        }
-        if placement.previous.is_none() {
-            // Stable ring: any replica will do; prefer one on this host, then the least busy.
-            nodes.sort_by_key(|(n, _)| self.pool.read_rank(*n));
-        }
-        let mut last = String::from("every copy lacks acknowledged writes (waiting for a node to catch up)");
-        let mut corrupt = Vec::new();
-        for (n, present_only) in nodes {
-            let res = match self.pool.get(n).await {
-                Ok(c) => c.read(extent, within, len, present_only).await,
-                Err(e) => Err(e),
-            };
-            match res {
-                Ok(data) => {
-                    if !corrupt.is_empty() {
-                        self.repair(extent, within, len, n, &corrupt).await;
+        let span = tracing::debug_span!("extent", %extent);
+        let res = async {
+            // A full node that cannot be asked is taken to hold the extent; the read falls through to another copy.
+            let _ = placement.learn(extent, self.r(), &self.pool, self.read_only).await;
+            let mut nodes = placement.read_order(extent, self.r());
+            if nodes.is_empty() {
+                return Err(VolumeError::NoNodes);
+            }
+            // A copy that missed writes is never read before it caught up.
+            if tracked {
+                nodes.retain(|(n, _)| !self.tracker.is_missing(*n, extent.index));
+            }
+            if placement.previous.is_none() {
+                // Stable ring: any replica will do; prefer one on this host, then the least busy.
+                nodes.sort_by_key(|(n, _)| self.pool.read_rank(*n));
+            }
+            let mut last = String::from("every copy lacks acknowledged writes (waiting for a node to catch up)");
+            let mut corrupt = Vec::new();
+            for (n, present_only) in nodes {
+                let res = match self.pool.get(n).await {
+                    Ok(c) => c.read(extent, within, len, present_only).await,
+                    Err(e) => Err(e),
+                };
+                match res {
+                    Ok(data) => {
+                        if !corrupt.is_empty() {
+                            self.repair(extent, within, len, n, &corrupt).await;
+                        }
+                        return Ok(data);
                     }
-                    return Ok(data);
-                }
-                Err(e) => {
-                    tracing::warn!(%extent, node = %n, error = %e, "read failed; trying the next replica");
-                    if matches!(e, PeerError::Remote { status: torus_proto::Status::Checksum, .. }) {
-                        corrupt.push(n);
+                    Err(e) => {
+                        tracing::warn!(%extent, node = %n, error = %e, "read failed; trying the next replica");
+                        if matches!(e, PeerError::Remote { status: torus_proto::Status::Checksum, .. }) {
+                            corrupt.push(n);
+                        }
+                        last = e.to_string();
                     }
-                    last = e.to_string();
                 }
             }
+            Err(VolumeError::Unavailable { extent, reason: last })
         }
-        Err(VolumeError::Unavailable { extent, reason: last })
+        .instrument(span.clone())
+        .await;
+        span.in_scope(|| tracing::debug!(ok = res.is_ok(), within, len, "read"));
+        res
     }
 
     pub(crate) fn r(&self) -> usize {
@@ -558,122 +566,129 @@ impl Volume {
         F: Fn(Arc<torus_proto::PeerClient>) -> Fut,
         Fut: std::future::Future<Output = Result<(), PeerError>>,
     {
-        let _writing = self.tracker.begin_write(extent.index).await?;
-        // Where a full node decides where the extent lives, its answer is needed: never guess for a write.
-        if let Err(e) = p.learn(extent, self.r(), &self.pool, false).await {
-            return Err(VolumeError::Unavailable {
-                extent,
-                reason: format!("cannot tell whether a full node holds this extent: {e}"),
-            });
-        }
-        let all = p.write_set(extent, self.r());
-        if all.is_empty() {
-            return Err(VolumeError::NoNodes);
-        }
-        if p.ring.has_full() {
-            let placed = p.replicas(extent, self.r()).len();
-            if placed < self.r().min(p.ring.len()) {
-                return Err(VolumeError::NoSpace {
+        let span = tracing::debug_span!("extent", %extent);
+        let res = async {
+            let _writing = self.tracker.begin_write(extent.index).await?;
+            // Where a full node decides where the extent lives, its answer is needed: never guess for a write.
+            if let Err(e) = p.learn(extent, self.r(), &self.pool, false).await {
+                return Err(VolumeError::Unavailable {
                     extent,
-                    reason: format!(
-                        "only {placed} node(s) with room for a new extent, replication is {}: add nodes or free space",
-                        self.r()
-                    ),
+                    reason: format!("cannot tell whether a full node holds this extent: {e}"),
                 });
             }
-        }
-        let nodes: Vec<NodeId> = all.iter().copied().filter(|n| !self.tracker.is_missing(*n, extent.index)).collect();
-        if nodes.is_empty() {
-            return Err(VolumeError::Unavailable {
-                extent,
-                reason: "no replica holds every acknowledged write (waiting for a node to catch up)".into(),
-            });
-        }
-        let results = join_all(nodes.iter().map(|n| {
-            let op = &op;
-            async move {
-                // A node cut off from etcd refuses writes until it is back: hold and retry.
-                let deadline = std::time::Instant::now() + self.lease.hold();
-                loop {
-                    let client = self.pool.get(*n).await?;
-                    match op(client).await {
-                        Err(PeerError::Remote { status: torus_proto::Status::Isolated, .. })
-                            if std::time::Instant::now() < deadline && !self.lease.is_lost() =>
-                        {
-                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        }
-                        r => return r,
-                    }
+            let all = p.write_set(extent, self.r());
+            if all.is_empty() {
+                return Err(VolumeError::NoNodes);
+            }
+            if p.ring.has_full() {
+                let placed = p.replicas(extent, self.r()).len();
+                if placed < self.r().min(p.ring.len()) {
+                    return Err(VolumeError::NoSpace {
+                        extent,
+                        reason: format!(
+                            "only {placed} node(s) with room for a new extent, replication is {}: add nodes or free space",
+                            self.r()
+                        ),
+                    });
                 }
             }
-        }))
-        .await;
-        let mut ok = Vec::new();
-        let mut unreachable = Vec::new();
-        // Replicas that answered with an error (a full disk, a corrupt edge block): the write fails.
-        let mut refused = Vec::new();
-        let mut fenced = None;
-        for (n, r) in nodes.iter().zip(results) {
-            match r {
-                Ok(()) => ok.push(*n),
-                // A failed store is written around like an unreachable node: its copy is marked missing.
-                Err(e) if e.is_unreachable() || e.is_store_failed() => unreachable.push((*n, e)),
-                // A newer writer exists: this one marks nothing and stops.
-                Err(e @ PeerError::Fenced { .. }) => fenced = Some(Self::write_error(extent, e)),
-                Err(e) => refused.push((*n, e)),
+            let nodes: Vec<NodeId> = all.iter().copied().filter(|n| !self.tracker.is_missing(*n, extent.index)).collect();
+            if nodes.is_empty() {
+                return Err(VolumeError::Unavailable {
+                    extent,
+                    reason: "no replica holds every acknowledged write (waiting for a node to catch up)".into(),
+                });
             }
-        }
-        self.note_written(&ok, extent.index);
-        if let Some(e) = fenced {
-            return Err(e);
-        }
-        if ok.is_empty() {
-            let (_, e) = refused.into_iter().chain(unreachable).next().expect("some replica was asked");
-            return Err(Self::write_error(extent, e));
-        }
-        if unreachable.is_empty() && refused.is_empty() {
-            return Ok(());
-        }
-        let filling: HashSet<NodeId> =
-            p.read_order(extent, self.r()).into_iter().filter(|(_, f)| *f).map(|(n, _)| n).collect();
-        if ok.iter().all(|n| filling.contains(n)) {
-            // While data moves, only replicas still being filled took it: none holds the
-            // whole extent with this write, and the old ones, which the move copies from,
-            // must stay whole. The write fails; the copies that took it are marked missing,
-            // so that they are caught up (their blocks made equal again) from an old replica.
-            let marks: Vec<(NodeId, u64)> = ok.iter().map(|n| (*n, extent.index)).collect();
+            let results = join_all(nodes.iter().map(|n| {
+                let op = &op;
+                async move {
+                    // A node cut off from etcd refuses writes until it is back: hold and retry.
+                    let deadline = std::time::Instant::now() + self.lease.hold();
+                    loop {
+                        let client = self.pool.get(*n).await?;
+                        match op(client).await {
+                            Err(PeerError::Remote { status: torus_proto::Status::Isolated, .. })
+                                if std::time::Instant::now() < deadline && !self.lease.is_lost() =>
+                            {
+                                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            }
+                            r => return r,
+                        }
+                    }
+                }
+            }))
+            .await;
+            let mut ok = Vec::new();
+            let mut unreachable = Vec::new();
+            // Replicas that answered with an error (a full disk, a corrupt edge block): the write fails.
+            let mut refused = Vec::new();
+            let mut fenced = None;
+            for (n, r) in nodes.iter().zip(results) {
+                match r {
+                    Ok(()) => ok.push(*n),
+                    // A failed store is written around like an unreachable node: its copy is marked missing.
+                    Err(e) if e.is_unreachable() || e.is_store_failed() => unreachable.push((*n, e)),
+                    // A newer writer exists: this one marks nothing and stops.
+                    Err(e @ PeerError::Fenced { .. }) => fenced = Some(Self::write_error(extent, e)),
+                    Err(e) => refused.push((*n, e)),
+                }
+            }
+            self.note_written(&ok, extent.index);
+            if let Some(e) = fenced {
+                return Err(e);
+            }
+            if ok.is_empty() {
+                let (_, e) = refused.into_iter().chain(unreachable).next().expect("some replica was asked");
+                return Err(Self::write_error(extent, e));
+            }
+            if unreachable.is_empty() && refused.is_empty() {
+                return Ok(());
+            }
+            let filling: HashSet<NodeId> =
+                p.read_order(extent, self.r()).into_iter().filter(|(_, f)| *f).map(|(n, _)| n).collect();
+            if ok.iter().all(|n| filling.contains(n)) {
+                // While data moves, only replicas still being filled took it: none holds the
+                // whole extent with this write, and the old ones, which the move copies from,
+                // must stay whole. The write fails; the copies that took it are marked missing,
+                // so that they are caught up (their blocks made equal again) from an old replica.
+                let marks: Vec<(NodeId, u64)> = ok.iter().map(|n| (*n, extent.index)).collect();
+                self.tracker.mark_missing(&marks).await?;
+                let (_, e) = refused.into_iter().chain(unreachable).next().expect("some replica failed");
+                return Err(VolumeError::Unavailable {
+                    extent,
+                    reason: format!("no replica holding the whole extent took the write (data is moving): {e}"),
+                });
+            }
+            // Some replicas took the write and others did not: those are stale now
+            // and must be marked missing (durably, before the answer), whether the
+            // write is acknowledged (they were unreachable) or fails (one refused
+            // it) — else the copies would disagree with nobody knowing.
+            let mut marks = Vec::new();
+            for (n, e) in &unreachable {
+                tracing::warn!(%extent, node = %n, error = %e, "a replica is unreachable: writing on without it; it will catch up");
+                marks.extend(self.failure_marks(*n, Some(extent.index)));
+            }
+            for (n, e) in &refused {
+                tracing::warn!(%extent, node = %n, error = %e, "a replica refused a write the others took: it will catch up");
+                marks.push((*n, extent.index));
+            }
+            let down: HashSet<NodeId> = unreachable.iter().map(|(n, _)| *n).collect();
+            let marks = self.spare_sole_copies(p, extent.index, marks, &down);
             self.tracker.mark_missing(&marks).await?;
-            let (_, e) = refused.into_iter().chain(unreachable).next().expect("some replica failed");
-            return Err(VolumeError::Unavailable {
+            if let Some((_, e)) = refused.into_iter().next() {
+                return Err(Self::write_error(extent, e));
+            }
+            // The writer fails (or dies) after recording the missing copy, before its ack.
+            fail::fail_point!("volume::after-mark-missing", |_| Err(VolumeError::Unavailable {
                 extent,
-                reason: format!("no replica holding the whole extent took the write (data is moving): {e}"),
-            });
+                reason: "fail point volume::after-mark-missing".into(),
+            }));
+            Ok(())
         }
-        // Some replicas took the write and others did not: those are stale now
-        // and must be marked missing (durably, before the answer), whether the
-        // write is acknowledged (they were unreachable) or fails (one refused
-        // it) — else the copies would disagree with nobody knowing.
-        let mut marks = Vec::new();
-        for (n, e) in &unreachable {
-            tracing::warn!(%extent, node = %n, error = %e, "a replica is unreachable: writing on without it; it will catch up");
-            marks.extend(self.failure_marks(*n, Some(extent.index)));
-        }
-        for (n, e) in &refused {
-            tracing::warn!(%extent, node = %n, error = %e, "a replica refused a write the others took: it will catch up");
-            marks.push((*n, extent.index));
-        }
-        let down: HashSet<NodeId> = unreachable.iter().map(|(n, _)| *n).collect();
-        let marks = self.spare_sole_copies(p, extent.index, marks, &down);
-        self.tracker.mark_missing(&marks).await?;
-        if let Some((_, e)) = refused.into_iter().next() {
-            return Err(Self::write_error(extent, e));
-        }
-        // The writer fails (or dies) after recording the missing copy, before its ack.
-        fail::fail_point!("volume::after-mark-missing", |_| Err(VolumeError::Unavailable {
-            extent,
-            reason: "fail point volume::after-mark-missing".into(),
-        }));
-        Ok(())
+        .instrument(span.clone())
+        .await;
+        span.in_scope(|| tracing::debug!(ok = res.is_ok(), "replicated"));
+        res
     }
 
     /// Whether a replica of `extent` outside `down` holds every acknowledged

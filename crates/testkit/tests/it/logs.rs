@@ -98,3 +98,66 @@ fn json_logs_parse_line_by_line_and_readiness_follows_etcd() {
     lines += json_lines("torusctl", &String::from_utf8_lossy(&ctl.stderr));
     assert!(lines > 10, "the processes logged ({lines} lines)");
 }
+
+/// INFO lines count state changes, never I/O: a connection of 2048 writes adds
+/// as many as one of 64. At DEBUG every request is a span: the export
+/// (volume), the op and, in the volume layer, the extent.
+#[test]
+fn io_logs_nothing_at_info_and_each_request_is_a_span_at_debug() {
+    let mut c = Cluster::init(Etcd::start(), 2);
+    c.env.push(("TORUS_LOG_FORMAT".into(), "json".into()));
+    for _ in 0..2 {
+        c.add_node("1GiB");
+    }
+    c.start_all_in_ring();
+    c.ctl_ok(&["volume", "create-block", "v", "64MiB"]);
+    let blk = c.start_blk(&[]);
+    let fio = |writes: usize| {
+        crate::ok(std::process::Command::new("fio").args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri={}", blk.uri("v")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=32m",
+            &format!("--io_size={}k", 4 * writes),
+            "--iodepth=8",
+        ]))
+    };
+    let info_lines = || {
+        let mut texts = vec![blk.proc.log_text()];
+        texts.extend(c.nodes.iter().map(|n| std::fs::read_to_string(&n.log).expect("a node's log")));
+        texts.iter().flat_map(|t| t.lines()).filter(|l| l.contains(r#""level":"INFO""#)).count()
+    };
+    fio(16); // the first open's one-time lines
+    std::thread::sleep(Duration::from_secs(1));
+    let before = info_lines();
+    fio(64);
+    std::thread::sleep(Duration::from_secs(1));
+    let small = info_lines() - before;
+    fio(2048);
+    std::thread::sleep(Duration::from_secs(1));
+    let large = info_lines() - before - small;
+    assert_eq!(large, small, "INFO lines of a connection with 2048 writes vs one with 64");
+    drop(blk);
+
+    c.env.push(("RUST_LOG".into(), "info,torus_nbd=debug,torus_volume=debug".into()));
+    let debug = c.start_blk(&[]);
+    qemu_io(&debug.uri("v"), &["write -P 0x17 4M 4k", "read -P 0x17 4M 4k"]);
+    let id = crate::volume_id(&c);
+    let lines: Vec<serde_json::Value> =
+        debug.proc.log_text().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let in_spans = |op: &str, event: &str| {
+        lines.iter().any(|l| {
+            let spans = l["spans"].as_array().cloned().unwrap_or_default();
+            let named = |n: &str| spans.iter().find(|s| s["name"] == n).cloned().unwrap_or_default();
+            l["fields"]["message"] == event
+                && named("nbd")["export"] == "v"
+                && named("request")["op"] == op
+                && named("extent")["extent"] == format!("{id}/1").as_str()
+        })
+    };
+    assert!(in_spans("write", "replicated"), "a write's span chain: {lines:#?}");
+    assert!(in_spans("read", "read"), "a read's span chain");
+    println!("INFO lines per connection: {small} with 64 writes, {large} with 2048");
+}
