@@ -137,6 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let info = PeerInfo {
         id,
         address: address.clone(),
+        http_tls: http_address.is_some() && args.tls.http_tls,
         http_address,
         capacity: args.size,
         weight: args.weight,

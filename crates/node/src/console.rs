@@ -6,14 +6,14 @@
 //! - `/api/v1/nodes`: every ring member and registered node: up or down, zone and labels, usage, full mark.
 //! - `/api/v1/volumes`: every volume: size, replication, encryption, writer, missing copies, health.
 //! - `/api/v1/io`: every node's request and byte counters (the page turns them into rates),
-//!   asked of each node's own `/api/v1/local` (plain HTTP; HTTPS nodes are listed as unreached).
+//!   asked of each node's own `/api/v1/local` (over HTTPS, with the cluster CA, where a node serves it).
 
 use crate::metrics::NodeMetrics;
 use hyper::StatusCode;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use torus_meta::cluster::{Cluster, ClusterError};
 use torus_metrics::http::Answer;
 use torus_proto::Op;
@@ -196,7 +196,7 @@ async fn io(cluster: &Cluster) -> Result<Vec<NodeIo>, ClusterError> {
     let asks = peers.iter().map(|p| async move {
         let (ops, error) = match &p.http_address {
             None => (None, Some("serves no HTTP".to_string())),
-            Some(addr) => match get(addr, "/api/v1/local").await {
+            Some(addr) => match get(addr, "/api/v1/local", p.http_tls).await {
                 Ok(body) => match serde_json::from_str(&body) {
                     Ok(ops) => (Some(ops), None),
                     Err(e) => (None, Some(format!("unreadable answer: {e}"))),
@@ -209,16 +209,26 @@ async fn io(cluster: &Cluster) -> Result<Vec<NodeIo>, ClusterError> {
     Ok(futures_util::future::join_all(asks).await)
 }
 
-/// A plain HTTP/1.0 GET with a 2 s deadline; the body of a 200 answer.
-async fn get(addr: &str, path: &str) -> Result<String, String> {
+/// An HTTP/1.0 GET with a 2 s deadline — over HTTPS (checked against the
+/// cluster CA of this node's `--tls-dir`) if the node serves it so; the
+/// body of a 200 answer.
+async fn get(addr: &str, path: &str, tls: bool) -> Result<String, String> {
     let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        let answer = if tls {
+            let config = torus_proto::tls::client().ok_or("it serves HTTPS and this node has no --tls-dir")?;
+            let name = torus_proto::tls::server_name(addr).ok_or("not a host name or IP")?;
+            let mut s = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            exchange(&mut s, &request).await?
+        } else {
+            let mut s = tcp;
+            exchange(&mut s, &request).await?
+        };
+        let text = String::from_utf8_lossy(&answer).into_owned();
         let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
         if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
             return Err(head.lines().next().unwrap_or("").to_string());
@@ -226,4 +236,16 @@ async fn get(addr: &str, path: &str) -> Result<String, String> {
         Ok(body.to_string())
     };
     tokio::time::timeout(Duration::from_secs(2), fetch).await.map_err(|_| "timed out".to_string())?
+}
+
+/// Sends a request and reads the answer until the server closes (a TLS
+/// server that closes without close_notify ends the answer all the same).
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, request: &str) -> Result<Vec<u8>, String> {
+    s.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    match s.read_to_end(&mut buf).await {
+        Ok(_) => Ok(buf),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => Ok(buf),
+        Err(e) => Err(e.to_string()),
+    }
 }

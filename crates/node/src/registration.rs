@@ -126,6 +126,7 @@ mod tests {
             id: torus_types::NodeId::random(),
             address: "10.0.0.1:4000".into(),
             http_address: None,
+            http_tls: false,
             capacity: 100 * gib,
             weight: None,
             used: gib,

@@ -17,6 +17,9 @@ pub struct PeerInfo {
     /// Where its HTTP status and metrics are served, if anywhere.
     #[serde(default)]
     pub http_address: Option<String>,
+    /// Whether that HTTP address speaks HTTPS (`--http-tls`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub http_tls: bool,
     /// Bytes of storage offered.
     pub capacity: u64,
     /// Its share of data relative to other nodes when it joins the ring
@@ -46,6 +49,7 @@ impl PeerInfo {
             id,
             address: address.into(),
             http_address: None,
+            http_tls: false,
             capacity,
             weight: None,
             used: 0,

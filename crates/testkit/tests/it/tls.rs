@@ -353,3 +353,35 @@ fn an_etcd_user_is_enough_to_run_a_cluster_and_a_wrong_password_gets_nothing() {
     }
     assert!(c.ctl_ok(&["volume", "list"]).contains('v'));
 }
+
+/// With `--http-tls` on every node, any node's console API still gathers
+/// every node's I/O figures: it asks them over HTTPS, checking their
+/// certificates against the cluster CA.
+#[test]
+fn the_console_gathers_every_nodes_io_over_https() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let p = |name: &str| tmp.path().join(name).display().to_string();
+    certs(&["init", &p("ca")]);
+    certs(&["issue", &p("ca"), &p("tls"), "--name", "torus", "--san", "127.0.0.1"]);
+    let mut c = Cluster::init(Etcd::start(), 2);
+    c.env.push(("TORUS_TLS_DIR".into(), p("tls")));
+    c.env.push(("TORUS_HTTP_TLS".into(), "true".into()));
+    for _ in 0..3 {
+        c.add_node("1GiB");
+    }
+    c.start_all_in_ring();
+    c.ctl_ok(&["volume", "create-block", "v", "16MiB"]);
+    let blk = c.start_blk(&[]);
+    crate::qemu_io(&blk.uri("v"), &["write -P 0x33 0 4M", "flush"]);
+    let url = format!("https://127.0.0.1:{}/api/v1/io", c.nodes[0].http_port);
+    let body = ok(Command::new("curl").args(["-sf", "--cacert", &p("tls/ca-cert.pem"), &url]));
+    let nodes: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let nodes = nodes.as_array().expect("a list of nodes");
+    assert_eq!(nodes.len(), 3, "{body}");
+    let mut written = 0u64;
+    for n in nodes {
+        assert!(n["error"].is_null(), "every node answered over HTTPS: {body}");
+        written += n["ops"]["write"][1].as_u64().unwrap_or(0);
+    }
+    assert!(written >= 2 * (4 << 20), "both copies of 4 MiB counted: {body}");
+}
