@@ -138,12 +138,20 @@ fn peers_speak_mutual_tls_and_refuse_connections_without_a_cluster_certificate()
     assert!(data[..4 << 20].iter().all(|b| *b == 0x5a), "the data read back over TLS");
 }
 
+/// A temporary directory with a cluster CA (`ca/`) and one process's TLS
+/// directory it signed (`tls/`, for `name`, valid for 127.0.0.1).
+fn cluster_ca(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let p = |dir: &str| tmp.path().join(dir).display().to_string();
+    certs(&["init", &p("ca")]);
+    certs(&["issue", &p("ca"), &p("tls"), "--name", name, "--san", "127.0.0.1"]);
+    tmp
+}
+
 #[test]
 fn nbd_clients_use_tls_with_the_cluster_certificates_and_plain_ones_are_refused_when_it_is_required() {
-    let tmp = tempfile::tempdir().expect("temp dir");
+    let tmp = cluster_ca("torusblk");
     let p = |name: &str| tmp.path().join(name).display().to_string();
-    certs(&["init", &p("ca")]);
-    certs(&["issue", &p("ca"), &p("tls"), "--name", "torusblk", "--san", "127.0.0.1"]);
     certs(&["init", &p("other")]);
     certs(&["issue", &p("other"), &p("foreign"), "--name", "intruder", "--san", "127.0.0.1"]);
     std::fs::copy(tmp.path().join("tls/ca-cert.pem"), tmp.path().join("foreign/ca-cert.pem")).unwrap();
@@ -268,10 +276,8 @@ fn served_serial(addr: &str, dir: &str, client: bool) -> String {
 fn certificates_rotate_on_sighup_under_load_without_an_io_error() {
     use crate::node_loss::{finish_fio, start_fio};
     torus_testkit::require("openssl");
-    let tmp = tempfile::tempdir().expect("temp dir");
+    let tmp = cluster_ca("torus");
     let p = |name: &str| tmp.path().join(name).display().to_string();
-    certs(&["init", &p("ca")]);
-    certs(&["issue", &p("ca"), &p("tls"), "--name", "torus", "--san", "127.0.0.1"]);
     let mut c = Cluster::init(Etcd::start(), 2);
     c.env.push(("TORUS_TLS_DIR".into(), p("tls")));
     for _ in 0..2 {
@@ -359,10 +365,8 @@ fn an_etcd_user_is_enough_to_run_a_cluster_and_a_wrong_password_gets_nothing() {
 /// certificates against the cluster CA.
 #[test]
 fn the_console_gathers_every_nodes_io_over_https() {
-    let tmp = tempfile::tempdir().expect("temp dir");
+    let tmp = cluster_ca("torus");
     let p = |name: &str| tmp.path().join(name).display().to_string();
-    certs(&["init", &p("ca")]);
-    certs(&["issue", &p("ca"), &p("tls"), "--name", "torus", "--san", "127.0.0.1"]);
     let mut c = Cluster::init(Etcd::start(), 2);
     c.env.push(("TORUS_TLS_DIR".into(), p("tls")));
     c.env.push(("TORUS_HTTP_TLS".into(), "true".into()));
