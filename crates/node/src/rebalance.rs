@@ -278,15 +278,20 @@ impl Rebalancer {
 
     /// Waits until every writer of every volume uses ring `version` or newer.
     async fn wait_writers(&self, version: u64) -> Result<(), NodeError> {
-        let start = Instant::now();
+        // Tokio's clock: the simulation runs it paused.
+        let start = tokio::time::Instant::now();
+        let mut warned = 0;
         loop {
             let locks = self.cluster.locks().await?;
             let lagging: Vec<_> = locks.iter().filter(|l| l.ring_version < version).collect();
             if lagging.is_empty() {
                 return Ok(());
             }
-            if start.elapsed() > Duration::from_secs(10) && start.elapsed().as_millis() % 10_000 < 250 {
-                tracing::warn!(waiting_for = %lagging[0].holder, "a writer has not taken the new ring yet");
+            let waited = start.elapsed().as_secs() / 10;
+            if waited > warned {
+                warned = waited;
+                tracing::warn!(waiting_for = %lagging[0].holder, ring = lagging[0].ring_version, version,
+                    "a writer has not taken the new ring yet");
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

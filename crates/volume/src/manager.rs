@@ -486,7 +486,13 @@ impl VolumeManager {
             }
             // Peers come and go (a node whose lease lapsed registers again).
             self.pool.set_addresses(peers.into_values().map(|p| (p.id, p.address)).collect());
-            if doc.version == seen {
+            // A volume that finished opening after this ring was taken holds
+            // the placement (and lock) of the one it opened with: take it too.
+            let mut behind = false;
+            for v in &open {
+                behind |= v.placement_version().await < doc.version;
+            }
+            if doc.version == seen && !behind {
                 soon = false;
                 continue;
             }
