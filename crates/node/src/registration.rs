@@ -123,17 +123,9 @@ mod tests {
     fn only_changes_that_matter_are_written() {
         let gib = 1 << 30;
         let written = PeerInfo {
-            id: torus_types::NodeId::random(),
-            address: "10.0.0.1:4000".into(),
-            http_address: None,
-            http_tls: false,
-            capacity: 100 * gib,
-            weight: None,
             used: gib,
-            labels: Default::default(),
             last_seen: 1000,
-            version: "test".into(),
-            auto_join_since: None,
+            ..PeerInfo::bare(torus_types::NodeId::random(), "10.0.0.1:4000", 100 * gib, "test")
         };
         let at = |used: u64, secs: u64| PeerInfo { used, last_seen: 1000 + secs, ..written.clone() };
         assert!(!worth_writing(&written, &at(gib, 3600)), "idle: nothing to write, however long");

@@ -366,7 +366,8 @@ impl Cluster {
     /// again, within one move, of an extent it stopped receiving writes for.
     pub async fn remove_from_ring(&self, id: NodeId, force: bool) -> Result<RingDoc> {
         let max_r = self.volumes().await?.iter().map(|v| v.replication).max().unwrap_or(1) as usize;
-        let down = !self.peers().await?.iter().any(|p| p.id == id);
+        // Its registration lives on its lease: gone means down.
+        let down = self.store.get(&peer_key(id)).await?.is_none();
         self.update_ring(|ring| {
             if ring.leaving(id) {
                 return Ok(false);

@@ -131,10 +131,11 @@ impl Entry {
 }
 
 impl ViewState {
-    /// Applies one put (`Some(kv)`) or delete (`None`) of `key`. A value that
-    /// does not decode is left out (logged): the store's own readers report it.
-    fn apply(&mut self, key: &str, kv: Option<&KeyValue>) {
-        let Some(entry) = Entry::of(key) else { return };
+    /// Applies one put (`Some(kv)`) or delete (`None`) of `key`; false if the
+    /// view does not hold that key. A value that does not decode is left out
+    /// (logged): the store's own readers report it.
+    fn apply(&mut self, key: &str, kv: Option<&KeyValue>) -> bool {
+        let Some(entry) = Entry::of(key) else { return false };
         fn put<K: Ord, V: serde::de::DeserializeOwned>(map: &mut BTreeMap<K, V>, k: K, kv: Option<&KeyValue>) {
             match kv.map(|kv| decode::<V>(&kv.key, &kv.value)) {
                 None => {
@@ -173,6 +174,7 @@ impl ViewState {
             Entry::Progress(id) => put(&mut self.progress, id, kv),
             Entry::Layers => self.layers_generation += 1,
         }
+        true
     }
 
     fn loaded(kvs: &[KeyValue], revision: u64, generation: u64) -> ViewState {
@@ -297,12 +299,12 @@ async fn follow(store: Arc<dyn MetadataStore>, tx: watch::Sender<ViewState>) {
                     // Followers wake only for keys the view holds (not for locks,
                     // attachments or snapshot requests), though the revision moves on.
                     tx.send_if_modified(|s| {
-                        match ev.kind {
+                        let held = match ev.kind {
                             WatchEventKind::Put => s.apply(&ev.kv.key, Some(&ev.kv)),
                             WatchEventKind::Delete => s.apply(&ev.kv.key, None),
-                        }
+                        };
                         s.phase = ViewPhase::Following(rev);
-                        Entry::of(&ev.kv.key).is_some()
+                        held
                     });
                 }
                 Err(e) => {
