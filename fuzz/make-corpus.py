@@ -52,10 +52,11 @@ put("peer_frames", "read", peer_req(1, flags=4, length=65536))
 put("peer_frames", "reply", peer_reply(length=8) + struct.pack("<QQQ", 1, 2, 3) * 2)
 
 # Store: an extent's checksum table (4 KiB header, then 8-byte entries) over 64 KiB of 0x5a.
-def header(dirty):
+# The target opens each input as a format 1 table (`.sum`) and as the start of a format 2 file.
+def header(dirty, fmt=1):
     h = bytearray(4096)
     h[0:4] = b"TRSX"
-    h[4:8] = struct.pack("<I", 1)
+    h[4:8] = struct.pack("<I", fmt)
     h[8:12] = struct.pack("<I", 1 if dirty else 0)
     h[12:16] = struct.pack("<I", 4096)
     h[4092:] = struct.pack("<I", crc32c(bytes(h[:4092])))
@@ -67,3 +68,5 @@ put("store_table", "clean", header(False) + entry(good, 1) * 16)
 put("store_table", "dirty-some-cut", header(True) + (entry(good, 1) + entry(0x1234, 1)) * 8)
 put("store_table", "zero-absent-past-end", header(False) + entry(0, 2) * 4 + entry(0, 0) * 4 + entry(good, 1) * 24)
 put("store_table", "header-only", header(True))
+put("store_table", "format2-clean", header(False, 2) + entry(good, 1) * 16)
+put("store_table", "format2-dirty-some-cut", header(True, 2) + (entry(good, 1) + entry(0x1234, 1)) * 8)

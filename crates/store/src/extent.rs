@@ -1,6 +1,10 @@
-//! One extent replica on disk: its data file, its checksum table (cached in
+//! One extent replica on disk: its file(s), its checksum table (cached in
 //! memory), reads that verify, writes that keep data and table consistent,
 //! zeroing by hole punching, and the recovery scan after a crash.
+//!
+//! An extent created now is one file (format 2: header and table, then the
+//! data), so a flush costs one fdatasync; an older store's extents keep their
+//! two files (format 1) and cost two. Both go through [`Files`].
 //!
 //! Crash safety (kill -9): before the first write after a flush the table's
 //! header is marked dirty; the flush that makes the extent durable clears it.
@@ -10,20 +14,136 @@
 //! entry is re-derived from the data on disk (old or new, never unreadable).
 
 use crate::io::{Disk, DiskFile};
-use crate::layout::{self, BlockState, Entry, ENTRY_SIZE, HEADER_SIZE};
+use crate::layout::{self, BlockState, Entry, Format, DATA_OFFSET, ENTRY_SIZE, HEADER_SIZE};
 use crate::{Result, StoreError};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use torus_types::{block_checksum, ExtentId, BLOCK_SIZE};
 
 const BS: u64 = BLOCK_SIZE as u64;
 
+/// Where an extent's header, table and data live.
+struct Files {
+    format: Format,
+    data: Arc<dyn DiskFile>,
+    data_path: PathBuf,
+    /// Offset of the extent's byte 0 in the data file.
+    data_base: u64,
+    /// The header and table: the data file itself in format 2.
+    table: Arc<dyn DiskFile>,
+    table_path: PathBuf,
+}
+
+impl Files {
+    /// Opens the files of extent `index` in `dir`: the format 2 file if it
+    /// exists, else format 1's pair if its table exists, else (with `create`)
+    /// a new file of `new_format`. Returns whether it was created.
+    fn open(
+        disk: &dyn Disk,
+        dir: &Path,
+        index: u64,
+        create: bool,
+        new_format: Format,
+    ) -> Result<Option<(Files, bool)>> {
+        let one = dir.join(format!("{index}.extent"));
+        let (dat, sum) = (dir.join(format!("{index}.dat")), dir.join(format!("{index}.sum")));
+        let format = if one.exists() {
+            Format::OneFile
+        } else if sum.exists() {
+            Format::TwoFiles
+        } else if create {
+            new_format
+        } else {
+            return Ok(None);
+        };
+        let existed = match format {
+            Format::OneFile => one.exists(),
+            Format::TwoFiles => sum.exists(),
+        };
+        let open = |p: &Path| -> Result<Arc<dyn DiskFile>> {
+            Ok(Arc::from(disk.open(p, create).map_err(|e| StoreError::io("open", p, e))?))
+        };
+        let files = match format {
+            Format::OneFile => {
+                let f = open(&one)?;
+                Files {
+                    format,
+                    data: f.clone(),
+                    data_path: one.clone(),
+                    data_base: DATA_OFFSET,
+                    table: f,
+                    table_path: one,
+                }
+            }
+            Format::TwoFiles => {
+                // The table first: it is what marks the extent as present.
+                let table = open(&sum)?;
+                Files { format, data: open(&dat)?, data_path: dat, data_base: 0, table, table_path: sum }
+            }
+        };
+        if !existed {
+            // A new extent's files must survive a power loss once flushed: sync their directory.
+            disk.sync_dir(dir).map_err(|e| StoreError::io("sync", dir, e))?;
+        }
+        Ok(Some((files, !existed)))
+    }
+
+    /// Reads `buf.len()` bytes of the extent's data at `off`; bytes past the
+    /// end of the file read as zeroes.
+    fn read_data(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        read_full(&*self.data, &self.data_path, buf, self.data_base + off)
+    }
+
+    fn write_data(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.data.write_all_at(buf, self.data_base + off).map_err(|e| StoreError::io("write", &self.data_path, e))
+    }
+
+    fn punch_data(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.data.punch_hole(self.data_base + off, len)
+    }
+
+    /// The table's entries as stored, `len` being the table file's length:
+    /// the whole `.sum` after its header in format 1; in format 2, the
+    /// entries up to the last one ever written, read only where the file
+    /// has blocks (the rest of the table region is a hole: Absent entries).
+    fn read_table_body(&self, len: u64) -> Result<Vec<u8>> {
+        let stat = |e| StoreError::io("read", &self.table_path, e);
+        let ranges = match self.format {
+            Format::TwoFiles => vec![HEADER_SIZE..len.max(HEADER_SIZE)],
+            Format::OneFile => self.table.data_ranges(HEADER_SIZE, len.min(DATA_OFFSET)).map_err(stat)?,
+        };
+        let end = ranges.last().map_or(HEADER_SIZE, |r| r.end.max(HEADER_SIZE));
+        let mut body = vec![0u8; (end - HEADER_SIZE) as usize];
+        for r in ranges {
+            let (from, to) = ((r.start.max(HEADER_SIZE) - HEADER_SIZE) as usize, (r.end - HEADER_SIZE) as usize);
+            read_full(&*self.table, &self.table_path, &mut body[from..to], r.start.max(HEADER_SIZE))?;
+        }
+        let mut used = body.len() / ENTRY_SIZE * ENTRY_SIZE;
+        if self.format == Format::OneFile {
+            // The region ends in whole blocks: trailing zero entries are blocks never written.
+            used = body.iter().rposition(|&b| b != 0).map_or(0, |i| (i / ENTRY_SIZE + 1) * ENTRY_SIZE);
+        }
+        body.truncate(used);
+        Ok(body)
+    }
+
+    fn write_table(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.table.write_all_at(buf, off).map_err(|e| StoreError::io("write", &self.table_path, e))
+    }
+
+    /// fdatasync of every file: one in format 2.
+    fn sync(&self) -> Result<()> {
+        self.data.sync_data().map_err(|e| StoreError::io("fdatasync", &self.data_path, e))?;
+        if self.format == Format::TwoFiles {
+            self.table.sync_data().map_err(|e| StoreError::io("fdatasync", &self.table_path, e))?;
+        }
+        Ok(())
+    }
+}
+
 pub(crate) struct Extent {
     pub id: ExtentId,
-    dat_path: PathBuf,
-    sum_path: PathBuf,
-    dat: Box<dyn DiskFile>,
-    sum: Box<dyn DiskFile>,
+    files: Files,
     state: RwLock<State>,
 }
 
@@ -56,43 +176,38 @@ fn read_full(f: &dyn DiskFile, path: &Path, mut buf: &mut [u8], mut off: u64) ->
 impl Extent {
     /// Opens an extent's files; `create` makes them if missing (else `Ok(None)`).
     pub fn open(disk: &dyn Disk, dir: &Path, id: ExtentId, create: bool) -> Result<Option<Extent>> {
-        let dat_path = dir.join(format!("{}.dat", id.index));
-        let sum_path = dir.join(format!("{}.sum", id.index));
-        if !create && !sum_path.exists() {
+        Self::open_as(disk, dir, id, create, Format::OneFile)
+    }
+
+    /// As `open`, creating a missing extent in `new_format` (tests make format 1 extents, as older stores did).
+    pub(crate) fn open_as(
+        disk: &dyn Disk,
+        dir: &Path,
+        id: ExtentId,
+        create: bool,
+        new_format: Format,
+    ) -> Result<Option<Extent>> {
+        let Some((files, created)) = Files::open(disk, dir, id.index, create, new_format)? else {
             return Ok(None);
-        }
-        let open = |p: &Path| disk.open(p, create).map_err(|e| StoreError::io("open", p, e));
-        let existed = sum_path.exists();
-        let sum = open(&sum_path)?;
-        let dat = open(&dat_path)?;
-        if !existed {
-            // A new extent's files must survive a power loss once flushed: sync their directory.
-            disk.sync_dir(dir).map_err(|e| StoreError::io("sync", dir, e))?;
-        }
-        let len = sum.len().map_err(|e| StoreError::io("stat", &sum_path, e))?;
+        };
         let corrupt = |reason: String| StoreError::CorruptTable { extent: id, reason };
-        let (table, dirty) = if len == 0 {
-            sum.write_all_at(&layout::encode_header(false), 0).map_err(|e| StoreError::io("write", &sum_path, e))?;
+        let len = files.table.len().map_err(|e| StoreError::io("stat", &files.table_path, e))?;
+        let (table, dirty) = if created || len == 0 {
+            // New, or created by a process that died before writing the header.
+            files.write_table(&layout::encode_header(files.format, false), 0)?;
             (Vec::new(), false)
         } else {
-            let mut raw = vec![0u8; len as usize];
-            read_full(&*sum, &sum_path, &mut raw, 0)?;
-            let dirty = layout::decode_header(&raw).map_err(corrupt)?;
-            let body = &raw[HEADER_SIZE as usize..];
+            let mut header = vec![0u8; HEADER_SIZE as usize];
+            read_full(&*files.table, &files.table_path, &mut header, 0)?;
+            let dirty = layout::decode_header(&header, files.format).map_err(corrupt)?;
+            let body = files.read_table_body(len)?;
             let mut table = Vec::with_capacity(body.len() / ENTRY_SIZE);
             for (i, chunk) in body.chunks_exact(ENTRY_SIZE).enumerate() {
                 table.push(Entry::decode(chunk).ok_or_else(|| corrupt(format!("entry {i} is malformed")))?);
             }
             (table, dirty)
         };
-        let ext = Extent {
-            id,
-            dat_path,
-            sum_path,
-            dat,
-            sum,
-            state: RwLock::new(State { table, generation: 0, header_dirty: dirty }),
-        };
+        let ext = Extent { id, files, state: RwLock::new(State { table, generation: 0, header_dirty: dirty }) };
         if dirty {
             ext.recover()?;
         }
@@ -108,7 +223,7 @@ impl Extent {
             if e.state != BlockState::Data {
                 continue;
             }
-            read_full(&*self.dat, &self.dat_path, &mut block, i as u64 * BS)?;
+            self.files.read_data(&mut block, i as u64 * BS)?;
             let crc = block_checksum(&block);
             if crc != e.crc {
                 fixed.push((i, Entry { crc, state: BlockState::Data }));
@@ -130,9 +245,7 @@ impl Extent {
         for (e, out) in entries.iter().zip(raw.chunks_exact_mut(ENTRY_SIZE)) {
             e.encode(out);
         }
-        self.sum
-            .write_all_at(&raw, HEADER_SIZE + first_block * ENTRY_SIZE as u64)
-            .map_err(|e| StoreError::io("write", &self.sum_path, e))
+        self.files.write_table(&raw, HEADER_SIZE + first_block * ENTRY_SIZE as u64)
     }
 
     /// Writes data in pieces of at most 64 KiB. The page cache keeps a large
@@ -147,20 +260,18 @@ impl Extent {
             let errno = if arg.as_deref() == Some("enospc") { libc::ENOSPC } else { libc::EIO };
             if arg.as_deref() == Some("torn") {
                 let half = &bytes[..bytes.len() / 2];
-                self.dat.write_all_at(half, offset).map_err(|e| StoreError::io("write", &self.dat_path, e))?;
+                self.files.write_data(half, offset)?;
             }
-            Err(StoreError::io("write", &self.dat_path, std::io::Error::from_raw_os_error(errno)))
+            Err(StoreError::io("write", &self.files.data_path, std::io::Error::from_raw_os_error(errno)))
         });
         for (i, piece) in bytes.chunks(PIECE).enumerate() {
-            self.dat
-                .write_all_at(piece, offset + (i * PIECE) as u64)
-                .map_err(|e| StoreError::io("write", &self.dat_path, e))?;
+            self.files.write_data(piece, offset + (i * PIECE) as u64)?;
         }
         Ok(())
     }
 
     fn set_header(&self, dirty: bool) -> Result<()> {
-        self.sum.write_all_at(&layout::encode_header(dirty), 0).map_err(|e| StoreError::io("write", &self.sum_path, e))
+        self.files.write_table(&layout::encode_header(self.files.format, dirty), 0)
     }
 
     fn entry(table: &[Entry], block: u64) -> Entry {
@@ -174,7 +285,7 @@ impl Extent {
             out.fill(0);
             return Ok(());
         }
-        read_full(&*self.dat, &self.dat_path, out, first * BS)?;
+        self.files.read_data(out, first * BS)?;
         for (i, chunk) in out.chunks_exact_mut(BLOCK_SIZE).enumerate() {
             let b = first + i as u64;
             let e = Self::entry(table, b);
@@ -268,7 +379,7 @@ impl Extent {
         let mut block = vec![0u8; BLOCK_SIZE];
         for (i, (was, new)) in old.iter().zip(entries).enumerate() {
             let b = first + i as u64;
-            st.table[lo + i] = match read_full(&*self.dat, &self.dat_path, &mut block, b * BS) {
+            st.table[lo + i] = match self.files.read_data(&mut block, b * BS) {
                 Ok(()) => {
                     let crc = block_checksum(&block);
                     if crc == new.crc {
@@ -347,11 +458,11 @@ impl Extent {
     }
 
     fn punch(&self, offset: u64, len: u64) -> Result<()> {
-        match self.dat.punch_hole(offset, len) {
+        match self.files.punch_data(offset, len) {
             // Without hole punching the entries still say "zero": reads stay correct,
             // only the space is not returned.
             Err(e) if e.kind() != std::io::ErrorKind::Unsupported => {
-                Err(StoreError::io("punch hole in", &self.dat_path, e))
+                Err(StoreError::io("punch hole in", &self.files.data_path, e))
             }
             _ => Ok(()),
         }
@@ -362,10 +473,9 @@ impl Extent {
         self.state.read().expect("extent lock poisoned").generation
     }
 
-    /// fdatasync of both files.
+    /// fdatasync of the extent's file (both files of a format 1 extent).
     pub fn sync(&self) -> Result<()> {
-        self.dat.sync_data().map_err(|e| StoreError::io("fdatasync", &self.dat_path, e))?;
-        self.sum.sync_data().map_err(|e| StoreError::io("fdatasync", &self.sum_path, e))
+        self.files.sync()
     }
 
     /// Clears the dirty mark if nothing changed since `generation` was read. Returns
@@ -474,7 +584,7 @@ impl Extent {
             if e.state != BlockState::Data {
                 continue;
             }
-            read_full(&*self.dat, &self.dat_path, &mut block, b * BS)?;
+            self.files.read_data(&mut block, b * BS)?;
             if block_checksum(&block) == e.crc {
                 continue;
             }
@@ -492,16 +602,27 @@ impl Extent {
     }
 }
 
-/// Allocated bytes of a data file (what it costs on disk).
+/// Allocated bytes of the data in an extent's data file (what its data
+/// costs on disk): a format 2 file's header and table are left out, so that
+/// this agrees with what writes account for, block by block.
 pub(crate) fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    let Ok(meta) = std::fs::metadata(path) else { return 0 };
+    let all = meta.blocks() * 512;
+    if path.extension().is_some_and(|e| e == "extent") {
+        let table: u64 = std::fs::File::open(path)
+            .and_then(|f| DiskFile::data_ranges(&f, 0, DATA_OFFSET))
+            .map(|ranges| ranges.iter().map(|r| r.end - r.start).sum())
+            .unwrap_or(0);
+        return all.saturating_sub(table);
+    }
+    all
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::{Fault, FaultyDisk, LocalDisk, Op, Rule};
+    use crate::io::{Fault, FaultyDisk, LocalDisk, Op, Rule, Target};
     use std::sync::Arc;
     use torus_types::VolumeId;
 
@@ -524,7 +645,7 @@ mod tests {
         ext.write(0, &old, &no_limit).expect("first write");
 
         // 256 KiB in 64 KiB pieces: the first two land, then the disk is full.
-        disk.fail(Rule::once(Op::Write, ".dat", Fault::NoSpace).after(2));
+        disk.fail(Rule::once(Op::Write, Target::Data, Fault::NoSpace).after(2));
         let new = vec![0x22u8; 256 << 10];
         assert!(ext.write(0, &new, &no_limit).is_err(), "the write fails");
         let mut back = vec![0u8; 256 << 10];
@@ -533,7 +654,7 @@ mod tests {
         assert!(back[128 << 10..].iter().all(|&b| b == 0x11), "the rest reads old");
 
         // A write that fails before any data lands leaves the old contents, also after a reopen.
-        disk.fail(Rule::once(Op::Write, ".dat", Fault::Eio));
+        disk.fail(Rule::once(Op::Write, Target::Data, Fault::Eio));
         assert!(ext.write(192 << 10, &[0x33u8; 4096], &no_limit).is_err());
         drop(ext);
         let ext = Extent::open(&disk, dir.path(), id, false).expect("reopen").expect("exists");
@@ -541,7 +662,7 @@ mod tests {
         ext.read(192 << 10, &mut block).expect("readable after a reopen");
         assert!(block.iter().all(|&b| b == 0x11));
         // Unaligned writes (read-modify-write of the edges) too.
-        disk.fail(Rule::once(Op::Write, ".dat", Fault::Eio));
+        disk.fail(Rule::once(Op::Write, Target::Data, Fault::Eio));
         assert!(ext.write(100, &[0x44u8; 10], &no_limit).is_err());
         ext.read(0, &mut block).expect("the edge block reads");
         assert!(block.iter().all(|&b| b == 0x22));
@@ -552,7 +673,7 @@ mod tests {
         let (dir, disk, id, ext) = faulty_extent();
         ext.write(0, &[0x11u8; 64 << 10], &no_limit).expect("first write");
         // A 64 KiB write torn in the middle: blocks 0-7 new, 8-15 old.
-        disk.fail(Rule::once(Op::Write, ".dat", Fault::Torn));
+        disk.fail(Rule::once(Op::Write, Target::Data, Fault::Torn));
         assert!(ext.write(0, &[0x22u8; 64 << 10], &no_limit).is_err());
         let check = |ext: &Extent| {
             let mut back = vec![0u8; 64 << 10];
@@ -569,7 +690,7 @@ mod tests {
         let (_dir, disk, _id, ext) = faulty_extent();
         ext.write(0, &[0x11u8; 8192], &no_limit).expect("first write");
         // The header is already dirty: the next .sum write is the entries'.
-        disk.fail(Rule::once(Op::Write, ".sum", Fault::Eio));
+        disk.fail(Rule::once(Op::Write, Target::Table, Fault::Eio));
         assert!(ext.write(0, &[0x22u8; 8192], &no_limit).is_err());
         let mut back = vec![0u8; 8192];
         ext.read(0, &mut back).expect("reads");
@@ -580,7 +701,7 @@ mod tests {
     fn a_fill_that_fails_leaves_its_blocks_absent_now_and_after_a_reopen() {
         let (dir, disk, id, ext) = faulty_extent();
         ext.write(0, &[0x11u8; 4096], &no_limit).expect("a write marks the table dirty");
-        disk.fail(Rule::once(Op::Write, ".dat", Fault::Eio));
+        disk.fail(Rule::once(Op::Write, Target::Data, Fault::Eio));
         assert!(ext.fill_absent(4096, 8192, Some(&[0x22u8; 8192]), &no_limit).is_err());
         assert_eq!(ext.states()[1..], [BlockState::Absent, BlockState::Absent]);
         drop(ext);
@@ -602,7 +723,101 @@ mod tests {
         Extent::open(&disk, dir.path(), id, false).expect("reopen").expect("exists");
         assert_eq!(disk.count(Op::SyncDir), 1);
         // A directory that cannot be synced fails the creation.
-        disk.fail(Rule::always(Op::SyncDir, "", Fault::Eio));
+        disk.fail(Rule::always(Op::SyncDir, Target::Any, Fault::Eio));
         assert!(Extent::open(&disk, dir.path(), ExtentId::new(VolumeId(1), 1), true).is_err());
+    }
+
+    #[test]
+    fn a_flush_costs_one_fdatasync_and_a_format_1_extent_two() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = FaultyDisk::new(Arc::new(LocalDisk));
+        let one = Extent::open(&disk, dir.path(), ExtentId::new(VolumeId(1), 0), true).expect("open").expect("new");
+        let two = Extent::open_as(&disk, dir.path(), ExtentId::new(VolumeId(1), 1), true, Format::TwoFiles)
+            .expect("open")
+            .expect("new");
+        assert!(dir.path().join("0.extent").exists() && !dir.path().join("0.sum").exists());
+        assert!(dir.path().join("1.sum").exists() && dir.path().join("1.dat").exists());
+        for (ext, syncs) in [(&one, 1), (&two, 2)] {
+            ext.write(8192, &[7u8; 4096], &no_limit).expect("write");
+            let before = disk.count(Op::Sync);
+            ext.sync().expect("sync");
+            assert_eq!(disk.count(Op::Sync) - before, syncs, "fdatasyncs per flush of {}", ext.id);
+        }
+    }
+
+    #[test]
+    fn format_1_extents_of_an_older_store_are_read_written_and_recovered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = LocalDisk;
+        let id = ExtentId::new(VolumeId(1), 0);
+        let ext = Extent::open_as(&disk, dir.path(), id, true, Format::TwoFiles).expect("open").expect("new");
+        ext.write(0, &[0x11u8; 16384], &no_limit).expect("write");
+        let generation = ext.generation();
+        ext.sync().expect("sync");
+        assert!(ext.mark_clean(generation).expect("clean"));
+        // A write after the flush, then the process dies with the data cut: the dirty table is re-derived.
+        ext.write(4096, &[0x22u8; 4096], &no_limit).expect("write");
+        drop(ext);
+        std::os::unix::fs::FileExt::write_all_at(
+            &std::fs::OpenOptions::new().write(true).open(dir.path().join("0.dat")).expect("dat"),
+            &[0x11u8; 4096],
+            4096,
+        )
+        .expect("put the old bytes back");
+        // Opened as a store opens it (new extents in format 2): it stays format 1.
+        let ext = Extent::open(&disk, dir.path(), id, false).expect("reopen").expect("exists");
+        assert!(!dir.path().join("0.extent").exists(), "no format 2 file made for it");
+        let mut back = vec![0u8; 16384];
+        ext.read(0, &mut back).expect("every block reads");
+        assert!(back.iter().all(|&b| b == 0x11));
+        ext.write(100, &[0x33u8; 10], &no_limit).expect("an unaligned write");
+        ext.read(0, &mut back).expect("reads");
+        assert!(back[100..110].iter().all(|&b| b == 0x33) && back[110..].iter().all(|&b| b == 0x11));
+    }
+
+    #[test]
+    fn a_sparse_table_reopens_with_every_entry_and_data_sits_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = ExtentId::new(VolumeId(1), 0);
+        let ext = Extent::open(&LocalDisk, dir.path(), id, true).expect("open").expect("new");
+        // The first block and one near the end of a 1 GiB extent: the table between is a hole.
+        let far = (crate::MAX_EXTENT_SIZE - 2 * BS) / BS;
+        ext.write(0, &[1u8; 4096], &no_limit).expect("write");
+        ext.write(far * BS, &[2u8; 4096], &no_limit).expect("write");
+        ext.zero(BS, BS, &no_limit).expect("zero");
+        drop(ext);
+        let path = dir.path().join("0.extent");
+        let file = std::fs::File::open(&path).expect("open");
+        let byte_at = |off: u64| {
+            let mut b = [0u8; 4];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, off).expect("read");
+            b
+        };
+        assert_eq!(&byte_at(0), layout::MAGIC);
+        assert_eq!(byte_at(DATA_OFFSET)[0], 1, "byte 0 of the extent at DATA_OFFSET");
+        assert_eq!(byte_at(DATA_OFFSET + far * BS)[0], 2);
+        assert!(allocated(&path) <= 2 * BS + 8192, "only the data counts: {}", allocated(&path));
+        let ext = Extent::open(&LocalDisk, dir.path(), id, false).expect("reopen").expect("exists");
+        let states = ext.states();
+        assert_eq!(states.len() as u64, far + 1, "the table ends at the last entry written");
+        assert_eq!((states[0], states[1], states[2]), (BlockState::Data, BlockState::Zero, BlockState::Absent));
+        assert_eq!(states[far as usize], BlockState::Data);
+        let mut back = vec![0u8; 4096];
+        ext.read(far * BS, &mut back).expect("reads");
+        assert!(back.iter().all(|&b| b == 2));
+    }
+
+    #[test]
+    fn a_file_created_but_never_given_a_header_opens_as_new() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("0.extent"), b"").expect("an empty file, as a crash leaves it");
+        let id = ExtentId::new(VolumeId(1), 0);
+        let ext = Extent::open(&LocalDisk, dir.path(), id, false).expect("open").expect("exists");
+        assert!(ext.states().is_empty());
+        std::fs::write(dir.path().join("1.extent"), vec![0xabu8; 8192]).expect("garbage");
+        assert!(matches!(
+            Extent::open(&LocalDisk, dir.path(), ExtentId::new(VolumeId(1), 1), false),
+            Err(StoreError::CorruptTable { .. })
+        ));
     }
 }

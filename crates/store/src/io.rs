@@ -38,6 +38,11 @@ pub trait DiskFile: Send + Sync {
     /// Deallocates `[off, off+len)`, keeping the size; `Unsupported` where the
     /// filesystem cannot (the bytes then stay allocated).
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()>;
+    /// The parts of `[start, end)` that may hold data, in order (the rest are
+    /// holes: they read as zeroes). By default, all of it.
+    fn data_ranges(&self, start: u64, end: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+        Ok(if start < end { vec![start..end] } else { Vec::new() })
+    }
 }
 
 /// The local filesystem.
@@ -91,6 +96,41 @@ impl DiskFile for File {
         }
         Err(err)
     }
+
+    fn data_ranges(&self, start: u64, end: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+        // SEEK_DATA / SEEK_HOLE: only the descriptor's offset moves, and the
+        // store reads and writes at explicit offsets, never at that one.
+        let seek = |off: u64, whence| -> io::Result<Option<u64>> {
+            // SAFETY: lseek on an open descriptor.
+            let r = unsafe { libc::lseek(self.as_raw_fd(), off as libc::off_t, whence) };
+            if r >= 0 {
+                return Ok(Some(r as u64));
+            }
+            match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None), // no data at or after `off`
+                e if e.raw_os_error() == Some(libc::EINVAL) => Err(io::Error::new(io::ErrorKind::Unsupported, e)),
+                e => Err(e),
+            }
+        };
+        let mut out = Vec::new();
+        let mut at = start;
+        while at < end {
+            let data = match seek(at, libc::SEEK_DATA) {
+                Ok(Some(d)) => d,
+                Ok(None) => break,
+                // A filesystem without SEEK_DATA: treat it all as data.
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => return Ok(vec![at..end]),
+                Err(e) => return Err(e),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            out.push(data..hole);
+            at = hole;
+        }
+        Ok(out)
+    }
 }
 
 /// An operation a [`FaultyDisk`] can fail.
@@ -117,27 +157,52 @@ pub enum Fault {
     Torn,
 }
 
-/// Which operations fail: `op` on files whose name ends with `suffix`
-/// (`".dat"`, `".sum"`, or `""` for any), once `skip` of them went through,
-/// `times` times (`None`: for ever).
+/// What part of an extent's files an operation touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Any file, any offset (and directory syncs).
+    Any,
+    /// An extent's data: a format 2 `.extent` file from `DATA_OFFSET`, or a
+    /// format 1 `.dat` file.
+    Data,
+    /// An extent's header and table: a format 2 `.extent` file before
+    /// `DATA_OFFSET`, or a format 1 `.sum` file.
+    Table,
+}
+
+impl Target {
+    /// Whether an operation on `path` at `offset` (`None`: the whole file,
+    /// as an fdatasync) touches this target.
+    fn matches(self, path: &str, offset: Option<u64>) -> bool {
+        let data_part = |d: bool| offset.is_none_or(|o| (o >= crate::layout::DATA_OFFSET) == d);
+        match self {
+            Target::Any => true,
+            Target::Data => path.ends_with(".dat") || (path.ends_with(".extent") && data_part(true)),
+            Target::Table => path.ends_with(".sum") || (path.ends_with(".extent") && data_part(false)),
+        }
+    }
+}
+
+/// Which operations fail: `op` on `target`, once `skip` of them went
+/// through, `times` times (`None`: for ever).
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub op: Op,
-    pub suffix: &'static str,
+    pub target: Target,
     pub fault: Fault,
     pub skip: u64,
     pub times: Option<u64>,
 }
 
 impl Rule {
-    /// Every `op` on files ending with `suffix` fails with `fault` from now on.
-    pub fn always(op: Op, suffix: &'static str, fault: Fault) -> Rule {
-        Rule { op, suffix, fault, skip: 0, times: None }
+    /// Every `op` on `target` fails with `fault` from now on.
+    pub fn always(op: Op, target: Target, fault: Fault) -> Rule {
+        Rule { op, target, fault, skip: 0, times: None }
     }
 
-    /// The next `op` on files ending with `suffix` fails once.
-    pub fn once(op: Op, suffix: &'static str, fault: Fault) -> Rule {
-        Rule { op, suffix, fault, skip: 0, times: Some(1) }
+    /// The next `op` on `target` fails once.
+    pub fn once(op: Op, target: Target, fault: Fault) -> Rule {
+        Rule { op, target, fault, skip: 0, times: Some(1) }
     }
 
     /// Lets `n` matching operations through first.
@@ -156,11 +221,11 @@ struct Faults {
 
 impl Faults {
     /// The fault this operation meets, if any (and counts it).
-    fn check(&self, op: Op, path: &Path) -> Option<Fault> {
+    fn check(&self, op: Op, path: &Path, offset: Option<u64>) -> Option<Fault> {
         *self.counts.lock().expect("fault counts poisoned").entry(op).or_default() += 1;
         let name = path.to_string_lossy();
         let mut rules = self.rules.lock().expect("fault rules poisoned");
-        let i = rules.iter().position(|r| r.op == op && name.ends_with(r.suffix))?;
+        let i = rules.iter().position(|r| r.op == op && r.target.matches(&name, offset))?;
         let rule = &mut rules[i];
         if rule.skip > 0 {
             rule.skip -= 1;
@@ -218,7 +283,7 @@ impl FaultyDisk {
 
 impl Disk for FaultyDisk {
     fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn DiskFile>> {
-        if let Some(f) = self.faults.check(Op::Open, path) {
+        if let Some(f) = self.faults.check(Op::Open, path, None) {
             return Err(error(f));
         }
         let inner = self.inner.open(path, create)?;
@@ -226,7 +291,7 @@ impl Disk for FaultyDisk {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        match self.faults.check(Op::SyncDir, dir) {
+        match self.faults.check(Op::SyncDir, dir, None) {
             Some(f) => Err(error(f)),
             None => self.inner.sync_dir(dir),
         }
@@ -240,8 +305,8 @@ struct FaultyFile {
 }
 
 impl FaultyFile {
-    fn check(&self, op: Op) -> io::Result<()> {
-        match self.faults.check(op, &self.path) {
+    fn check(&self, op: Op, offset: Option<u64>) -> io::Result<()> {
+        match self.faults.check(op, &self.path, offset) {
             Some(f) => Err(error(f)),
             None => Ok(()),
         }
@@ -250,12 +315,12 @@ impl FaultyFile {
 
 impl DiskFile for FaultyFile {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
-        self.check(Op::Read)?;
+        self.check(Op::Read, Some(off))?;
         self.inner.read_at(buf, off)
     }
 
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        match self.faults.check(Op::Write, &self.path) {
+        match self.faults.check(Op::Write, &self.path, Some(off)) {
             None => self.inner.write_all_at(buf, off),
             Some(Fault::Torn) => {
                 let landed = buf.len() / 2 / 4096 * 4096;
@@ -267,7 +332,7 @@ impl DiskFile for FaultyFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.check(Op::Sync)?;
+        self.check(Op::Sync, None)?;
         self.inner.sync_data()
     }
 
@@ -276,8 +341,13 @@ impl DiskFile for FaultyFile {
     }
 
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
-        self.check(Op::Punch)?;
+        self.check(Op::Punch, Some(off))?;
         self.inner.punch_hole(off, len)
+    }
+
+    fn data_ranges(&self, start: u64, end: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+        self.check(Op::Read, Some(start))?;
+        self.inner.data_ranges(start, end)
     }
 }
 
@@ -289,7 +359,7 @@ mod tests {
     fn rules_skip_then_fail_the_given_number_of_times() {
         let dir = tempfile::tempdir().expect("tempdir");
         let disk = FaultyDisk::new(Arc::new(LocalDisk));
-        disk.fail(Rule { times: Some(2), ..Rule::once(Op::Write, ".dat", Fault::NoSpace).after(1) });
+        disk.fail(Rule { times: Some(2), ..Rule::once(Op::Write, Target::Data, Fault::NoSpace).after(1) });
         let dat = disk.open(&dir.path().join("0.dat"), true).expect("open");
         let sum = disk.open(&dir.path().join("0.sum"), true).expect("open");
         sum.write_all_at(b"x", 0).expect("other files are not matched");
@@ -308,7 +378,7 @@ mod tests {
         let disk = FaultyDisk::new(Arc::new(LocalDisk));
         let f = disk.open(&dir.path().join("t.dat"), true).expect("open");
         f.write_all_at(&[1u8; 12288], 0).expect("write");
-        disk.fail(Rule::once(Op::Write, "", Fault::Torn));
+        disk.fail(Rule::once(Op::Write, Target::Any, Fault::Torn));
         assert!(f.write_all_at(&[2u8; 12288], 0).is_err());
         let mut back = [0u8; 12288];
         assert_eq!(f.read_at(&mut back, 0).expect("read"), 12288);

@@ -1,18 +1,61 @@
 //! On-disk layout of one extent replica (see docs/format.md).
 //!
-//! `<vol>/<index>.dat`: the extent's bytes at their offsets, sparse.
-//! `<vol>/<index>.sum`: a 4096-byte header, then one 8-byte entry per block.
+//! Format 2 (every extent created now), one file, so that one fdatasync
+//! makes a flush durable: `<vol>/<index>.extent` holds a 4096-byte header at
+//! 0, one 8-byte entry per block from 4096, and the extent's bytes from
+//! [`DATA_OFFSET`] (sparse).
 //!
-//! Header: magic "TRSX" (4) | format u32 | dirty u32 | reserved | crc32c of
-//! bytes 0..4092 at 4092. Entry: crc32c of the block's data u32 | state u8 |
-//! reserved 3 bytes. All integers little-endian.
+//! Format 1 (extents of older stores, still read and written): the bytes in
+//! `<vol>/<index>.dat` at their own offsets, header and entries in
+//! `<vol>/<index>.sum`.
+//!
+//! Header: magic "TRSX" (4) | format u32 | dirty u32 | block size u32 |
+//! reserved | crc32c of bytes 0..4092 at 4092. Entry: crc32c of the block's
+//! data u32 | state u8 | reserved 3 bytes. All integers little-endian.
 
+use std::path::{Path, PathBuf};
 use torus_types::BLOCK_SIZE;
 
 pub const HEADER_SIZE: u64 = 4096;
 pub const ENTRY_SIZE: usize = 8;
 pub const MAGIC: &[u8; 4] = b"TRSX";
-pub const FORMAT: u32 = 1;
+
+/// Where a format 2 file keeps the extent's byte 0: past the largest table
+/// (4 KiB + 8 bytes per block of a 1 GiB extent = 2 MiB + 4 KiB), rounded up
+/// so that data stays aligned for the page cache's large folios.
+pub const DATA_OFFSET: u64 = 4 << 20;
+const _: () = assert!(HEADER_SIZE + (crate::MAX_EXTENT_SIZE / BLOCK_SIZE as u64) * ENTRY_SIZE as u64 <= DATA_OFFSET);
+
+/// How an extent's files are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Two files: `.dat` (data at its own offsets) and `.sum` (header and table).
+    TwoFiles = 1,
+    /// One `.extent` file: header and table, then data from [`DATA_OFFSET`].
+    OneFile = 2,
+}
+
+impl Format {
+    fn from_u32(v: u32) -> Option<Format> {
+        match v {
+            1 => Some(Format::TwoFiles),
+            2 => Some(Format::OneFile),
+            _ => None,
+        }
+    }
+}
+
+/// The file holding an extent's data in a volume's directory, and the offset
+/// of the extent's byte 0 in it: the format 2 file if there is one, else the
+/// format 1 data file. For tools and tests that look at the disk directly.
+pub fn data_file(vol_dir: &Path, index: u64) -> (PathBuf, u64) {
+    let one = vol_dir.join(format!("{index}.extent"));
+    if one.exists() {
+        (one, DATA_OFFSET)
+    } else {
+        (vol_dir.join(format!("{index}.dat")), 0)
+    }
+}
 
 /// What a block holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,10 +100,10 @@ impl Entry {
     }
 }
 
-pub fn encode_header(dirty: bool) -> [u8; HEADER_SIZE as usize] {
+pub fn encode_header(format: Format, dirty: bool) -> [u8; HEADER_SIZE as usize] {
     let mut h = [0u8; HEADER_SIZE as usize];
     h[0..4].copy_from_slice(MAGIC);
-    h[4..8].copy_from_slice(&FORMAT.to_le_bytes());
+    h[4..8].copy_from_slice(&(format as u32).to_le_bytes());
     h[8..12].copy_from_slice(&(dirty as u32).to_le_bytes());
     h[12..16].copy_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
     let crc = crc32c_of(&h[..4092]);
@@ -68,8 +111,9 @@ pub fn encode_header(dirty: bool) -> [u8; HEADER_SIZE as usize] {
     h
 }
 
-/// Decodes a header; returns the dirty flag, or why it is not valid.
-pub fn decode_header(h: &[u8]) -> Result<bool, String> {
+/// Decodes the header of a file of `format`; returns the dirty flag, or why
+/// it is not valid.
+pub fn decode_header(h: &[u8], format: Format) -> Result<bool, String> {
     if h.len() < HEADER_SIZE as usize {
         return Err(format!("header is {} bytes, expected {HEADER_SIZE}", h.len()));
     }
@@ -80,9 +124,11 @@ pub fn decode_header(h: &[u8]) -> Result<bool, String> {
     if crc != crc32c_of(&h[..4092]) {
         return Err("header checksum mismatch".into());
     }
-    let format = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-    if format != FORMAT {
-        return Err(format!("unknown format {format}"));
+    let found = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    match Format::from_u32(found) {
+        Some(f) if f == format => {}
+        Some(f) => return Err(format!("header says format {} in a format {} file", f as u32, format as u32)),
+        None => return Err(format!("unknown format {found}")),
     }
     let bs = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
     if bs as usize != BLOCK_SIZE {
@@ -101,11 +147,15 @@ mod tests {
 
     #[test]
     fn header_round_trip_and_damage() {
-        let mut h = encode_header(true);
-        assert_eq!(decode_header(&h), Ok(true));
-        assert_eq!(decode_header(&encode_header(false)), Ok(false));
-        h[100] ^= 1;
-        assert!(decode_header(&h).is_err());
+        for format in [Format::TwoFiles, Format::OneFile] {
+            let mut h = encode_header(format, true);
+            assert_eq!(decode_header(&h, format), Ok(true));
+            assert_eq!(decode_header(&encode_header(format, false), format), Ok(false));
+            h[100] ^= 1;
+            assert!(decode_header(&h, format).is_err());
+        }
+        let two = encode_header(Format::TwoFiles, false);
+        assert!(decode_header(&two, Format::OneFile).is_err(), "a header of the other format is refused");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! torus-store: one node's local block store.
 //!
-//! Owns the bytes on this node's disk: each extent replica is a sparse data
-//! file plus a table of per-block (4 KiB) CRC32C checksums and states
-//! (`docs/format.md` has the byte layout). Every read is verified against its
+//! Owns the bytes on this node's disk: each extent replica is one sparse file
+//! holding a table of per-block (4 KiB) CRC32C checksums and states, then the
+//! data (`docs/format.md` has the byte layout; extents of older stores keep
+//! the table in a second file). Every read is verified against its
 //! checksum; flushes are group-committed with fdatasync; TRIM and
 //! WRITE_ZEROES punch holes; a crash (kill -9) mid-write leaves each block
 //! either old or new, never unreadable. It also keeps the newest writer epoch
@@ -21,7 +22,7 @@ mod store;
 
 pub use error::StoreError;
 pub use io::{Disk, LocalDisk};
-pub use layout::BlockState;
+pub use layout::{data_file, BlockState, DATA_OFFSET};
 pub use store::{ExtentStat, Store, StoreOptions};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

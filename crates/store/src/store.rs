@@ -113,7 +113,7 @@ impl Store {
         self.root.join("extents").join(vol.to_string())
     }
 
-    /// Every extent file pair on disk: (id, data path).
+    /// Every extent on disk: (id, the file holding its data).
     fn walk(&self) -> Result<Vec<(ExtentId, PathBuf)>> {
         let mut out = Vec::new();
         let ext_dir = self.root.join("extents");
@@ -125,13 +125,16 @@ impl Store {
             let files = std::fs::read_dir(v.path()).map_err(|e| StoreError::io("list", &v.path(), e))?;
             for f in files.flatten() {
                 let name = f.file_name();
-                let Some(idx) = name.to_str().and_then(|s| s.strip_suffix(".dat")).and_then(|s| s.parse().ok()) else {
+                // `.extent` (format 2) or `.dat` (format 1, with its `.sum`).
+                let stem = name.to_str().and_then(|s| s.strip_suffix(".extent").or_else(|| s.strip_suffix(".dat")));
+                let Some(idx) = stem.and_then(|s| s.parse().ok()) else {
                     continue;
                 };
                 out.push((ExtentId::new(vol, idx), f.path()));
             }
         }
         out.sort();
+        out.dedup_by(|a, b| a.0 == b.0);
         Ok(out)
     }
 
@@ -426,9 +429,11 @@ impl Store {
             dirty.remove(&id);
         }
         let dir = self.vol_dir(id.volume);
-        let dat = dir.join(format!("{}.dat", id.index));
-        let freed = allocated(&dat);
-        for p in [dir.join(format!("{}.sum", id.index)), dat] {
+        let (data, _) = crate::layout::data_file(&dir, id.index);
+        let freed = allocated(&data);
+        // Format 1's table first: it is what marks such an extent as present.
+        let files = ["sum", "dat", "extent"].map(|ext| dir.join(format!("{}.{ext}", id.index)));
+        for p in files {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -593,8 +598,8 @@ mod tests {
         // Blocks 1..4 (4096..20480) were wholly inside and are freed.
         assert!(s.used() <= 65536 - 3 * 4096);
         s.flush().await.unwrap();
-        let dat = dir.path().join("extents/7/0.dat");
-        assert!(allocated(&dat) < 65536, "hole punched");
+        let (file, _) = crate::layout::data_file(&dir.path().join("extents/7"), 0);
+        assert!(allocated(&file) < 65536, "hole punched");
     }
 
     #[tokio::test]
@@ -604,8 +609,10 @@ mod tests {
         s.write(E0, 0, &pattern(8192, 5), Epoch(0)).unwrap();
         s.flush().await.unwrap();
         drop(s);
-        let mut f = std::fs::OpenOptions::new().write(true).open(dir.path().join("extents/7/0.dat")).unwrap();
-        f.seek(SeekFrom::Start(4096 + 17)).unwrap();
+        let (file, base) = crate::layout::data_file(&dir.path().join("extents/7"), 0);
+        assert_eq!(base, crate::DATA_OFFSET, "a new extent is one file");
+        let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+        f.seek(SeekFrom::Start(base + 4096 + 17)).unwrap();
         f.write_all(&[0xff]).unwrap();
         drop(f);
         let s = open(dir.path());
@@ -639,12 +646,13 @@ mod tests {
         // simulate by writing, then putting the old bytes back under it.
         s.write(E0, 0, &pattern(4096, 2), Epoch(0)).unwrap();
         drop(s);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.path().join("extents/7/0.dat"))
-            .unwrap()
-            .write_all(&old)
-            .unwrap();
+        let (file, base) = crate::layout::data_file(&dir.path().join("extents/7"), 0);
+        std::os::unix::fs::FileExt::write_all_at(
+            &std::fs::OpenOptions::new().write(true).open(file).unwrap(),
+            &old,
+            base,
+        )
+        .unwrap();
         let s = open(dir.path());
         let mut buf = vec![0u8; 4096];
         s.read(E0, 0, &mut buf).expect("a block cut mid-write reads (old or new), not as corrupt");
@@ -764,7 +772,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_disk_that_fails_a_write_fails_the_store_and_a_full_one_does_not() {
-        use crate::io::{Fault, FaultyDisk, Op, Rule};
+        use crate::io::{Fault, FaultyDisk, Op, Rule, Target};
         let dir = tempfile::tempdir().unwrap();
         let disk = FaultyDisk::new(Arc::new(LocalDisk));
         let s = Arc::new(
@@ -775,7 +783,7 @@ mod tests {
         s.flush().await.unwrap();
 
         // A full filesystem refuses the write; the store goes on.
-        disk.fail(Rule::once(Op::Write, ".dat", Fault::NoSpace));
+        disk.fail(Rule::once(Op::Write, Target::Data, Fault::NoSpace));
         let e = s.write(E0, 0, &pattern(8192, 2), Epoch(0)).expect_err("ENOSPC");
         assert!(matches!(e, StoreError::Io { .. }), "{e}");
         let mut got = vec![0u8; 8192];
@@ -784,7 +792,7 @@ mod tests {
 
         // EIO: the write fails, and so does every write after it until a restart;
         // reads (each verified) are still served, with the old contents.
-        disk.fail(Rule::once(Op::Write, ".dat", Fault::Eio));
+        disk.fail(Rule::once(Op::Write, Target::Data, Fault::Eio));
         assert!(matches!(s.write(E0, 0, &pattern(8192, 3), Epoch(0)), Err(StoreError::Failed { .. })));
         assert!(matches!(s.write(E0, 0, &pattern(8192, 3), Epoch(0)), Err(StoreError::Failed { .. })));
         assert!(matches!(s.flush().await, Err(StoreError::Failed { .. })));
@@ -799,7 +807,7 @@ mod tests {
 
         // A failed fdatasync fails the flush and the store.
         s.write(E0, 0, &pattern(8192, 4), Epoch(0)).unwrap();
-        disk.fail(Rule::once(Op::Sync, "", Fault::Eio));
+        disk.fail(Rule::once(Op::Sync, Target::Any, Fault::Eio));
         assert!(s.flush().await.is_err());
         assert!(matches!(s.write(E0, 0, &old, Epoch(0)), Err(StoreError::Failed { .. })));
         assert_eq!(disk.injected(), 3);

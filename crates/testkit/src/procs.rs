@@ -672,31 +672,41 @@ impl Cluster {
     /// data blocks from the data file, zeroes for absent or zeroed blocks
     /// (per the checksum table; see docs/format.md), `extent_size` bytes.
     pub fn extent_bytes(&self, i: usize, rel: &str, extent_size: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
         const BS: usize = 4096;
         let base = self.nodes[i].data_dir.join("store/extents").join(rel);
-        let sum = std::fs::read(base.with_extension("sum")).unwrap_or_default();
-        let dat = std::fs::read(base.with_extension("dat")).unwrap_or_default();
+        let (vol_dir, index) = (base.parent().expect("a volume dir"), base.file_name().expect("an index"));
+        let index: u64 = index.to_string_lossy().parse().expect("an extent index");
+        let (data, data_base) = torus_store::data_file(vol_dir, index);
+        // The table: in the same file (format 2, before the data) or in `.sum` (format 1).
+        let table_file = if data_base > 0 { data.clone() } else { base.with_extension("sum") };
+        let table_len = 4096 + extent_size / BS * 8;
+        let mut table = vec![0u8; table_len];
+        let mut bytes = vec![0u8; extent_size];
+        if let Ok(f) = std::fs::File::open(&table_file) {
+            let _ = f.read_at(&mut table, 0);
+        }
+        if let Ok(f) = std::fs::File::open(&data) {
+            let _ = f.read_at(&mut bytes, data_base);
+        }
         let mut out = vec![0u8; extent_size];
-        for (b, entry) in sum.get(BS..).unwrap_or_default().chunks_exact(8).enumerate() {
+        for (b, entry) in table[4096..].chunks_exact(8).enumerate() {
             let at = b * BS;
             if entry[4] == 1 && at + BS <= extent_size {
-                let end = (at + BS).min(dat.len());
-                if at < end {
-                    out[at..end].copy_from_slice(&dat[at..end]);
-                }
+                out[at..at + BS].copy_from_slice(&bytes[at..at + BS]);
             }
         }
         out
     }
 
-    /// Every extent file pair held by node `i`, as relative paths (`<vol>/<index>`).
+    /// Every extent held by node `i`, as relative paths (`<vol>/<index>`).
     pub fn extents_on_disk(&self, i: usize) -> Vec<String> {
         let root = self.nodes[i].data_dir.join("store/extents");
         let mut out = Vec::new();
         for v in std::fs::read_dir(&root).into_iter().flatten().flatten() {
             for f in std::fs::read_dir(v.path()).into_iter().flatten().flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                if let Some(idx) = name.strip_suffix(".dat") {
+                if let Some(idx) = name.strip_suffix(".extent").or_else(|| name.strip_suffix(".dat")) {
                     out.push(format!("{}/{idx}", v.file_name().to_string_lossy()));
                 }
             }

@@ -208,17 +208,24 @@ fn store_table() {
     let dir = tempfile::tempdir().unwrap();
     let n = std::sync::atomic::AtomicU64::new(0);
     fuzz("store_table", |input| {
-        // A store holding one extent (volume 1, index 0) whose table is `input`, data 64 KiB of 0x5a.
+        // A store holding extents (volume 1) whose header and table are `input`, data 64 KiB
+        // of 0x5a: index 0 in format 1 (`.sum` + `.dat`), index 1 in format 2 (one `.extent`).
         let root = dir.path().join(n.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_string());
         let ext = root.join("extents/1");
         std::fs::create_dir_all(&ext).unwrap();
         std::fs::write(ext.join("0.sum"), input).unwrap();
         std::fs::write(ext.join("0.dat"), vec![0x5au8; 64 << 10]).unwrap();
+        let one = std::fs::File::create(ext.join("1.extent")).unwrap();
+        let table = &input[..input.len().min(torus_store::DATA_OFFSET as usize)];
+        std::os::unix::fs::FileExt::write_all_at(&one, table, 0).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&one, &[0x5au8; 64 << 10], torus_store::DATA_OFFSET).unwrap();
         if let Ok(store) = torus_store::Store::open(&root, Default::default()) {
-            let id = torus_types::ExtentId::new(torus_types::VolumeId(1), 0);
-            let mut buf = vec![0u8; 64 << 10];
-            let _ = store.read(id, 0, &mut buf);
-            let _ = store.block_sums(id);
+            for index in [0, 1] {
+                let id = torus_types::ExtentId::new(torus_types::VolumeId(1), index);
+                let mut buf = vec![0u8; 64 << 10];
+                let _ = store.read(id, 0, &mut buf);
+                let _ = store.block_sums(id);
+            }
             let _ = store.extents();
         }
         std::fs::remove_dir_all(&root).unwrap();

@@ -11,9 +11,9 @@ use torus_types::{ExtentId, NodeId, VolumeId};
 
 /// Overwrites bytes of extent 0 on node `i`'s disk (the node must be stopped).
 fn corrupt(c: &Cluster, i: usize, vol_id: u64, offset: u64, bytes: &[u8]) {
-    let dat = c.nodes[i].data_dir.join(format!("store/extents/{vol_id}/0.dat"));
+    let (dat, base) = torus_store::data_file(&c.nodes[i].data_dir.join(format!("store/extents/{vol_id}")), 0);
     let mut f = std::fs::OpenOptions::new().write(true).open(&dat).unwrap();
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(base + offset)).unwrap();
     std::io::Write::write_all(&mut f, bytes).unwrap();
 }
 

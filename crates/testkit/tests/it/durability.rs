@@ -54,9 +54,11 @@ fn corrupted_block_is_detected_and_never_returned() {
     assert!(c.node(0).terminate());
     let extents = c.extents_on_disk(0);
     assert_eq!(extents.len(), 1, "one extent written: {extents:?}");
-    let dat = c.nodes[0].data_dir.join("store/extents").join(format!("{}.dat", extents[0]));
+    let (vol, index) = extents[0].split_once('/').unwrap();
+    let (dat, base) =
+        torus_store::data_file(&c.nodes[0].data_dir.join("store/extents").join(vol), index.parse().unwrap());
     let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&dat).unwrap();
-    f.seek(SeekFrom::Start(5 * 4096 + 10)).unwrap();
+    f.seek(SeekFrom::Start(base + 5 * 4096 + 10)).unwrap();
     f.write_all(&[0x00]).unwrap();
     drop(f);
     c.start_node(0);

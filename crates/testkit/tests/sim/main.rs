@@ -49,7 +49,7 @@ use torus_meta::{MemStore, MetadataStore};
 use torus_node::metrics::NodeMetrics;
 use torus_node::rebalance::Rebalancer;
 use torus_node::scrub::Scrubber;
-use torus_store::io::{Fault as DiskFault, Op, Rule};
+use torus_store::io::{Fault as DiskFault, Op, Rule, Target};
 use torus_testkit::Rng;
 use torus_types::{ExtentId, NodeId};
 use torus_volume::repair::Repairer;
@@ -390,10 +390,10 @@ async fn schedule(seed: u64) -> Result<String, String> {
                         "crash" => sim.crash(n),
                         _ => {
                             let rule = match rng.below(4) {
-                                0 => Rule::always(Op::Write, ".dat", DiskFault::Eio),
-                                1 => Rule::always(Op::Write, ".dat", DiskFault::NoSpace),
-                                2 => Rule::once(Op::Write, ".dat", DiskFault::Torn),
-                                _ => Rule::always(Op::Sync, "", DiskFault::Eio),
+                                0 => Rule::always(Op::Write, Target::Data, DiskFault::Eio),
+                                1 => Rule::always(Op::Write, Target::Data, DiskFault::NoSpace),
+                                2 => Rule::once(Op::Write, Target::Data, DiskFault::Torn),
+                                _ => Rule::always(Op::Sync, Target::Any, DiskFault::Eio),
                             };
                             log.push(format!("node {n}'s disk fails: {rule:?}"));
                             net.node(&addrs[n]).disk.fail(rule);
@@ -638,9 +638,9 @@ fn the_scrubber_repairs_a_rotten_block_from_another_replica() {
         let victim = doc.placement().replicas(extent, 2)[0];
         let n = peers.iter().position(|p| p.id == victim).expect("a node");
         let node = net.node(&addrs[n]);
-        let dat = node.dir.join(format!("extents/{}/0.dat", extent.volume.0));
+        let (dat, base) = torus_store::data_file(&node.dir.join(format!("extents/{}", extent.volume.0)), 0);
         let f = std::fs::OpenOptions::new().write(true).open(&dat).expect("the extent's data file");
-        std::os::unix::fs::FileExt::write_all_at(&f, &[0xffu8; 100], 5 * BLOCK + 10).expect("rot a block");
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0xffu8; 100], base + 5 * BLOCK + 10).expect("rot a block");
         let store = node.store().expect("the node runs");
         let mut got = vec![0u8; EXTENT as usize];
         assert!(store.read(extent, 0, &mut got).is_err(), "the rotten block fails its checksum");
