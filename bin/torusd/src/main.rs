@@ -199,6 +199,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ttl: Duration::from_secs(args.lease_ttl),
     };
     let reg_task = tokio::spawn(reg.run());
+    let settle_task = tokio::spawn(store.clone().settle_every(Duration::from_secs(1)));
     let srv_task = tokio::spawn(server::serve(listener, server::Handler::new(store.clone(), metrics), liveness, tls));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -218,7 +219,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         task.abort();
         manager.close_all().await;
     }
-    store.flush().await.context("final flush")?;
+    settle_task.abort();
+    store.close().await.context("final flush")?;
     Ok(())
 }
 
