@@ -106,6 +106,7 @@ impl Files {
     /// the whole `.sum` after its header in format 1; in format 2, the
     /// entries up to the last one ever written, read only where the file
     /// has blocks (the rest of the table region is a hole: Absent entries).
+    #[allow(clippy::single_range_in_vec_init)] // a list of ranges that has one
     fn read_table_body(&self, len: u64) -> Result<Vec<u8>> {
         let stat = |e| StoreError::io("read", &self.table_path, e);
         let ranges = match self.format {

@@ -40,6 +40,7 @@ pub trait DiskFile: Send + Sync {
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()>;
     /// The parts of `[start, end)` that may hold data, in order (the rest are
     /// holes: they read as zeroes). By default, all of it.
+    #[allow(clippy::single_range_in_vec_init)] // a list of ranges that has one
     fn data_ranges(&self, start: u64, end: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
         Ok(if start < end { vec![start..end] } else { Vec::new() })
     }
@@ -97,6 +98,7 @@ impl DiskFile for File {
         Err(err)
     }
 
+    #[allow(clippy::single_range_in_vec_init)] // a list of ranges that has one
     fn data_ranges(&self, start: u64, end: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
         // SEEK_DATA / SEEK_HOLE: only the descriptor's offset moves, and the
         // store reads and writes at explicit offsets, never at that one.
