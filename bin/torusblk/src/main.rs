@@ -165,6 +165,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
+    torus_cli::tune_allocator();
     torus_cli::init_logging("info", cli.log.log_format);
     torus_cli::run_main("torusblk", true, run(cli));
 }

@@ -226,6 +226,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() {
     let args = Args::parse();
+    torus_cli::tune_allocator();
     torus_cli::init_logging("info", args.log.log_format);
     torus_store::failpoints_from_env();
     torus_cli::run_main("torusd", true, run(args));
