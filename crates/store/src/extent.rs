@@ -6,9 +6,10 @@
 //! data), so a flush costs one fdatasync; an older store's extents keep their
 //! two files (format 1) and cost two. Both go through [`Files`].
 //!
-//! Crash safety (kill -9): before the first write after a flush the table's
-//! header is marked dirty; the flush that makes the extent durable clears it.
-//! An extent found dirty at open had writes in flight when the process died:
+//! Crash safety (kill -9): before the first write after the extent was
+//! marked clean, the table's header is marked dirty; the store's settle pass
+//! clears it once a flush made the extent durable and it rested since.
+//! An extent found dirty at open may have had writes in flight when the process died:
 //! each of its blocks whose data no longer matches the table is one whose
 //! unflushed write was cut between the table and the data write, and its
 //! entry is re-derived from the data on disk (old or new, never unreadable).
@@ -470,6 +471,12 @@ impl Extent {
     }
 
     /// The generation now: pass it to `mark_clean` after syncing.
+    /// Whether the header on disk says dirty (writes not yet settled, or a
+    /// recovery at open).
+    pub fn header_dirty(&self) -> bool {
+        self.state.read().expect("extent lock poisoned").header_dirty
+    }
+
     pub fn generation(&self) -> u64 {
         self.state.read().expect("extent lock poisoned").generation
     }

@@ -121,7 +121,10 @@ impl DiskFile for File {
                 Ok(Some(d)) => d,
                 Ok(None) => break,
                 // A filesystem without SEEK_DATA: treat it all as data.
-                Err(e) if e.kind() == io::ErrorKind::Unsupported => return Ok(vec![at..end]),
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                    out.push(at..end);
+                    return Ok(out);
+                }
                 Err(e) => return Err(e),
             };
             if data >= end {

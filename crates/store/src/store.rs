@@ -257,7 +257,13 @@ impl Store {
                 self.opts.disk.sync_dir(parent).map_err(|e| StoreError::io("sync", parent, e))?;
             }
         }
-        Ok(Extent::open(&*self.opts.disk, &dir, id, create)?.map(Arc::new))
+        let ext = Extent::open(&*self.opts.disk, &dir, id, create)?.map(Arc::new);
+        if let Some(ext) = ext.as_ref().filter(|e| e.header_dirty()) {
+            // Found dirty (recovered after a crash): the next flush and settle mark it
+            // clean, else every start would verify it again.
+            self.mark_dirty(id, ext);
+        }
+        Ok(ext)
     }
 
     /// The extent a change of `new_bytes` goes to, created if missing. An
@@ -881,6 +887,15 @@ mod tests {
         // A clean shutdown leaves nothing to verify at the next start.
         s.close().await.unwrap();
         assert!(!dirty_on_disk());
+        // An extent found dirty after a crash is marked clean by the next flush and settles.
+        s.write(E0, 0, &pattern(4096, 8), Epoch(0)).unwrap();
+        drop(s);
+        let s = Arc::new(
+            Store::open(dir.path(), StoreOptions { disk: Arc::new(disk.clone()), ..Default::default() }).unwrap(),
+        );
+        assert!(s.holds(E0).unwrap() && dirty_on_disk(), "opened dirty, as the crash left it");
+        s.close().await.unwrap();
+        assert!(!dirty_on_disk(), "a recovered extent does not stay dirty");
         drop(s);
         let s = open(dir.path());
         let mut buf = vec![0u8; 4096];
