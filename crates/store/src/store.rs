@@ -629,6 +629,11 @@ mod tests {
         (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
     }
 
+    /// A store under `dir` on `disk` (a fault-injecting one).
+    fn open_on(dir: &Path, disk: &crate::io::FaultyDisk) -> Arc<Store> {
+        Arc::new(Store::open(dir, StoreOptions { disk: Arc::new(disk.clone()), ..Default::default() }).unwrap())
+    }
+
     fn open(dir: &Path) -> Arc<Store> {
         Arc::new(Store::open(dir, StoreOptions::default()).expect("open store"))
     }
@@ -854,9 +859,7 @@ mod tests {
         use crate::io::{FaultyDisk, Op};
         let dir = tempfile::tempdir().unwrap();
         let disk = FaultyDisk::new(Arc::new(LocalDisk));
-        let s = Arc::new(
-            Store::open(dir.path(), StoreOptions { disk: Arc::new(disk.clone()), ..Default::default() }).unwrap(),
-        );
+        let s = open_on(dir.path(), &disk);
         let dirty_on_disk = || {
             let (file, _) = crate::layout::data_file(&dir.path().join("extents/7"), 0);
             let header = std::fs::read(file).unwrap();
@@ -890,9 +893,7 @@ mod tests {
         // An extent found dirty after a crash is marked clean by the next flush and settles.
         s.write(E0, 0, &pattern(4096, 8), Epoch(0)).unwrap();
         drop(s);
-        let s = Arc::new(
-            Store::open(dir.path(), StoreOptions { disk: Arc::new(disk.clone()), ..Default::default() }).unwrap(),
-        );
+        let s = open_on(dir.path(), &disk);
         assert!(s.holds(E0).unwrap() && dirty_on_disk(), "opened dirty, as the crash left it");
         s.close().await.unwrap();
         assert!(!dirty_on_disk(), "a recovered extent does not stay dirty");
@@ -908,9 +909,7 @@ mod tests {
         use crate::io::{Fault, FaultyDisk, Op, Rule, Target};
         let dir = tempfile::tempdir().unwrap();
         let disk = FaultyDisk::new(Arc::new(LocalDisk));
-        let s = Arc::new(
-            Store::open(dir.path(), StoreOptions { disk: Arc::new(disk.clone()), ..Default::default() }).unwrap(),
-        );
+        let s = open_on(dir.path(), &disk);
         let old = pattern(8192, 1);
         s.write(E0, 0, &old, Epoch(0)).unwrap();
         s.flush().await.unwrap();
@@ -932,9 +931,7 @@ mod tests {
         s.read(E0, 0, &mut got).unwrap();
         assert_eq!(got, old);
         drop(s);
-        let s = Arc::new(
-            Store::open(dir.path(), StoreOptions { disk: Arc::new(disk.clone()), ..Default::default() }).unwrap(),
-        );
+        let s = open_on(dir.path(), &disk);
         s.read(E0, 0, &mut got).expect("after a restart every block reads");
         assert_eq!(got, old);
 
